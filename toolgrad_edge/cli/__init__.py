@@ -1,0 +1,67 @@
+"""The ``toolgrad-edge`` command.
+
+Commands are imported only when run, so ``toolgrad-edge --help`` stays fast
+and a command's heavy imports (llama.cpp, FastAPI) cost nothing to the others.
+Each command lives in its own module and keeps its logic in its room.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import ToolgradEdgeError
+
+# name -> (module under toolgrad_edge.cli, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "call": ("runtime_cmds", "call", "Turn one request into tool calls."),
+    "chat": ("runtime_cmds", "chat", "Interactive tool-calling loop."),
+    "info": ("runtime_cmds", "info", "Describe a GGUF model file."),
+    "bench": ("bench_cmd", "bench", "Measure decode/prefill speed and quality."),
+    "grammar": ("grammar_cmd", "grammar", "Print the GBNF grammar for a tools file."),
+    "convert": ("convert_cmd", "convert", "Convert safetensors (folder or hub id) to GGUF."),
+    "quantize": ("convert_cmd", "quantize", "Quantize a GGUF with llama.cpp's quantizer."),
+    "serve": ("serve_cmd", "serve", "OpenAI-compatible local server."),
+    "eval": ("eval_cmd", "eval_group", "Accuracy evaluations (BFCL)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ToolgradEdgeError as exc:
+            # One clear line and exit 1: users never see a traceback.
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="toolgrad-edge")
+def main() -> None:
+    """Tool calling with ToolGrad / Gemma 3 on llama.cpp, on-device.
+
+    \b
+    Examples:
+      toolgrad-edge call "Weather in Paris?" --tools tools.json
+      toolgrad-edge convert zhongyi-zhou/toolgrad-4b --quant Q4_K_M
+      toolgrad-edge serve --port 8080
+    """
