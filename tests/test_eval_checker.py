@@ -1,0 +1,90 @@
+"""BFCL's official checker (in its own environment) on canned outputs with known scores.
+
+The environment is found ($TOOLGRAD_EDGE_BFCL_ENV, or benchmarks/bfcl/env in
+this checkout) or built once per session with pip (CI has PyPI); if it cannot
+be built the test is skipped with pip's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from toolgrad_edge.errors import EvaluationError
+from toolgrad_edge.evaluate import checker_env, report
+from toolgrad_edge.evaluate.bfcl import CATEGORIES, score_results
+
+HERE = Path(__file__).parent
+QUESTIONS = HERE / "data" / "bfcl_eval_questions"
+RESULTS = HERE / "data" / "bfcl_eval_results"
+
+# Canned outputs in tests/data/bfcl_eval_results -> (correct, n, outputs with calls, of them schema-valid)
+EXPECTED = {
+    "simple_python": (2, 3, 3, 3),        # wrong value for math.hypot
+    "multiple": (1, 2, 1, 1),             # plain text where a call was due
+    "parallel": (1, 2, 2, 2),             # one call of two
+    "parallel_multiple": (1, 2, 2, 2),    # fenced, reordered: right; string for a float: wrong
+    "irrelevance": (1, 2, 1, 1),          # text: right; a call: wrong
+    "live_simple": (2, 2, 2, 2),
+    "live_multiple": (1, 2, 2, 1),        # missing required new_preferences
+    "live_parallel": (1, 1, 1, 1),
+    "live_parallel_multiple": (0, 1, 0, 0),  # "[]"
+    "live_irrelevance": (1, 2, 1, 1),     # "[]" counts as no call
+    "live_relevance": (1, 2, 1, 1),
+}
+
+
+@pytest.fixture(scope="session")
+def bfcl_env(tmp_path_factory):
+    explicit = os.environ.get(checker_env.ENV_CHECKER)
+    candidates = [Path(explicit)] if explicit else []
+    candidates.append(HERE.parent / "benchmarks" / "bfcl" / "env")
+    for root in candidates:
+        found = checker_env.find_checker_env(root)
+        if found is not None:
+            return found
+    try:
+        return checker_env.create_checker_env(tmp_path_factory.mktemp("bfcl") / "env")
+    except EvaluationError as exc:
+        pytest.skip(f"BFCL checker environment unavailable: {exc}")
+
+
+@pytest.mark.slow
+def test_official_checker_scores_canned_outputs(bfcl_env):
+    scores = score_results(bfcl_env, QUESTIONS, RESULTS, list(CATEGORIES))
+    assert scores["bfcl_eval"] == bfcl_env.version
+    got = {
+        c: (s["correct"], s["n"], s["with_calls"], s["valid_calls"]) for c, s in scores["categories"].items()
+    }
+    assert got == EXPECTED
+    errors = {e["id"]: e["error_type"] for s in scores["categories"].values() for e in s["entries"]}
+    assert errors["simple_python_2"] == "value_error:others"
+    assert errors["multiple_1"] == "ast_decoder:decoder_failed"
+    assert errors["irrelevance_1"] == "irrelevance_error:decoder_success"
+    assert errors["live_relevance_1-1-0"] == "relevance_error:decoder_failed"
+
+    records = {c: [json.loads(line) for line in (RESULTS / f"BFCL_v4_{c}_result.json").open()] for c in CATEGORIES}
+    rep = report.build_report(model="canned", grammar=True, syntax="python", limit=None, out_dir=str(RESULTS),
+                              checker=scores, records=records)
+    s = rep["summary"]
+    assert s["non_live"]["overall"] == pytest.approx((2 / 3 + 0.5 + 0.5 + 0.5) / 4)
+    assert s["live"]["overall"] == pytest.approx((2 + 1 + 1 + 0) / 6)  # weighted by count
+    assert s["irrelevance"] == 0.5 and s["relevance"] == 0.5
+    assert s["valid_call_rate"] == pytest.approx(13 / 17)
+    assert s["n_entries"] == 21 and s["correct"] == 12
+
+
+def test_checker_env_not_found_without_create(tmp_path):
+    assert checker_env.find_checker_env(tmp_path / "env") is None
+    with pytest.raises(EvaluationError, match="No BFCL checker environment"):
+        checker_env.ensure_checker_env(tmp_path / "env", create=False)
+
+
+def test_default_env_dir_follows_cache(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert checker_env.default_env_dir().name == "bfcl-env"
+    monkeypatch.setenv(checker_env.ENV_CHECKER, str(tmp_path / "mine"))
+    assert checker_env.default_env_dir() == tmp_path / "mine"

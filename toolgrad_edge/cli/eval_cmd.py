@@ -1,0 +1,92 @@
+"""``toolgrad-edge eval``: accuracy evaluations (BFCL)."""
+
+from __future__ import annotations
+
+import click
+
+from .options import json_option, model_option, syntax_option
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Accuracy evaluations, scored by the benchmark's own checker.
+
+    \b
+    Examples:
+      toolgrad-edge eval bfcl --model toolgrad-4b-Q4_K_M.gguf
+      toolgrad-edge eval bfcl --limit 10 --no-grammar --json
+    """
+
+
+@eval_group.command("bfcl")
+@model_option
+@click.option(
+    "--categories", default="all", show_default=True, metavar="LIST",
+    help="Comma-separated BFCL categories: simple_python, multiple, parallel, parallel_multiple, "
+    "irrelevance, live_simple, live_multiple, live_parallel, live_parallel_multiple, "
+    "live_irrelevance, live_relevance.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N entries of each category.")
+@click.option("--grammar/--no-grammar", default=True, show_default=True,
+              help="Constrain decoding with the tools' grammar, or decode freely.")
+@syntax_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for BFCL_v4_{category}_result.json files (a rerun resumes from them). "
+              "Default: ./bfcl-results/<model>-<grammar|free>-<syntax>.")
+@click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="BFCL question data (default: bfcl_eval/data in the checker environment).")
+@click.option("--checker-env", type=click.Path(file_okay=False), default=None,
+              help="Virtual environment holding bfcl-eval (created on first use). "
+              "Default: $TOOLGRAD_EDGE_BFCL_ENV, ./benchmarks/bfcl/env, else <cache>/bfcl-env.")
+@click.option("--no-create-env", is_flag=True, help="Fail instead of creating a missing checker environment.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--n-ctx", type=click.IntRange(min=256), default=None, help="Context size (default: the runtime's).")
+@click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None)
+@json_option
+def bfcl(model, categories, limit, grammar, syntax, out_dir, data_dir, checker_env, no_create_env,
+         max_tokens, n_ctx, n_threads, as_json):
+    """BFCL v1+v2 single-turn accuracy, scored by BFCL's official AST checker.
+
+    Entries run through the runtime in the ToolGrad prompt format; raw outputs
+    are written as BFCL result files and scored by bfcl-eval's ast_checker in a
+    separate environment. Prints the seed's table (or one JSON object).
+
+    \b
+    Examples:
+      toolgrad-edge eval bfcl --model toolgrad-4b-Q4_K_M.gguf
+      toolgrad-edge eval bfcl --categories simple_python,irrelevance --limit 20
+      toolgrad-edge eval bfcl --limit 10 --no-grammar --out runs/free --json
+    """
+    from ..evaluate import report
+    from ..evaluate.bfcl import evaluate_bfcl
+
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    bar = None
+
+    def progress(done: int, total: int, entry) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="BFCL", file=click.get_text_stream("stderr"),
+                                    show_pos=True, show_eta=True)
+            bar.__enter__()
+        bar.label = f"BFCL {entry.category:24}"
+        bar.update(1)
+
+    try:
+        result = evaluate_bfcl(
+            model, categories=categories, limit=limit, grammar=grammar, syntax=syntax, out_dir=out_dir,
+            data_dir=data_dir, checker_env_dir=checker_env, create_env=not no_create_env,
+            max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads, progress=progress, log=log,
+        )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+    if as_json:
+        click.echo(report.to_json(result))
+    else:
+        click.echo(report.format_table(result))
+        click.echo()
+        click.echo(report.format_category_table(result))

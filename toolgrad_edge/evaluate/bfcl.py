@@ -1,0 +1,366 @@
+"""BFCL v1+v2 single-turn evaluation: run entries through ToolRuntime, score with BFCL.
+
+Question data is read from bfcl-eval's data folder (the checker
+environment's installed ``bfcl_eval/data``, or any folder with the same
+layout). Each entry goes through ``ToolRuntime.call`` in the ToolGrad prompt
+format; the raw outputs are written as BFCL result files
+(``BFCL_v4_{category}_result.json``, one JSON line per entry with ``id`` and
+``result``) so BFCL's own tooling reads them, and they are scored by BFCL's
+official checker running in its own environment (checker_runner.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import ContextLengthError, EvaluationError, GenerationError, SchemaError
+
+VERSION_PREFIX = "BFCL_v4"
+
+# BFCL v1 (non-live) and v2 (live) single-turn categories, in the seed table's order.
+NON_LIVE = ("simple_python", "multiple", "parallel", "parallel_multiple")
+LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
+CATEGORIES = (
+    "simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance",
+    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
+    "live_irrelevance", "live_relevance",
+)
+# Categories whose right answer is at least one call (the valid-call rate is taken over these).
+CALL_CATEGORIES = NON_LIVE + LIVE + ("live_relevance",)
+
+# BFCL's generation step appends this to every Python function's description
+# (bfcl_eval.utils._get_language_specific_hint); the model saw it in training.
+PYTHON_HINT = " Note that the provided function is in Python 3 syntax."
+
+# How BFCL's generation step records an entry whose inference failed.
+INFERENCE_ERROR_PREFIX = "Error during inference: "
+
+RUN_MANIFEST = "run.json"
+
+
+@dataclass(frozen=True)
+class BfclEntry:
+    """One single-turn BFCL question: chat messages and the functions offered."""
+
+    id: str
+    category: str
+    messages: list[dict]
+    functions: list[dict]
+
+
+def parse_categories(spec: str | Iterable[str] | None) -> list[str]:
+    """Category names from a comma list (or "all"/None), validated, in CATEGORIES order."""
+    if spec is None:
+        return list(CATEGORIES)
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [n for n in names if n]
+    if not names or names == ["all"]:
+        return list(CATEGORIES)
+    unknown = [n for n in names if n not in CATEGORIES]
+    if unknown:
+        raise EvaluationError(
+            f"Unknown BFCL categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+            f"expected a comma-separated list of: {', '.join(CATEGORIES)} (or 'all')."
+        )
+    return [c for c in CATEGORIES if c in names]
+
+
+def question_file(data_dir: Path, category: str) -> Path:
+    return Path(data_dir) / f"{VERSION_PREFIX}_{category}.json"
+
+
+def result_file(out_dir: Path, category: str) -> Path:
+    return Path(out_dir) / f"{VERSION_PREFIX}_{category}_result.json"
+
+
+def load_entries(data_dir: Path, category: str, limit: int | None = None) -> list[BfclEntry]:
+    """The first ``limit`` entries of a category, prepared as BFCL's generation step does."""
+    path = question_file(data_dir, category)
+    if not path.is_file():
+        raise EvaluationError(
+            f"BFCL question file {path} not found; expected bfcl-eval's data folder "
+            f"(with {VERSION_PREFIX}_<category>.json files). Pass --data-dir or let the "
+            "command use the checker environment's copy."
+        )
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and len(entries) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                entries.append(_prepare_entry(raw, category))
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+                raise EvaluationError(f"{path}:{line_no}: not a BFCL single-turn entry ({exc}).") from None
+    return entries
+
+
+def _prepare_entry(raw: dict, category: str) -> BfclEntry:
+    functions = copy.deepcopy(raw["function"])
+    for function in functions:
+        function["description"] = function.get("description", "") + PYTHON_HINT
+    # Single-turn entries hold one turn; BFCL merges consecutive user messages.
+    messages: list[dict] = []
+    for message in raw["question"][0]:
+        if messages and message["role"] == "user" and messages[-1]["role"] == "user":
+            messages[-1] = {"role": "user", "content": messages[-1]["content"] + "\n\n" + message["content"]}
+        else:
+            messages.append({"role": message["role"], "content": message["content"]})
+    return BfclEntry(id=raw["id"], category=category, messages=messages, functions=functions)
+
+
+# --- model output -> BFCL result text ---------------------------------------------------
+
+def calls_to_python(calls: Iterable) -> str:
+    """Calls (ToolCall objects or {"name", "arguments"} dicts) in BFCL's python call-list form."""
+    rendered = []
+    for call in calls:
+        name = call["name"] if isinstance(call, dict) else call.name
+        args = call["arguments"] if isinstance(call, dict) else call.arguments
+        if isinstance(args, str):
+            args = json.loads(args) if args.strip() else {}
+        rendered.append(f"{name}({', '.join(f'{k}={_python_literal(v)}' for k, v in args.items())})")
+    return "[" + ", ".join(rendered) + "]"
+
+
+def _python_literal(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_python_literal(k)}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
+    return repr(value)  # str, int, float, bool, None: Python literals BFCL's ast decoder reads
+
+
+def result_text(call_result, syntax: str) -> str:
+    """What goes into the result file: what the model wrote, in the syntax BFCL decodes.
+
+    With the python syntax that is the raw text itself (BFCL decodes it); the
+    JSON syntax's calls are rewritten as a python call list.
+    """
+    if syntax == "python" or not call_result.tool_calls:
+        return call_result.raw_text
+    return calls_to_python(call_result.tool_calls)
+
+
+# --- result files (resumable) -------------------------------------------------------------
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Records already written, by id. A torn last line (interrupted write) is dropped."""
+    records: dict[str, dict] = {}
+    if not Path(path).is_file():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "id" in record and "result" in record:
+                records[record["id"]] = record
+    return records
+
+
+def _rewrite(path: Path, records: Iterable[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def run_entry(runtime, entry: BfclEntry, *, constrained: bool, syntax: str, max_tokens: int) -> dict:
+    """One entry through the runtime -> one result-file record."""
+    start = time.perf_counter()
+    try:
+        res = runtime.call(
+            entry.messages, entry.functions, tool_choice="auto", parallel=True, syntax=syntax,
+            max_tokens=max_tokens, temperature=0.0, constrained=constrained,
+        )
+    except (ContextLengthError, SchemaError, GenerationError) as exc:
+        # BFCL's generation step records a failed inference as text and scores it as such.
+        return {
+            "id": entry.id, "result": INFERENCE_ERROR_PREFIX + str(exc),
+            "latency": time.perf_counter() - start, "error": type(exc).__name__,
+        }
+    return {
+        "id": entry.id,
+        "result": result_text(res, syntax),
+        "latency": res.timings.total_s,
+        "input_token_count": res.usage.prompt_tokens,
+        "output_token_count": res.usage.completion_tokens,
+        "finish_reason": res.finish_reason,
+    }
+
+
+def run_category(
+    runtime,
+    entries: list[BfclEntry],
+    out_dir: Path,
+    *,
+    constrained: bool,
+    syntax: str,
+    max_tokens: int,
+    on_entry: Callable[[BfclEntry, dict], None] | None = None,
+) -> list[dict]:
+    """Run the entries not yet in the category's result file; return all records in entry order.
+
+    Each record is appended and flushed as soon as it exists, so an
+    interrupted run resumes where it stopped.
+    """
+    if not entries:
+        return []
+    path = result_file(out_dir, entries[0].category)
+    done = read_results(path)
+    wanted = {e.id for e in entries}
+    # Drop torn lines and records of entries outside this run before appending.
+    _rewrite(path, [done[e.id] for e in entries if e.id in done])
+    with open(path, "a", encoding="utf-8") as f:
+        for entry in entries:
+            if entry.id in done:
+                if on_entry:
+                    on_entry(entry, done[entry.id])
+                continue
+            record = run_entry(runtime, entry, constrained=constrained, syntax=syntax, max_tokens=max_tokens)
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            done[entry.id] = record
+            if on_entry:
+                on_entry(entry, record)
+    return [done[e.id] for e in entries if e.id in wanted]
+
+
+def check_manifest(out_dir: Path, manifest: dict) -> None:
+    """Refuse to resume into a folder holding another configuration's results."""
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_MANIFEST
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        keys = ("model", "grammar", "syntax", "max_tokens")
+        if any(previous.get(k) != manifest.get(k) for k in keys):
+            theirs = {k: previous.get(k) for k in keys}
+            ours = {k: manifest.get(k) for k in keys}
+            raise EvaluationError(
+                f"{out_dir} holds results of another run ({theirs}), not of this one ({ours}). "
+                "Choose another --out, or delete that folder to start over."
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# --- scoring (in the checker environment) -------------------------------------------------
+
+def score_results(checker_env, data_dir: Path, out_dir: Path, categories: list[str]) -> dict:
+    """Score the result files in ``out_dir`` with BFCL's checker; its JSON as a dict."""
+    runner = Path(__file__).with_name("checker_runner.py")
+    cmd = [
+        str(checker_env.python), str(runner), "--data-dir", str(data_dir),
+        "--results-dir", str(out_dir), "--categories", ",".join(categories),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise EvaluationError(f"Could not start the BFCL checker {checker_env.python}: {exc}.") from None
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
+        raise EvaluationError(
+            f"BFCL's checker failed (exit {proc.returncode}) on the results in {out_dir}:\n{tail}\n"
+            f"Delete {checker_env.root} to rebuild the checker environment if it is broken."
+        )
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise EvaluationError(f"BFCL's checker printed no JSON scores; stdout was: {proc.stdout[-500:]!r}") from None
+
+
+# --- the whole evaluation ------------------------------------------------------------------
+
+def evaluate_bfcl(
+    model: str | os.PathLike | None = None,
+    *,
+    categories: str | Iterable[str] | None = None,
+    limit: int | None = None,
+    grammar: bool = True,
+    syntax: str = "python",
+    out_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    checker_env_dir: str | os.PathLike | None = None,
+    create_env: bool = True,
+    max_tokens: int = 512,
+    n_ctx: int | None = None,
+    n_threads: int | None = None,
+    runtime_factory: Callable | None = None,
+    progress: Callable[[int, int, BfclEntry], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run BFCL categories through the runtime and score them with BFCL's checker.
+
+    Returns the report: ``{"model", "grammar", "syntax", "limit", "out_dir",
+    "bfcl_eval", "categories": {name: {...}}, "summary": {...}}`` (see report.py).
+    Result files already in ``out_dir`` are reused (resume).
+    """
+    from . import checker_env, report
+
+    cats = parse_categories(categories)
+    if syntax not in ("python", "json"):
+        raise EvaluationError(f"Unknown call syntax {syntax!r}; expected 'python' or 'json'.")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--limit must be at least 1, got {limit}.")
+    if model is not None and not Path(model).is_file():
+        raise EvaluationError(f"Model file {model} does not exist; pass the path of a GGUF file.")
+
+    # The checker is needed for scoring: find (or build) it before spending time on inference.
+    env = checker_env.ensure_checker_env(
+        Path(checker_env_dir) if checker_env_dir else None, create=create_env, log=log
+    )
+    data = Path(data_dir) if data_dir else env.data_dir
+    entries = {c: load_entries(data, c, limit) for c in cats}
+    total = sum(len(v) for v in entries.values())
+
+    if runtime_factory is None:
+        from ..runtime import ToolRuntime
+
+        def runtime_factory():
+            # Every BFCL entry has its own tools: saving each prefix state would
+            # only fill the user's prefix cache with entries never reused.
+            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False)
+
+    with runtime_factory() as runtime:
+        model_path = str(getattr(runtime, "model_path", model))
+        mode = "grammar" if grammar else "free"
+        out = Path(out_dir) if out_dir else Path("bfcl-results") / f"{Path(model_path).stem}-{mode}-{syntax}"
+        check_manifest(out, {
+            "model": model_path, "grammar": grammar, "syntax": syntax, "max_tokens": max_tokens,
+            "bfcl_eval": env.version, "data_dir": str(data),
+        })
+        records: dict[str, list[dict]] = {}
+        count = 0
+
+        def tick(entry, record):
+            nonlocal count
+            count += 1
+            if progress:
+                progress(count, total, entry)
+
+        started = time.perf_counter()
+        for c in cats:
+            records[c] = run_category(
+                runtime, entries[c], out, constrained=grammar, syntax=syntax,
+                max_tokens=max_tokens, on_entry=tick,
+            )
+        wall_s = time.perf_counter() - started
+
+    scores = score_results(env, data, out, cats)
+    return report.build_report(
+        model=model_path, grammar=grammar, syntax=syntax, limit=limit, out_dir=str(out),
+        checker=scores, records=records, wall_s=wall_s,
+    )
