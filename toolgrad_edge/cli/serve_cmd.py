@@ -1,0 +1,97 @@
+"""``toolgrad-edge serve``: the OpenAI-compatible local server."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import ToolgradEdgeError
+from .options import model_option, syntax_option
+
+
+
+def _default(name: str):
+    from ..server.settings import ServerSettings
+
+    return getattr(ServerSettings(), name)
+
+
+@click.command("serve")
+@model_option
+@click.option("--host", default=_default("host"), show_default=True,
+              help="Address to bind. The default is loopback: only this machine can connect.")
+@click.option("--port", default=_default("port"), show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="TOOLGRAD_EDGE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set $TOOLGRAD_EDGE_API_KEY).")
+@click.option("--max-queue", default=_default("max_queue"), show_default=True, type=click.IntRange(1),
+              help="Requests that may wait behind the running one; more get 429 with Retry-After.")
+@click.option("--max-body-bytes", default=_default("max_body_bytes"), show_default=True, type=click.IntRange(1024),
+              help="Largest request body accepted (413 above).")
+@click.option("--max-tools", default=_default("max_tools"), show_default=True, type=click.IntRange(1),
+              help="Most tools one request may carry (400 above).")
+@click.option("--max-tokens-limit", default=_default("max_tokens_limit"), show_default=True,
+              type=click.IntRange(1), help="Largest max_tokens a request may ask for (400 above).")
+@click.option("--default-max-tokens", default=_default("default_max_tokens"), show_default=True,
+              type=click.IntRange(1), help="max_tokens for requests that name none.")
+@syntax_option
+@click.option("--n-ctx", type=click.IntRange(256), default=None, help="Context length. Default: the runtime's.")
+@click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads for llama.cpp.")
+@click.option("--n-gpu-layers", default="auto", show_default=True,
+              help="Layers to offload when llama.cpp has a GPU back-end: 'auto' (all) or a number.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_tokens_limit,
+          default_max_tokens, syntax, n_ctx, n_threads, n_gpu_layers, log_level) -> None:
+    """Serve OpenAI's chat-completions API for the model, on this machine.
+
+    POST /v1/chat/completions (tools, tool_choice, streaming, response_format),
+    GET /v1/models and GET /health. Requests run one at a time in arrival
+    order; the tool-prefix cache is shared by all of them.
+
+    \b
+    Examples:
+      toolgrad-edge serve
+      toolgrad-edge serve --model toolgrad-4b-Q4_K_M.gguf --port 8000
+      toolgrad-edge serve --api-key secret --max-queue 4
+      OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=secret python my_agent.py
+    """
+    try:
+        import uvicorn  # noqa: F401  (checked before the model loads)
+        import fastapi  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "the server needs FastAPI and uvicorn: pip install 'toolgrad-edge[server]'"
+        ) from None
+    from ..runtime import ToolRuntime
+    from ..server import ServerSettings, create_app
+
+    settings = ServerSettings(
+        host=host, port=port, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
+        max_tools=max_tools, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+        syntax=syntax,
+    )
+    gpu_layers = n_gpu_layers if n_gpu_layers == "auto" else _int_option("--n-gpu-layers", n_gpu_layers)
+    with ToolRuntime(model=model, n_gpu_layers=gpu_layers, n_threads=n_threads, n_ctx=n_ctx) as runtime:
+        app = create_app(runtime, settings)
+        shown_host = f"[{host}]" if ":" in host else host
+        click.echo(f"toolgrad-edge: serving {runtime.model_path} at http://{shown_host}:{port}/v1")
+        if settings.is_loopback:
+            click.echo(f"Bound to {host} (loopback): only this machine can connect. "
+                       "Use --host 0.0.0.0 to accept other machines.")
+        else:
+            click.echo(f"WARNING: bound to {host}: other machines on the network can connect.", err=True)
+            if api_key is None:
+                click.echo("WARNING: no --api-key set: anyone who can reach this port can use the model.", err=True)
+        _run_uvicorn(app, host, port, log_level)
+
+
+def _run_uvicorn(app, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ToolgradEdgeError(f"{name} must be 'auto' or a whole number, got {value!r}") from None
