@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .options import json_option, model_option, syntax_option
@@ -68,7 +70,7 @@ def bfcl(model, categories, limit, grammar, syntax, out_dir, data_dir, checker_e
     def progress(done: int, total: int, entry) -> None:
         nonlocal bar
         if bar is None:
-            bar = click.progressbar(length=total, label="BFCL", file=click.get_text_stream("stderr"),
+            bar = click.progressbar(length=total, label="BFCL", file=sys.stderr,
                                     show_pos=True, show_eta=True)
             bar.__enter__()
         bar.label = f"BFCL {entry.category:24}"
