@@ -1,0 +1,21 @@
+"""Tool schemas in, GBNF grammars out; model text back to validated tool calls.
+
+Model-free: nothing here imports llama.cpp or the runtime.
+"""
+
+from __future__ import annotations
+
+from .calls import CallStreamParser, ToolCall, parse_calls, render_calls
+from .gbnf import build_grammar, schema_grammar
+from .tools import Tool, load_tools
+
+__all__ = [
+    "CallStreamParser",
+    "Tool",
+    "ToolCall",
+    "build_grammar",
+    "load_tools",
+    "parse_calls",
+    "render_calls",
+    "schema_grammar",
+]

@@ -1,0 +1,752 @@
+"""Tool model -> GBNF grammar (llama.cpp's grammar format).
+
+One compiler serves both call syntaxes; only the spelling of literals, keys
+and the call frame differs. Value rules are shared: every plain string uses
+the one ``string`` rule, every equal subschema the same rule, because
+llama.cpp's masking cost grows with the grammar.
+
+Argument order. A context-free grammar that accepts every order of n
+arguments, each at most once, needs exponentially many rules. The compiler
+builds a lattice of states (i, done): ``i`` is the first argument in declared
+order not yet written or skipped, ``done`` the set of later ones already
+written; an argument may be written if it lies within ``window`` places of
+``i``. The window is the widest one whose lattice has at most
+``ORDER_STATES`` states: small tools (up to 6 arguments) get every order,
+larger ones every order in which no argument jumps more than ``window``
+unwritten arguments ahead. Required arguments must all be written and none
+twice, in every case.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Iterable
+
+import jsonschema
+
+from ..errors import SchemaError
+from .calls import PY_ARG_NAME, SYNTAXES
+from .pyliteral import py_string_forms, render_value
+from .tools import Tool, as_tools
+
+# Lattice size per argument list / object (see the module docstring).
+ORDER_STATES = 64
+# Longest exact repetition (maxLength, maxItems) written into the grammar;
+# longer bounds are checked after generation instead.
+MAX_REPEAT = 256
+# Integers longer than this are outside int64 anyway.
+MAX_DIGITS = 19
+
+# Keywords that only describe: no effect on what may be generated.
+ANNOTATIONS = frozenset({
+    "description", "title", "default", "examples", "example", "$comment", "deprecated",
+    "readOnly", "writeOnly", "$schema", "$id", "$anchor", "contentEncoding",
+    "contentMediaType", "$defs", "definitions", "nullable",
+})
+# Keywords checked by jsonschema after generation instead of by the grammar.
+RELAXED = frozenset({"pattern", "format", "multipleOf", "uniqueItems", "minProperties",
+                     "maxProperties"})
+# JSON Schema keywords the compiler cannot express: a SchemaError, never dropped.
+UNSUPPORTED = ("not", "if", "then", "else", "patternProperties", "propertyNames",
+               "dependentSchemas", "dependentRequired", "dependencies",
+               "unevaluatedProperties", "unevaluatedItems", "contains", "minContains",
+               "maxContains", "$dynamicRef", "$recursiveRef", "additionalItems", "prefixItems")
+
+TOOL_CHOICES = ("auto", "required", "none")
+
+_COMMON_RULES = {
+    "ws": r"[ \t\n]{0,20}",
+    "hex": r"[0-9a-fA-F]",
+    "uint": r'"0" | [1-9] [0-9]{0,18}',
+    "integer": r'"-"? uint',
+    "frac": r'"." [0-9]{1,17}',
+    "exp": r"[eE] [-+]? [0-9]{1,3}",
+    "number": r'"-"? uint frac? exp?',
+    "number-nonneg": r"uint frac? exp?",
+    # \u escapes exclude surrogates: a lone one is not a character.
+    "esc-u": r'"u" ([0-9a-cA-Ce-fE-F] hex{3} | [dD] [0-7] hex{2})',
+}
+_SYNTAX_RULES = {
+    "python": {
+        "esc": "\"\\\\\" ([\"'\\\\nrtbf] | \"x\" hex{2} | esc-u | \"U\" (\"000\" hex{5} | \"0010\" hex{4}))",
+        "sq-char": r"[^'\\\x00-\x1F] | esc",
+        "dq-char": r'[^"\\\x00-\x1F] | esc',
+        "string": "\"'\" sq-char* \"'\" | \"\\\"\" dq-char* \"\\\"\"",
+        "boolean": r'"True" | "False"',
+        "null": r'"None"',
+        "value": r"object | array | string | number | boolean | null",
+        "array": r'"[" ws (value (ws "," ws value)*)? ws "]"',
+        "object": r'"{" ws (pair (ws "," ws pair)*)? ws "}"',
+        "pair": r'string ws ":" ws value',
+        # Plain text: not a call list, and not a ```-fence around one.
+        "text": r'[^\[`\x00-\x20] [^\x00]* | "`" ([^`\x00] [^\x00]*)? | "``" ([^`\x00] [^\x00]*)?',
+    },
+    "json": {
+        "esc": r'"\\" (["\\/bfnrt] | esc-u)',
+        "dq-char": r'[^"\\\x00-\x1F] | esc',
+        "string": r'"\"" dq-char* "\""',
+        "boolean": r'"true" | "false"',
+        "null": r'"null"',
+        "value": r"object | array | string | number | boolean | null",
+        "array": r'"[" ws (value (ws "," ws value)*)? ws "]"',
+        "object": r'"{" ws (pair (ws "," ws pair)*)? ws "}"',
+        "pair": r'string ws ":" ws value',
+        "text": r'[^\[{`\x00-\x20] [^\x00]* | "`" ([^`\x00] [^\x00]*)? | "``" ([^`\x00] [^\x00]*)?',
+    },
+}
+
+
+def build_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any = "auto",
+                  parallel: bool = True) -> str:
+    """A GBNF grammar (root rule ``root``) for the answers allowed with these tools.
+
+    ``tool_choice``: ``auto`` (calls or plain text), ``required`` (at least
+    one call), ``none`` (plain text only), or a tool name (calls of that tool
+    only). ``parallel=False`` allows exactly one call. Compiled grammars are
+    cached, so calling this on every request is cheap.
+    """
+    if syntax not in SYNTAXES:
+        raise ValueError(f"unknown call syntax {syntax!r}; expected one of {', '.join(SYNTAXES)}.")
+    tools = as_tools(tools)
+    choice = _tool_choice(tool_choice, tools)
+    key = json.dumps([[t.name, t.parameters] for t in tools], sort_keys=True)
+    return _cached_grammar(key, syntax, choice, bool(parallel))
+
+
+@lru_cache(maxsize=256)
+def _cached_grammar(key: str, syntax: str, choice: str, parallel: bool) -> str:
+    tools = [Tool(name, "", params, {}) for name, params in json.loads(key)]
+    return compile_grammar(tools, syntax, choice, parallel)
+
+
+def compile_grammar(tools: list[Tool], syntax: str = "python", tool_choice: str = "auto",
+                    parallel: bool = True, order_states: int = ORDER_STATES) -> str:
+    """build_grammar without the cache; ``order_states`` sets the argument-order lattice size."""
+    choice = _tool_choice(tool_choice, tools)
+    compiler = _Compiler(syntax, order_states)
+    if choice == "none" or (choice == "auto" and not tools):
+        compiler.rules["root"] = "text"
+        compiler.use("text")
+        return compiler.render()
+    chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
+    alts = [compiler.call_rule(i, t) for i, t in enumerate(tools) if t in chosen]
+    compiler.rules["call"] = " | ".join(alts)
+    if parallel:
+        compiler.rules["calls"] = '"[" ws call (ws "," ws call)* ws "]"'
+    else:
+        compiler.rules["calls"] = '"[" ws call ws "]"'
+    compiler.use("ws")
+    compiler.rules["root"] = "calls | text" if choice == "auto" else "calls"
+    if choice == "auto":
+        compiler.use("text")
+    return compiler.render()
+
+
+def schema_grammar(schema: dict | None, syntax: str = "json") -> str:
+    """GBNF for one JSON value matching ``schema`` (None: any JSON object).
+
+    For OpenAI ``response_format``; the value is written as JSON by default.
+    """
+    if schema is None:
+        schema = {"type": "object"}
+    from .tools import normalize_schema
+
+    normal = normalize_schema(schema, "response schema")
+    compiler = _Compiler(syntax, ORDER_STATES)
+    expr = compiler.expr(normal, _Context("response schema", normal), "")
+    compiler.rules["root"] = expr
+    return compiler.render()
+
+
+def check_tool(tool: Tool, where: str = "") -> None:
+    """Raise SchemaError if the tool's schema uses something the compiler cannot express."""
+    _Compiler("json", ORDER_STATES).arguments(tool, 0, where)
+
+
+def _tool_choice(choice: Any, tools: list[Tool]) -> str:
+    if isinstance(choice, dict):  # OpenAI {"type": "function", "function": {"name": ...}}
+        choice = (choice.get("function") or {}).get("name") or choice.get("name")
+    if choice is None:
+        choice = "auto"
+    names = [t.name for t in tools]
+    if choice in TOOL_CHOICES:
+        if choice == "required" and not tools:
+            raise SchemaError("tool_choice 'required' needs at least one tool; none were given.")
+        return choice
+    if choice not in names:
+        raise SchemaError(
+            f"tool_choice {choice!r} is neither auto, required, none nor a known tool; "
+            f"known tools: {', '.join(names) or 'none'}."
+        )
+    return choice
+
+
+class _Context:
+    """Where in which tool the compiler is, for $ref and for error messages."""
+
+    def __init__(self, label: str, root: dict):
+        self.label = label
+        self.root = root
+        self.refs: list[str] = []
+
+    def fail(self, pointer: str, message: str) -> SchemaError:
+        return SchemaError(f"{self.label}: {message} (at {pointer or '/'}).")
+
+
+class _Compiler:
+    def __init__(self, syntax: str, order_states: int):
+        self.syntax = syntax
+        self.order_states = order_states
+        self.rules: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # body -> rule name, to share equal rules
+        self.counts: dict[str, int] = {}
+        self._lib = {**_COMMON_RULES, **_SYNTAX_RULES[syntax]}
+
+    # -- rule bookkeeping -------------------------------------------------------
+    def render(self) -> str:
+        lines = [f"root ::= {self.rules['root']}"]
+        lines += [f"{name} ::= {body}" for name, body in self.rules.items() if name != "root"]
+        return "\n".join(lines) + "\n"
+
+    def use(self, name: str) -> str:
+        """Add a library rule and the library rules it mentions."""
+        if name in self.rules or name not in self._lib:
+            return name
+        body = self._lib[name]
+        self.rules[name] = body
+        for word in _words(body):
+            self.use(word)
+        return name
+
+    def add(self, hint: str, body: str) -> str:
+        """A rule for ``body``, shared with any equal rule already made."""
+        if body in self.names:
+            return self.names[body]
+        n = self.counts.get(hint, 0)
+        self.counts[hint] = n + 1
+        name = f"{hint}-{n}"
+        self.rules[name] = body
+        self.names[body] = name
+        for word in _words(body):
+            self.use(word)
+        return name
+
+    # -- calls ------------------------------------------------------------------
+    def call_rule(self, index: int, tool: Tool) -> str:
+        args = self.arguments(tool, index)
+        if self.syntax == "json":
+            head = '"{" ws ' + _lit('"name"') + ' ws ":" ws '
+            body = (head + _lit(json.dumps(tool.name)) + ' ws "," ws ' + _lit('"arguments"')
+                    + ' ws ":" ws ' + args + ' ws "}"')
+        else:
+            body = _lit(tool.name + "(") + " ws " + args
+        return self.add(f"call-{index}", body)
+
+    def arguments(self, tool: Tool, index: int, where: str = "") -> str:
+        """The argument list of a tool: after "(" up to ")" (python) or a JSON object."""
+        ctx = _Context(f"{where}tool {tool.name!r}", tool.parameters)
+        params = tool.parameters
+        if self.syntax == "python":
+            for name in params.get("properties", {}):
+                if not PY_ARG_NAME.fullmatch(name):
+                    raise ctx.fail(f"/properties/{name}",
+                                   f"argument name {name!r} cannot be written as name=value in "
+                                   "the python call syntax; use syntax 'json'")
+            return self.object_members(params, ctx, "", f"args-{index}", kwargs=True)
+        return self.expr(params, ctx, "")
+
+    # -- schemas ----------------------------------------------------------------
+    def expr(self, schema: Any, ctx: _Context, ptr: str) -> str:
+        """A grammar expression (usually a rule name) for one value matching ``schema``."""
+        if schema is True or schema == {}:
+            return self.use("value")
+        if schema is False:
+            raise ctx.fail(ptr, "schema 'false' allows no value")
+        if not isinstance(schema, dict):
+            raise ctx.fail(ptr, f"expected a schema object, found {type(schema).__name__}")
+        for kw in UNSUPPORTED:
+            if kw in schema:
+                raise ctx.fail(f"{ptr}/{kw}", f"unsupported JSON Schema keyword {kw!r}; "
+                               "remove it or express the constraint with supported keywords")
+        if isinstance(schema.get("items"), list):
+            raise ctx.fail(f"{ptr}/items", "unsupported tuple form of 'items' (a list of schemas)")
+        if "$ref" in schema:
+            return self.ref(schema, ctx, ptr)
+        if "allOf" in schema:
+            return self.expr(self.merge_all_of(schema, ctx, ptr), ctx, ptr)
+        if "const" in schema:
+            return self.literals([schema["const"]], ptr)
+        if "enum" in schema:
+            return self.enum(schema, ctx, ptr)
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                members = schema[key]
+                if not isinstance(members, list) or not members:
+                    raise ctx.fail(f"{ptr}/{key}", f"{key!r} needs a non-empty list of schemas")
+                base = {k: v for k, v in schema.items() if k != key and k not in ANNOTATIONS}
+                alts = [self.expr({**base, **m} if isinstance(m, dict) else m, ctx, f"{ptr}/{key}/{i}")
+                        for i, m in enumerate(members)]
+                return self.alternatives("any-of", alts)
+        t = schema.get("type")
+        if schema.get("nullable") is True and t is not None:
+            types = t if isinstance(t, list) else [t]
+            if "null" not in types:
+                t = types + ["null"]
+        if isinstance(t, list):
+            if not t:
+                raise ctx.fail(f"{ptr}/type", "empty type list")
+            alts = [self.typed(ti, schema, ctx, ptr) for ti in dict.fromkeys(t)]
+            return self.alternatives("types", alts)
+        if t is None:
+            t = _infer_type(schema)
+            if t is None:
+                return self.use("value")
+        return self.typed(t, schema, ctx, ptr)
+
+    def alternatives(self, hint: str, alts: list[str]) -> str:
+        alts = list(dict.fromkeys(alts))
+        if len(alts) == 1:
+            return alts[0]
+        return self.add(hint, " | ".join(alts))
+
+    def ref(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        ref = schema["$ref"]
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ctx.fail(f"{ptr}/$ref", f"only local references ('#/...') are supported, found {ref!r}")
+        if ref in ctx.refs:
+            chain = " -> ".join(ctx.refs + [ref])
+            raise ctx.fail(f"{ptr}/$ref", f"recursive $ref ({chain}) cannot be compiled to a grammar")
+        target: Any = ctx.root
+        for part in ref[2:].split("/") if ref.startswith("#/") else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise ctx.fail(f"{ptr}/$ref", f"$ref {ref!r} points to nothing")
+        if ref == "#":
+            raise ctx.fail(f"{ptr}/$ref", "recursive $ref '#' cannot be compiled to a grammar")
+        siblings = {k: v for k, v in schema.items() if k != "$ref" and k not in ANNOTATIONS}
+        merged = {**target, **siblings} if isinstance(target, dict) else target
+        ctx.refs.append(ref)
+        try:
+            return self.expr(merged, ctx, ref[1:])
+        finally:
+            ctx.refs.pop()
+
+    def merge_all_of(self, schema: dict, ctx: _Context, ptr: str) -> dict:
+        merged = {k: v for k, v in schema.items() if k != "allOf"}
+        members = schema["allOf"]
+        if not isinstance(members, list) or not members:
+            raise ctx.fail(f"{ptr}/allOf", "'allOf' needs a non-empty list of schemas")
+        for i, member in enumerate(members):
+            if not isinstance(member, dict):
+                raise ctx.fail(f"{ptr}/allOf/{i}", "expected a schema object")
+            if "$ref" in member:
+                if member["$ref"] in ctx.refs:
+                    raise ctx.fail(f"{ptr}/allOf/{i}/$ref", "recursive $ref cannot be compiled")
+                resolved = _lookup(ctx.root, member["$ref"])
+                if not isinstance(resolved, dict):
+                    raise ctx.fail(f"{ptr}/allOf/{i}/$ref", f"$ref {member['$ref']!r} points to nothing")
+                member = {**resolved, **{k: v for k, v in member.items() if k != "$ref"}}
+            for key, value in member.items():
+                if key in ANNOTATIONS:
+                    merged.setdefault(key, value)
+                elif key == "properties" and isinstance(merged.get(key), dict):
+                    for name, sub in value.items():
+                        if name in merged[key] and merged[key][name] != sub:
+                            raise ctx.fail(f"{ptr}/allOf/{i}/properties/{name}",
+                                           "'allOf' members give different schemas for one "
+                                           "property; only non-conflicting members are supported")
+                    merged[key] = {**merged[key], **value}
+                elif key == "required":
+                    merged[key] = list(dict.fromkeys(list(merged.get(key, [])) + list(value)))
+                elif key in merged and merged[key] != value:
+                    raise ctx.fail(f"{ptr}/allOf/{i}/{key}",
+                                   f"'allOf' members disagree on {key!r}; only non-conflicting "
+                                   "members are supported")
+                else:
+                    merged[key] = value
+        return merged
+
+    def literals(self, values: list, ptr: str) -> str:
+        texts: list[str] = []
+        for v in values:
+            if self.syntax == "python" and isinstance(v, str):
+                texts += py_string_forms(v)
+            elif self.syntax == "python":
+                texts.append(render_value(v))
+            else:
+                texts.append(json.dumps(v, ensure_ascii=False))
+        return self.alternatives("literal", [_lit(t) for t in dict.fromkeys(texts)])
+
+    def enum(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise ctx.fail(f"{ptr}/enum", "empty enum: no value could ever be valid")
+        rest = {k: v for k, v in schema.items() if k not in ANNOTATIONS and k != "enum"}
+        if rest:
+            # Only the values that also satisfy the rest of the schema.
+            check = jsonschema.Draft202012Validator({**rest, "$defs": ctx.root.get("$defs", {}),
+                                                     "definitions": ctx.root.get("definitions", {})})
+            try:
+                values = [v for v in values if check.is_valid(v)]
+            except jsonschema.exceptions.RefResolutionError:
+                pass
+            if not values:
+                raise ctx.fail(f"{ptr}/enum", "no enum value satisfies the rest of its schema")
+        return self.literals(values, ptr)
+
+    def typed(self, t: str, schema: dict, ctx: _Context, ptr: str) -> str:
+        if t == "string":
+            return self.string(schema, ctx, ptr)
+        if t == "integer":
+            return self.integer(schema, ctx, ptr)
+        if t == "number":
+            low = _num(schema.get("minimum"))
+            xlow = _num(schema.get("exclusiveMinimum"))
+            if (low is not None and low >= 0) or (xlow is not None and xlow >= 0):
+                return self.use("number-nonneg")
+            return self.use("number")
+        if t == "boolean":
+            return self.use("boolean")
+        if t == "null":
+            return self.use("null")
+        if t == "array":
+            return self.array(schema, ctx, ptr)
+        if t == "object":
+            return self.object(schema, ctx, ptr)
+        raise ctx.fail(f"{ptr}/type", f"unknown type {t!r}")
+
+    def string(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        low = schema.get("minLength", 0) or 0
+        high = schema.get("maxLength")
+        if high is not None and high > MAX_REPEAT:
+            high = None  # checked after generation
+        if low > MAX_REPEAT:
+            raise ctx.fail(f"{ptr}/minLength", f"minLength above {MAX_REPEAT} is not supported")
+        if high is not None and high < low:
+            raise ctx.fail(ptr, f"maxLength {high} is below minLength {low}")
+        if low == 0 and high is None:
+            return self.use("string")
+        rep = f"{{{low},{'' if high is None else high}}}"
+        if self.syntax == "python":
+            body = f'"\'" sq-char{rep} "\'" | "\\"" dq-char{rep} "\\""'
+        else:
+            body = f'"\\"" dq-char{rep} "\\""'
+        return self.add("string", body)
+
+    def integer(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        import math
+
+        low = _num(schema.get("minimum"))
+        high = _num(schema.get("maximum"))
+        xlow = _num(schema.get("exclusiveMinimum"))
+        xhigh = _num(schema.get("exclusiveMaximum"))
+        lo = None if low is None else math.ceil(low)
+        hi = None if high is None else math.floor(high)
+        if xlow is not None:
+            lo = max(lo, math.floor(xlow) + 1) if lo is not None else math.floor(xlow) + 1
+        if xhigh is not None:
+            hi = min(hi, math.ceil(xhigh) - 1) if hi is not None else math.ceil(xhigh) - 1
+        limit = 10 ** MAX_DIGITS - 1
+        if lo is not None and lo < -limit:
+            lo = None
+        if hi is not None and hi > limit:
+            hi = None
+        if lo is None and hi is None:
+            return self.use("integer")
+        if lo is not None and hi is not None and lo > hi:
+            raise ctx.fail(ptr, f"no integer lies between minimum {low} and maximum {high}")
+        return self.add("int-range", _int_range(lo, hi))
+
+    def array(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        items = schema.get("items", True)
+        low = schema.get("minItems", 0) or 0
+        high = schema.get("maxItems")
+        if high is not None and high > MAX_REPEAT:
+            high = None
+        if low > MAX_REPEAT:
+            raise ctx.fail(f"{ptr}/minItems", f"minItems above {MAX_REPEAT} is not supported")
+        if high is not None and high < low:
+            raise ctx.fail(ptr, f"maxItems {high} is below minItems {low}")
+        if items is False or high == 0:
+            if low > 0:
+                raise ctx.fail(ptr, "the array must have items but 'items' allows none")
+            return self.add("array", '"[" ws "]"')
+        item = self.expr(items, ctx, f"{ptr}/items")
+        if low == 0 and high is None and item == "value":
+            return self.use("array")
+        more = f'(ws "," ws {item})'
+        if low == 0:
+            rep = "*" if high is None else f"{{0,{high - 1}}}"
+            body = f'"[" ws ({item} {more}{rep})? ws "]"'
+        else:
+            rep = f"{{{low - 1},{'' if high is None else high - 1}}}"
+            body = f'"[" ws {item} {more}{rep} ws "]"'
+        return self.add("array", body)
+
+    def object(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        props = schema.get("properties")
+        if not props and not schema.get("required"):
+            extra = schema.get("additionalProperties", True)
+            if extra is False:
+                return self.add("object", '"{" ws "}"')
+            value = self.expr(extra, ctx, f"{ptr}/additionalProperties")
+            if value == "value":
+                return self.use("object")
+            pair = self.add("pair", f'{self.use("string")} ws ":" ws {value}')
+            return self.add("object", f'"{{" ws ({pair} (ws "," ws {pair})*)? ws "}}"')
+        inner = self.object_members(schema, ctx, ptr, "obj", kwargs=False)
+        return self.add("object", f'"{{" ws {inner}')
+
+    def object_members(self, schema: dict, ctx: _Context, ptr: str, hint: str, kwargs: bool) -> str:
+        """The members of an object and its closing bracket, in a flexible order."""
+        props = schema.get("properties") or {}
+        required = schema.get("required") or []
+        if not props and required:
+            props = {name: {} for name in required}  # keys the schema demands, any value
+        for name in required:
+            if name not in props:
+                raise ctx.fail(f"{ptr}/required",
+                               f"'required' names {name!r}, which is not among the properties "
+                               f"({', '.join(props) or 'none'})")
+        members: list[tuple[str, bool]] = []
+        for name, sub in props.items():
+            value = self.expr(sub, ctx, f"{ptr}/properties/{_escape(name)}")
+            if kwargs:
+                key = _lit(name)
+                body = f'{key} ws "=" ws {value}'
+            elif self.syntax == "python":
+                forms = [_lit(f) for f in py_string_forms(name)]
+                key = forms[0] if len(forms) == 1 else "(" + " | ".join(forms) + ")"
+                body = f'{key} ws ":" ws {value}'
+            else:
+                body = f'{_lit(json.dumps(name, ensure_ascii=False))} ws ":" ws {value}'
+            members.append((self.add("member", body), name in required))
+        close = 'ws ")"' if kwargs else 'ws "}"'
+        if not members:
+            return close
+        return self.lattice(hint, members, close)
+
+    def lattice(self, hint: str, members: list[tuple[str, bool]], close: str) -> str:
+        n = len(members)
+        required = [r for _, r in members]
+        window = _window(n, tuple(required), self.order_states)
+        prefix = f"{hint}-{self.counts.get(hint, 0)}"
+        self.counts[hint] = self.counts.get(hint, 0) + 1
+        made: set[str] = set()
+
+        def advance(i: int, done: int) -> tuple[int, int]:
+            while i < n and done >> i & 1:
+                done &= ~(1 << i)
+                i += 1
+            return i, done
+
+        def closable(i: int, done: int) -> bool:
+            return all(not required[j] or done >> j & 1 for j in range(i, n))
+
+        def emit(i: int, done: int) -> str:  # write one more member
+            name = f"{prefix}-e{i}-{done:x}"
+            if name in made:
+                return name
+            made.add(name)
+            alts = []
+            for j in range(i, min(n, i + window + 1)):
+                if not done >> j & 1:
+                    alts.append(f"{members[j][0]} {after(*advance(i, done | 1 << j))}")
+            if not required[i]:
+                nxt = advance(i + 1, done)
+                if nxt[0] < n:
+                    alts.append(emit(*nxt))
+            self.rules[name] = " | ".join(alts)
+            return name
+
+        def after(i: int, done: int) -> str:  # after a member: another one, or close
+            name = f"{prefix}-n{i}-{done:x}"
+            if name in made:
+                return name
+            made.add(name)
+            alts = []
+            if i < n:
+                alts.append(f'ws "," ws {emit(i, done)}')
+            if closable(i, done):
+                alts.append(close)
+            self.rules[name] = " | ".join(alts)
+            return name
+
+        self.use("ws")
+        start = [emit(0, 0)]
+        if closable(0, 0):
+            start.append(close)
+        return self.add(f"{prefix}-start", " | ".join(start)) if len(start) > 1 else start[0]
+
+
+@lru_cache(maxsize=4096)
+def _window(n: int, required: tuple[bool, ...], budget: int) -> int:
+    """The widest order window whose lattice has at most ``budget`` states."""
+    best = 0
+    for window in range(1, n):
+        if _count_states(n, required, window, budget) > budget:
+            break
+        best = window
+    return best
+
+
+def _count_states(n: int, required: tuple[bool, ...], window: int, budget: int) -> int:
+    def advance(i: int, done: int) -> tuple[int, int]:
+        while i < n and done >> i & 1:
+            done &= ~(1 << i)
+            i += 1
+        return i, done
+
+    seen = {(0, 0)}
+    todo = [(0, 0)]
+    while todo:
+        i, done = todo.pop()
+        if i >= n:
+            continue
+        nexts = [advance(i, done | 1 << j) for j in range(i, min(n, i + window + 1))
+                 if not done >> j & 1]
+        if not required[i]:
+            nexts.append(advance(i + 1, done))
+        for s in nexts:
+            if s not in seen:
+                seen.add(s)
+                todo.append(s)
+                if len(seen) > budget:
+                    return len(seen)
+    return len(seen)
+
+
+def _int_range(lo: int | None, hi: int | None) -> str:
+    """GBNF for the decimal integers in [lo, hi] (None: unbounded), no leading zeros."""
+    parts = []
+    if lo is None or lo < 0:
+        # negative values: "-" then the magnitude in [max(1, -hi), -lo]
+        mag_lo = 1 if hi is None or hi >= 0 else -hi
+        mag_hi = None if lo is None else -lo
+        parts.append('"-" ' + _uint_range(mag_lo, mag_hi))
+    if hi is None or hi >= 0:
+        parts.append(_uint_range(max(lo, 0) if lo is not None else 0, hi))
+    return " | ".join(parts)
+
+
+def _uint_range(lo: int, hi: int | None) -> str:
+    alts: list[str] = []
+    top = len(str(hi)) if hi is not None else len(str(lo))
+    for digits in range(len(str(lo)), top + 1):
+        a = lo if digits == len(str(lo)) else 10 ** (digits - 1)
+        b = hi if hi is not None and digits == len(str(hi)) else 10 ** digits - 1
+        alts += _same_length(str(a), str(b))
+    if hi is None and len(str(lo)) < MAX_DIGITS:
+        alts.append(f"[1-9] [0-9]{{{len(str(lo))},{MAX_DIGITS - 1}}}")
+    return "(" + " | ".join(alts) + ")"
+
+
+def _same_length(a: str, b: str) -> list[str]:
+    """Sequences matching the digit strings from a to b (same length, a <= b)."""
+    if a == b:
+        return [_lit(a)]
+    if len(a) == 1:
+        return [f"[{a}-{b}]"]
+    if a[0] == b[0]:
+        return [f'"{a[0]}" (' + " | ".join(_same_length(a[1:], b[1:])) + ")"]
+    rest = len(a) - 1
+    low_full = a[1:] == "0" * rest
+    high_full = b[1:] == "9" * rest
+    out = []
+    first = a[0] if low_full else chr(ord(a[0]) + 1)
+    last = b[0] if high_full else chr(ord(b[0]) - 1)
+    if not low_full:
+        out.append(f'"{a[0]}" (' + " | ".join(_same_length(a[1:], "9" * rest)) + ")")
+    if first <= last:
+        out.append(f"[{first}-{last}] [0-9]{{{rest}}}")
+    if not high_full:
+        out.append(f'"{b[0]}" (' + " | ".join(_same_length("0" * rest, b[1:])) + ")")
+    return out
+
+
+def _infer_type(schema: dict) -> str | None:
+    if any(k in schema for k in ("properties", "required", "additionalProperties")):
+        return "object"
+    if any(k in schema for k in ("items", "minItems", "maxItems")):
+        return "array"
+    if any(k in schema for k in ("minLength", "maxLength", "pattern")):
+        return "string"
+    if any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+        return "number"
+    return None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def _lookup(root: dict, ref: str) -> Any:
+    node: Any = root
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    for part in ref[2:].split("/") if ref.startswith("#/") else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _lit(text: str) -> str:
+    """A GBNF string literal matching ``text`` exactly."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02X}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(f"\\U{code:08X}")
+    out.append('"')
+    return "".join(out)
+
+
+def _words(body: str) -> list[str]:
+    """Rule names mentioned in a rule body (outside literals and classes)."""
+    words, i, n = [], 0, len(body)
+    while i < n:
+        c = body[i]
+        if c == '"':
+            i += 1
+            while i < n and body[i] != '"':
+                i += 2 if body[i] == "\\" else 1
+            i += 1
+        elif c == "[":
+            i += 1
+            while i < n and body[i] != "]":
+                i += 2 if body[i] == "\\" else 1
+            i += 1
+        elif c == "{":
+            i = body.index("}", i) + 1
+        elif c.isalnum() or c == "-":
+            j = i
+            while j < n and (body[j].isalnum() or body[j] == "-"):
+                j += 1
+            words.append(body[i:j])
+            i = j
+        else:
+            i += 1
+    return words

@@ -1,0 +1,313 @@
+"""The tool model: tool definitions in the forms users have, normalised once.
+
+Two input forms are accepted, as a JSON file or as already-loaded data:
+
+* OpenAI tools: ``{"type": "function", "function": {"name", "description", "parameters"}}``
+* bare function objects as BFCL writes them: ``{"name", "description", "parameters"}``
+
+BFCL's parameter docs use type names beyond JSON Schema (``dict``, ``float``,
+``tuple``, ``any``) and a few habits that JSON Schema reads differently from
+what the author meant; :func:`normalize_schema` turns them into plain JSON
+Schema so that the grammar compiler and the validator see one language.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import jsonschema
+
+from ..errors import SchemaError
+
+# More tools than this do not fit a prompt anyway, and each one costs grammar
+# size and masking time on every token.
+MAX_TOOLS = 256
+
+# A call name: dotted identifiers (``math.factorial``), hyphens allowed as in
+# OpenAI's function names. The python call syntax needs the name to be a word.
+CALL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*")
+MAX_NAME_LENGTH = 128
+
+# BFCL type name -> JSON Schema type (None: any JSON value).
+BFCL_TYPES: dict[str, str | None] = {
+    "dict": "object",
+    "float": "number",
+    "tuple": "array",
+    "any": None,
+}
+
+JSON_TYPES = ("string", "integer", "number", "boolean", "null", "array", "object")
+
+# Keywords holding one subschema / a list of subschemas / a name -> subschema map.
+SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames",
+                 "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
+                 "additionalItems")
+SUBSCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties",
+                 "dependentSchemas")
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One callable tool.
+
+    ``parameters`` is the normalised JSON Schema of the arguments (an object
+    schema); ``spec`` is the function dict exactly as the user gave it (BFCL
+    types kept), which is what the prompt shows the model.
+    """
+
+    name: str
+    description: str
+    parameters: dict = field(hash=False)
+    spec: dict = field(hash=False, repr=False)
+
+
+def load_tools(source: Any) -> list[Tool]:
+    """Read tool definitions from a JSON file path or already-loaded data.
+
+    ``source`` is a path, a list of tool dicts (OpenAI or bare function form),
+    a list of :class:`Tool`, or a single tool dict. Raises SchemaError naming
+    the file, the tool and the JSON pointer at fault.
+    """
+    where = ""
+    if isinstance(source, (str, os.PathLike)):
+        where = f"{os.fspath(source)}: "
+        try:
+            with open(source, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise SchemaError(f"{where}cannot read tools file ({exc.strerror or exc}).") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(
+                f"{where}malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}. "
+                "Expected a JSON list of tool definitions."
+            ) from None
+    else:
+        data = source
+    if isinstance(data, Tool):
+        data = [data]
+    if isinstance(data, dict):
+        # {"tools": [...]} as in an OpenAI request body, or one tool on its own.
+        data = data["tools"] if isinstance(data.get("tools"), list) else [data]
+    if not isinstance(data, (list, tuple)):
+        raise SchemaError(
+            f"{where}expected a list of tool definitions, found {type(data).__name__}."
+        )
+    if len(data) > MAX_TOOLS:
+        raise SchemaError(
+            f"{where}{len(data)} tools given; at most {MAX_TOOLS} are supported "
+            "(a prompt cannot describe more). Pass only the tools relevant to the request."
+        )
+    tools = [_tool_from(item, i, where) for i, item in enumerate(data)]
+    seen: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        if tool.name in seen:
+            raise SchemaError(
+                f"{where}duplicate tool name {tool.name!r} (tools {seen[tool.name]} and {i}). "
+                "Tool names must be unique."
+            )
+        seen[tool.name] = i
+    return tools
+
+
+def _tool_from(item: Any, index: int, where: str) -> Tool:
+    if isinstance(item, Tool):
+        return item
+    if not isinstance(item, dict):
+        raise SchemaError(f"{where}tool {index}: expected an object, found {type(item).__name__}.")
+    if item.get("type") == "function" or "function" in item:
+        spec = item.get("function")
+        if not isinstance(spec, dict):
+            raise SchemaError(
+                f"{where}tool {index}: OpenAI form needs a \"function\" object, "
+                f"found {type(spec).__name__}."
+            )
+    else:
+        spec = item
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"{where}tool {index}: missing \"name\" (a non-empty string).")
+    label = f"{where}tool {name!r}"
+    if len(name) > MAX_NAME_LENGTH or not CALL_NAME.fullmatch(name):
+        raise SchemaError(
+            f"{label}: {name!r} is not a valid call name. Expected letters, digits, '_' and '-' "
+            f"(dotted parts allowed, as in 'math.factorial'), starting with a letter or '_', "
+            f"at most {MAX_NAME_LENGTH} characters."
+        )
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise SchemaError(f"{label}: \"description\" must be a string.")
+    parameters = spec.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise SchemaError(f"{label}: \"parameters\" must be a JSON Schema object, "
+                          f"found {type(parameters).__name__}.")
+    normal = normalize_schema(parameters, label)
+    if normal.get("type", "object") != "object" or "anyOf" in normal or "oneOf" in normal:
+        raise SchemaError(f"{label}: \"parameters\" must be an object schema "
+                          f"(\"type\": \"object\" or \"dict\"), found {parameters.get('type')!r}.")
+    normal.setdefault("type", "object")
+    normal.setdefault("properties", {})
+    tool = Tool(name=name, description=description, parameters=normal, spec=spec)
+    from .gbnf import check_tool  # the compiler needs this module: import late
+
+    check_tool(tool, where)
+    return tool
+
+
+def normalize_schema(schema: dict, label: str = "schema") -> dict:
+    """Plain JSON Schema from a BFCL or JSON Schema parameter schema.
+
+    What changes (each is what BFCL's authors meant, see docs/grammars.md):
+
+    * types ``dict``/``float``/``tuple``/``any`` -> ``object``/``number``/``array``/any;
+    * BFCL's ``optional`` annotation is dropped;
+    * an ``enum`` whose values do not fit the declared type (``"type":
+      "boolean", "enum": ["True", "False", "dontcare"]``) means "the type, or
+      one of these values";
+    * an ``enum`` of scalars on an array constrains its items;
+    * a property that is not required and defaults to ``null`` accepts ``null``.
+
+    Raises SchemaError for schemas jsonschema itself rejects.
+    """
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{label}: expected a JSON Schema object, found {type(schema).__name__}.")
+    out = _normalize(copy.deepcopy(schema), label, "")
+    try:
+        jsonschema.Draft202012Validator.check_schema(out)
+    except jsonschema.SchemaError as exc:
+        pointer = "/" + "/".join(str(p) for p in exc.path) if exc.path else ""
+        raise SchemaError(f"{label}: invalid JSON Schema at {pointer or '/'}: {exc.message}") from None
+    return out
+
+
+def _normalize(node: Any, label: str, pointer: str) -> Any:
+    if isinstance(node, bool):
+        return node
+    if not isinstance(node, dict):
+        raise SchemaError(f"{label}: expected a schema object at {pointer or '/'}, "
+                          f"found {type(node).__name__}.")
+    node.pop("optional", None)
+    if "type" in node:
+        node["type"] = _normalize_type(node["type"], label, pointer)
+        if node["type"] is None:
+            del node["type"]
+    for key in SUBSCHEMA_ONE:
+        if key in node and isinstance(node[key], (dict, bool)):
+            node[key] = _normalize(node[key], label, f"{pointer}/{key}")
+    for key in SUBSCHEMA_LIST:
+        if isinstance(node.get(key), list):
+            node[key] = [_normalize(s, label, f"{pointer}/{key}/{i}") for i, s in enumerate(node[key])]
+    if isinstance(node.get("items"), list):  # draft-4 tuple form
+        node["items"] = [_normalize(s, label, f"{pointer}/items/{i}") for i, s in enumerate(node["items"])]
+    for key in SUBSCHEMA_MAP:
+        if isinstance(node.get(key), dict):
+            node[key] = {k: _normalize(s, label, f"{pointer}/{key}/{_escape(k)}")
+                         for k, s in node[key].items()}
+    _fix_enum(node)
+    props = node.get("properties")
+    if isinstance(props, dict):
+        required = node.get("required", [])
+        for name, prop in props.items():
+            if (isinstance(prop, dict) and "default" in prop and prop["default"] is None
+                    and name not in required):
+                _allow_null(prop)
+    return node
+
+
+def _normalize_type(value: Any, label: str, pointer: str) -> Any:
+    def one(t: Any) -> str | None:
+        if not isinstance(t, str):
+            raise SchemaError(f"{label}: \"type\" at {pointer or '/'} must be a string, found {t!r}.")
+        if t in BFCL_TYPES:
+            return BFCL_TYPES[t]
+        if t not in JSON_TYPES:
+            raise SchemaError(
+                f"{label}: unknown type {t!r} at {pointer or '/'}/type. Expected one of "
+                f"{', '.join(JSON_TYPES + tuple(BFCL_TYPES))}."
+            )
+        return t
+
+    if isinstance(value, list):
+        types = [one(t) for t in value]
+        if None in types:
+            return None  # "any" among the alternatives: any value
+        return list(dict.fromkeys(types))
+    return one(value)
+
+
+def _fits(value: Any, json_type: str) -> bool:
+    if json_type == "string":
+        return isinstance(value, str)
+    if json_type == "integer":
+        return isinstance(value, int) and not isinstance(value, bool) or (
+            isinstance(value, float) and value.is_integer())
+    if json_type == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if json_type == "boolean":
+        return isinstance(value, bool)
+    if json_type == "null":
+        return value is None
+    if json_type == "array":
+        return isinstance(value, list)
+    if json_type == "object":
+        return isinstance(value, dict)
+    return False
+
+
+def _fix_enum(node: dict) -> None:
+    enum = node.get("enum")
+    declared = node.get("type")
+    if not isinstance(enum, list) or not enum or declared is None:
+        return
+    types = declared if isinstance(declared, list) else [declared]
+    if all(any(_fits(v, t) for t in types) for v in enum):
+        return
+    if types == ["array"] and all(not isinstance(v, (list, dict)) for v in enum):
+        items = node.get("items")
+        items = dict(items) if isinstance(items, dict) else {}
+        if "enum" not in items:
+            items["enum"] = enum
+            node["items"] = items
+            del node["enum"]
+            return
+    # "the type, or one of these values"
+    typed = {k: v for k, v in node.items() if k not in ("enum", "description", "default", "title")}
+    for key in list(node):
+        if key not in ("description", "default", "title"):
+            del node[key]
+    node["anyOf"] = [typed, {"enum": enum}]
+
+
+def _allow_null(prop: dict) -> None:
+    if "anyOf" in prop:
+        if not any(isinstance(s, dict) and s.get("type") == "null" for s in prop["anyOf"]):
+            prop["anyOf"].append({"type": "null"})
+        return
+    t = prop.get("type")
+    if t is None:
+        return  # any value already
+    types = t if isinstance(t, list) else [t]
+    if "null" not in types:
+        prop["type"] = types + ["null"]
+    if isinstance(prop.get("enum"), list) and None not in prop["enum"]:
+        prop["enum"] = prop["enum"] + [None]
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def as_tools(tools: Iterable[Any]) -> list[Tool]:
+    """Tools from Tool objects or raw dicts (the public functions accept both)."""
+    if isinstance(tools, (str, os.PathLike)):
+        return load_tools(tools)
+    return load_tools(list(tools))
