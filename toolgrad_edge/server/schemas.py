@@ -239,6 +239,7 @@ def _plan(req: ChatCompletionRequest, settings: ServerSettings) -> ChatPlan:
         )
     tool_schemas = _load_tools(tools)
     tool_choice = _tool_choice(req, tool_schemas)
+    _check_grammar(tools, settings.syntax, tool_choice, req.parallel_tool_calls is not False)
     max_tokens = _max_tokens(req, settings)
     stop = _stop(req.stop)
     grammar, json_schema = _response_format(req, tool_choice, bool(tools))
@@ -285,6 +286,20 @@ def _load_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     except SchemaError as exc:
         raise OpenAIError(400, f"Invalid tools: {exc}", param="tools", code="invalid_tools") from None
     return {t["name"]: t.get("parameters") or {"type": "object", "properties": {}} for t in tools}
+
+
+def _check_grammar(tools: list[dict[str, Any]], syntax: str, tool_choice: str, parallel: bool) -> None:
+    """Compile the call grammar now (it is cached, so the runtime's own build is free):
+    a schema feature the compiler cannot express is the caller's 400, found before queueing."""
+    if not tools or tool_choice == "none":
+        return
+    from ..grammars import build_grammar
+
+    try:
+        build_grammar([{"type": "function", "function": t} for t in tools], syntax=syntax,
+                      tool_choice=tool_choice, parallel=parallel)
+    except SchemaError as exc:
+        raise OpenAIError(400, f"Invalid tools: {exc}", param="tools", code="invalid_tools") from None
 
 
 def _tool_choice(req: ChatCompletionRequest, tool_schemas: dict[str, dict[str, Any]]) -> str:
@@ -396,16 +411,21 @@ def _text(content: Content) -> str:
 
 def _validation_error(exc: ValidationError) -> OpenAIError:
     """The first pydantic error, as one sentence naming the field (``messages[0].content``)."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # Of a union's failed branches, the one that got furthest says the most.
+    err = max(errors, key=lambda e: len(e["loc"]))
     loc = [p for p in err["loc"] if not _is_union_tag(p)]
     param = _param_path(loc)
+    if "content" in loc and loc[-1] == "type" and err["type"] == "literal_error":
+        return OpenAIError(400, f"Only text content parts are supported, got a part of type "
+                           f"{_short(err.get('input'))} at {param!r}", param=param, code="invalid_value")
     if err["type"] == "extra_forbidden":
         message = f"Unknown field {param!r} in the request; remove it (fields are checked strictly)"
         return OpenAIError(400, message, param=param, code="unknown_field")
     if err["type"] == "missing":
         return OpenAIError(400, f"Missing required field {param!r}", param=param, code="missing_field")
     found = _short(err.get("input"))
-    message = f"Invalid value for {param!r}: {err['msg']}"
+    message = f"Invalid value for {param!r}: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] not in ("value_error", "assertion_error"):
         message += f" (got {found})"
     return OpenAIError(400, message, param=param, code="invalid_value")

@@ -1,0 +1,493 @@
+"""Tier 1: the server's HTTP behaviour over a fake runtime (no model).
+
+The fake has ToolRuntime's call/stream signature and answers from a script,
+so request checking, error shapes, the queue and the SSE format are tested in
+milliseconds. The real model is exercised in test_server_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from toolgrad_edge.errors import ContextLengthError, GenerationError  # noqa: E402
+from toolgrad_edge.server import ServerSettings, create_app  # noqa: E402
+from toolgrad_edge.server.queue import Job, QueueFull, RequestQueue  # noqa: E402
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+}
+USER = [{"role": "user", "content": "Weather in Paris and time in CET?"}]
+
+
+@dataclass
+class FakeCall:
+    name: str
+    arguments: dict
+
+
+@dataclass
+class FakeUsage:
+    prompt_tokens: int = 10
+    completion_tokens: int = 5
+    cached_tokens: int = 4
+
+
+@dataclass
+class FakeResult:
+    tool_calls: list
+    content: str | None
+    raw_text: str
+    finish_reason: str
+    usage: FakeUsage = field(default_factory=FakeUsage)
+
+
+class FakeRuntime:
+    """Answers like ToolRuntime: calls when tools allow, text otherwise; records what it was asked."""
+
+    model_name = "fake-model"
+
+    def __init__(self, delay_s: float = 0.0, fail: BaseException | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.requests: list[dict[str, Any]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.cancelled = 0
+
+    def _answer(self, tools, tool_choice, parallel, grammar):
+        if grammar is not None:
+            return '{"city": "Paris"}', [], '{"city": "Paris"}'
+        if not tools or tool_choice == "none":
+            # As ToolRuntime: a text answer is stripped only when it was parsed for calls.
+            return " It is sunny. ", [], "It is sunny." if tools else " It is sunny. "
+        calls = [FakeCall("get_weather", {"city": "Paris", "unit": "c"}), FakeCall("get_time", {"tz": "CET"})]
+        if tool_choice not in ("auto", "required"):
+            calls = [c for c in calls if c.name == tool_choice]
+        if not parallel:
+            calls = calls[:1]
+        text = "[" + ", ".join(
+            f"{c.name}(" + ", ".join(f"{k}={v!r}" for k, v in c.arguments.items()) + ")" for c in calls
+        ) + "]"
+        return text, calls, None
+
+    def stream(self, messages, tools=None, tool_choice="auto", parallel=True, syntax="python", max_tokens=256,
+               temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None, constrained=True, grammar=None,
+               should_stop=None):
+        self.requests.append({"messages": messages, "tools": tools, "tool_choice": tool_choice,
+                              "parallel": parallel, "max_tokens": max_tokens, "stop": stop, "seed": seed,
+                              "temperature": temperature, "grammar": grammar})
+        if self.fail is not None:
+            raise self.fail
+        text, calls, content = self._answer(tools, tool_choice, parallel, grammar)
+        finish = "tool_calls" if calls else "stop"
+        for i in range(0, len(text), 3):
+            self.release.wait(10)
+            if should_stop is not None and should_stop():
+                self.cancelled += 1
+                yield FakeResult([], None, text[:i], "cancelled")
+                return
+            time.sleep(self.delay_s)
+            yield text[i:i + 3]
+        yield FakeResult(calls, content, text, finish)
+
+    def call(self, *args, **kwargs):
+        result = None
+        for item in self.stream(*args, **kwargs):
+            result = item
+        return result
+
+
+@pytest.fixture
+def runtime():
+    return FakeRuntime()
+
+
+@pytest.fixture
+def client(runtime):
+    with TestClient(create_app(runtime, ServerSettings(max_tools=4, max_tokens_limit=512,
+                                                       max_body_bytes=64 * 1024))) as c:
+        yield c
+
+
+def chat(client, **body):
+    body.setdefault("model", "fake-model")
+    body.setdefault("messages", USER)
+    return client.post("/v1/chat/completions", json=body)
+
+
+def sse_chunks(response) -> list[Any]:
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def reassemble(chunks) -> tuple[list[dict], str, str | None]:
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in chunks:
+        if not chunk["choices"]:
+            continue
+        choice = chunk["choices"][0]
+        delta = choice["delta"]
+        content += delta.get("content") or ""
+        for tc in delta.get("tool_calls") or []:
+            slot = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": ""})
+            if "id" in tc:
+                slot["id"] = tc["id"]
+            fn = tc.get("function", {})
+            if fn.get("name"):
+                assert slot["name"] is None, "a call's name is sent once"
+                assert slot["arguments"] == "", "the name comes before the arguments"
+                slot["name"] = fn["name"]
+            slot["arguments"] += fn.get("arguments") or ""
+        finish = choice["finish_reason"] or finish
+    return [calls[i] for i in sorted(calls)], content, finish
+
+
+# -- happy paths ---------------------------------------------------------------
+
+
+def test_health_and_models(client):
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "fake-model"
+    assert client.get("/v1/models/fake-model").status_code == 200
+    assert client.get("/v1/models/other").status_code == 404
+
+
+def test_tool_calls_have_openai_shape(client, runtime):
+    r = chat(client, tools=[WEATHER, TIME], seed=7, max_tokens=64)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    calls = choice["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert len({c["id"] for c in calls}) == 2 and all(c["id"].startswith("call_") for c in calls)
+    assert all(c["type"] == "function" for c in calls)
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "unit": "c"}
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                             "prompt_tokens_details": {"cached_tokens": 4}}
+    asked = runtime.requests[-1]
+    assert asked["tool_choice"] == "auto" and asked["seed"] == 7 and asked["max_tokens"] == 64
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ("auto", "auto"), ("required", "required"), ("none", "none"),
+    ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+])
+def test_tool_choice_reaches_the_runtime(client, runtime, choice, expected):
+    r = chat(client, tools=[WEATHER, TIME], tool_choice=choice)
+    assert r.status_code == 200, r.text
+    assert runtime.requests[-1]["tool_choice"] == expected
+    message = r.json()["choices"][0]["message"]
+    if expected == "none":
+        assert message["content"] == "It is sunny." and "tool_calls" not in message
+    elif expected == "get_time":
+        assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
+
+
+def test_parallel_false_and_max_completion_tokens(client, runtime):
+    r = chat(client, tools=[WEATHER, TIME], parallel_tool_calls=False, max_tokens=10, max_completion_tokens=20)
+    assert len(r.json()["choices"][0]["message"]["tool_calls"]) == 1
+    assert runtime.requests[-1]["parallel"] is False and runtime.requests[-1]["max_tokens"] == 20
+
+
+def test_stream_reassembles_to_the_whole_answer(client):
+    whole = chat(client, tools=[WEATHER, TIME]).json()["choices"][0]
+    r = chat(client, tools=[WEATHER, TIME], stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_chunks(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 15
+    calls, content, finish = reassemble(chunks)
+    assert finish == "tool_calls" and content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]
+    ]
+    assert all(c["id"].startswith("call_") for c in calls)
+
+
+@pytest.mark.parametrize("tools", [None, [WEATHER]])
+def test_stream_text_answer(client, tools):
+    kwargs = {"tools": tools, "tool_choice": "none"} if tools else {}
+    r = chat(client, stream=True, **kwargs)
+    calls, content, finish = reassemble(sse_chunks(r))
+    assert calls == [] and finish == "stop"
+    assert content == chat(client, **kwargs).json()["choices"][0]["message"]["content"]
+
+
+def test_response_format_passes_a_grammar(client, runtime):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    r = chat(client, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) == {"city": "Paris"}
+    assert isinstance(runtime.requests[-1]["grammar"], str) and "root" in runtime.requests[-1]["grammar"]
+    r = chat(client, response_format={"type": "json_object"})
+    assert r.status_code == 200, r.text
+
+
+def test_messages_with_tool_results_pass_through(client, runtime):
+    messages = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    r = chat(client, messages=messages, tools=[WEATHER])
+    assert r.status_code == 200, r.text
+    sent = runtime.requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[2]["tool_call_id"] == "call_1" and sent[2]["content"] == "18 C, sunny"
+
+
+def test_developer_role_and_text_parts(client, runtime):
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert chat(client, messages=messages).status_code == 200
+    assert runtime.requests[-1]["messages"] == [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hi there"}]
+
+
+# -- bad input: status, OpenAI error shape, and the server carries on ------------
+
+BIG_TOOLS = [dict(WEATHER, function=dict(WEATHER["function"], name=f"t{i}")) for i in range(5)]
+
+BAD_REQUESTS = [
+    # (label, body or raw bytes, status, code or None, words in the message)
+    ("malformed json", b'{"messages": [', 400, "invalid_json", "not valid JSON"),
+    ("body is an array", b"[1, 2]", 400, "invalid_json", "JSON object"),
+    ("unknown top-level field", {"messages": USER, "temprature": 0.5}, 400, "unknown_field", "temprature"),
+    ("unknown message field", {"messages": [{"role": "user", "content": "x", "foo": 1}]}, 400, "unknown_field", "foo"),
+    ("messages missing", {"model": "m"}, 400, "missing_field", "messages"),
+    ("messages empty", {"messages": []}, 400, None, "empty"),
+    ("messages not a list", {"messages": "hi"}, 400, "invalid_value", "messages"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages[0]"),
+    ("temperature wrong type", {"messages": USER, "temperature": "hot"}, 400, "invalid_value", "temperature"),
+    ("temperature out of range", {"messages": USER, "temperature": 9}, 400, "invalid_value", "temperature"),
+    ("max_tokens wrong type", {"messages": USER, "max_tokens": "10"}, 400, "invalid_value", "max_tokens"),
+    ("max_tokens zero", {"messages": USER, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ("max_tokens over limit", {"messages": USER, "max_tokens": 100000}, 400, "max_tokens_too_large", "limit"),
+    ("stream wrong type", {"messages": USER, "stream": "yes"}, 400, "invalid_value", "stream"),
+    ("n above 1", {"messages": USER, "n": 3}, 400, None, "n=3"),
+    ("too many stops", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
+    ("tool_choice unknown tool", {"messages": USER, "tools": [WEATHER],
+                                  "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     400, "unknown_tool", "nope"),
+    ("tool_choice bad string", {"messages": USER, "tools": [WEATHER], "tool_choice": "always"},
+     400, "invalid_value", "tool_choice"),
+    ("tool_choice without tools", {"messages": USER, "tool_choice": "required"}, 400, None, "needs tools"),
+    ("tool schema: required names unknown property", {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}}}]},
+     400, "invalid_tools", "Invalid tools"),
+    ("tool schema: bad type", {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "strang"}}}}}]}, 400, "invalid_tools", "Invalid tools"),
+    ("tool: duplicate names", {"messages": USER, "tools": [WEATHER, WEATHER]}, 400, "invalid_tools", "get_weather"),
+    ("tool: bad name", {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "get weather!", "parameters": {"type": "object"}}}]},
+     400, "invalid_tools", "Invalid tools"),
+    ("tool: wrong type field", {"messages": USER, "tools": [{"type": "retrieval"}]}, 400, None, "tools[0]"),
+    ("too many tools", {"messages": USER, "tools": BIG_TOOLS}, 400, "too_many_tools", "limit is 4"),
+    ("tool result without a call", {"messages": USER + [{"role": "tool", "tool_call_id": "x", "content": "1"}]},
+     400, None, "tool_call_id"),
+    ("assistant message last", {"messages": USER + [{"role": "assistant", "content": "ok"}]}, 400, None, "last"),
+    ("assistant says nothing", {"messages": [{"role": "assistant"}] + USER}, 400, None, "content or tool_calls"),
+    ("tool call arguments not JSON", {"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "1"}]}, 400, None, "arguments"),
+    ("image content", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, None, "messages[0]"),
+    ("response_format unknown type", {"messages": USER, "response_format": {"type": "yaml"}}, 400, None,
+     "response_format"),
+    ("response_format json_schema without schema", {"messages": USER, "response_format": {"type": "json_schema"}},
+     400, None, "json_schema"),
+    ("response_format with tool calls", {"messages": USER, "tools": [WEATHER],
+                                         "response_format": {"type": "json_object"}}, 400, None, "tool_choice"),
+    ("stream_options without stream", {"messages": USER, "stream_options": {"include_usage": True}}, 400, None,
+     "stream"),
+    ("body over the size limit", {"messages": [{"role": "user", "content": "x" * 70000}]}, 413,
+     "request_too_large", "limit"),
+]
+
+
+@pytest.mark.parametrize("label, body, status, code, words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_status_and_message(client, runtime, label, body, status, code, words):
+    if isinstance(body, bytes):
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"], error
+    if code is not None:
+        assert error["code"] == code
+    assert "Traceback" not in r.text
+    assert runtime.requests == [], "a refused request never reaches the model"
+    assert client.get("/health").status_code == 200
+
+
+def test_unknown_route_and_method_are_openai_shaped(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+@pytest.mark.parametrize("failure, status, code", [
+    (ContextLengthError("the prompt is 9000 tokens and max_tokens is 64, which exceeds the context of 8192"),
+     400, "context_length_exceeded"),
+    (GenerationError("decode failed"), 500, "generation_failed"),
+    (RuntimeError("secret internal detail"), 500, "internal_error"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_runtime_failures_are_translated(failure, status, code, stream):
+    with TestClient(create_app(FakeRuntime(fail=failure))) as client:
+        r = chat(client, tools=[WEATHER], stream=stream)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["code"] == code
+        assert "Traceback" not in r.text and "secret internal detail" not in r.text
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_api_key(runtime):
+    with TestClient(create_app(runtime, ServerSettings(api_key="s3cret"))) as client:
+        r = chat(client)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert "Missing" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={"messages": USER}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and "Incorrect" in r.json()["error"]["message"]
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/health").status_code == 200  # liveness needs no key
+        ok = client.post("/v1/chat/completions", json={"messages": USER},
+                         headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after():
+    runtime = FakeRuntime()
+    runtime.release.clear()  # the first request holds the worker
+    app = create_app(runtime, ServerSettings(max_queue=1))
+    with TestClient(app) as client:
+        results: list[int] = []
+
+        def post():
+            results.append(chat(client, tools=[WEATHER]).status_code)
+
+        threads = [threading.Thread(target=post) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)  # first one running, second one waiting
+        stats = client.get("/health").json()["queue"]
+        assert stats["running"] and stats["waiting"] == 1
+        r = chat(client, tools=[WEATHER])
+        assert r.status_code == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "queue_full"
+        runtime.release.set()
+        for t in threads:
+            t.join(10)
+        assert results == [200, 200]
+        assert client.get("/health").json()["queue"]["rejected"] == 1
+
+
+# -- the queue itself ------------------------------------------------------------
+
+
+def test_queue_runs_jobs_in_order_and_drops_cancelled_ones():
+    import asyncio
+
+    order: list[int] = []
+    gate = threading.Event()
+    loop = asyncio.new_event_loop()
+
+    def work_for(i):
+        def work(rt, should_stop):
+            gate.wait(5)
+            order.append(i)
+            yield i
+        return work
+
+    queue = RequestQueue(object.__new__(FakeRuntime), max_queue=3)
+    queue.start()
+    try:
+        jobs = [Job(work_for(i), loop) for i in range(4)]
+        for job in jobs:
+            queue.submit(job)
+            time.sleep(0.05)  # job 0 is taken by the worker; 1..3 wait
+        with pytest.raises(QueueFull):
+            queue.submit(Job(work_for(9), loop))
+        queue.cancel(jobs[2])
+        assert queue.stats()["waiting"] == 2 and queue.stats()["cancelled"] == 1
+        gate.set()
+        deadline = time.monotonic() + 5
+        while len(order) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert order == [0, 1, 3]
+    finally:
+        queue.stop()
+        loop.close()
+
+
+def test_cancelling_a_running_job_stops_it_at_the_next_token():
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    produced: list[int] = []
+    started = threading.Event()
+
+    def work(rt, should_stop):
+        for i in range(1000):
+            if should_stop():
+                return
+            started.set()
+            produced.append(i)
+            time.sleep(0.01)
+            yield i
+
+    queue = RequestQueue(object.__new__(FakeRuntime), max_queue=2)
+    queue.start()
+    try:
+        job = Job(work, loop)
+        queue.submit(job)
+        assert started.wait(5)
+        queue.cancel(job)
+        deadline = time.monotonic() + 5
+        while queue.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not queue.stats()["running"] and len(produced) < 1000
+        assert queue.stats()["cancelled"] == 1
+    finally:
+        queue.stop()
+        loop.close()
