@@ -25,7 +25,7 @@ SYNTAXES = ("python", "json")
 # Argument names the python call syntax can carry: identifiers, plus the
 # hyphens and dots some real tool sets use. Keywords (``from``, ``in``) are
 # fine: this parser is not Python's.
-PY_ARG_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$\-.]*")
+PY_ARG_NAME = re.compile(r"[^\W\d][\w$\-.]*")
 
 _FENCE = re.compile(r"```[A-Za-z0-9_\-]*[ \t]*\n?(.*?)\n?[ \t]*```", re.DOTALL)
 

@@ -110,7 +110,8 @@ def build_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any
         raise ValueError(f"unknown call syntax {syntax!r}; expected one of {', '.join(SYNTAXES)}.")
     tools = as_tools(tools)
     choice = _tool_choice(tool_choice, tools)
-    key = json.dumps([[t.name, t.parameters] for t in tools], sort_keys=True)
+    # Property order matters (it is the declared argument order): no sort_keys.
+    key = json.dumps([[t.name, t.parameters] for t in tools])
     return _cached_grammar(key, syntax, choice, bool(parallel))
 
 
@@ -502,6 +503,16 @@ class _Compiler:
         inner = self.object_members(schema, ctx, ptr, "obj", kwargs=False)
         return self.add("object", f'"{{" ws {inner}')
 
+    def extra_pairs(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        """Undeclared keys an object allows (JSON Schema's default), written after the declared ones."""
+        extra = schema.get("additionalProperties", True)
+        if extra is False:
+            return ""
+        value = self.expr(extra, ctx, f"{ptr}/additionalProperties")
+        pair = self.use("pair") if value == "value" else self.add(
+            "pair", f'{self.use("string")} ws ":" ws {value}')
+        return self.add("extra", f'(ws "," ws {pair})*') + " "
+
     def object_members(self, schema: dict, ctx: _Context, ptr: str, hint: str, kwargs: bool) -> str:
         """The members of an object and its closing bracket, in a flexible order."""
         props = schema.get("properties") or {}
@@ -527,11 +538,19 @@ class _Compiler:
                 body = f'{_lit(json.dumps(name, ensure_ascii=False))} ws ":" ws {value}'
             members.append((self.add("member", body), name in required))
         close = 'ws ")"' if kwargs else 'ws "}"'
+        first_close = close  # closing when no member has been written yet
+        if not kwargs:
+            extra = self.extra_pairs(schema, ctx, ptr)
+            if extra:
+                pair = self.rules[extra.strip()][len('(ws "," ws '):-2]
+                first_close = f'({pair} {extra}ws "}}" | ws "}}")'
+                close = extra + close
         if not members:
-            return close
-        return self.lattice(hint, members, close)
+            return first_close
+        return self.lattice(hint, members, close, first_close)
 
-    def lattice(self, hint: str, members: list[tuple[str, bool]], close: str) -> str:
+    def lattice(self, hint: str, members: list[tuple[str, bool]], close: str,
+                first_close: str) -> str:
         n = len(members)
         required = [r for _, r in members]
         window = _window(n, tuple(required), self.order_states)
@@ -580,7 +599,7 @@ class _Compiler:
         self.use("ws")
         start = [emit(0, 0)]
         if closable(0, 0):
-            start.append(close)
+            start.append(first_close)
         return self.add(f"{prefix}-start", " | ".join(start)) if len(start) > 1 else start[0]
 
 
