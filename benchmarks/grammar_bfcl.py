@@ -56,7 +56,7 @@ class GrammarEngine:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
-        self._pieces: dict[int, str] = {}
+        self._pieces: dict[int, bytes] = {}
 
     def sampler(self, grammar: str):
         smpl = self.ll.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
@@ -73,12 +73,15 @@ class GrammarEngine:
             raise RuntimeError("tokenization buffer too small")
         return list(buf[:n])
 
-    def piece(self, token: int) -> str:
+    def piece_bytes(self, token: int) -> bytes:
         if token not in self._pieces:
             buf = ctypes.create_string_buffer(256)
             n = self.ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            self._pieces[token] = buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+            self._pieces[token] = buf.raw[:max(n, 0)]
         return self._pieces[token]
+
+    def piece(self, token: int) -> str:
+        return self.piece_bytes(token).decode("utf-8", errors="replace")
 
     def allowed(self, smpl, tokens: list[int], logits: list[float] | None = None) -> list[int]:
         """The subset of ``tokens`` the grammar allows next."""
@@ -187,7 +190,7 @@ def random_sample(engine: GrammarEngine, grammar: str, rng: random.Random, ascii
     smpl = engine.sampler(grammar)
     if smpl is None:
         raise RuntimeError("grammar rejected by llama.cpp")
-    text = ""
+    text = b""  # bytes: a character may span several tokens
     try:
         for step in range(max_tokens):
             cands = list(dict.fromkeys(ascii_tokens + rng.sample(range(engine.n_vocab), 256) + [engine.eos]))
@@ -201,10 +204,10 @@ def random_sample(engine: GrammarEngine, grammar: str, rng: random.Random, ascii
             lean = min(0.9, 0.1 + step / 150)
             tok = rng.choice(closing if closing and rng.random() < lean else ok)
             if tok == engine.eos:
-                return text, True
+                return text.decode("utf-8"), True
             engine.accept(smpl, tok)
-            text += engine.piece(tok)
-        return text, False
+            text += engine.piece_bytes(tok)
+        return text.decode("utf-8", errors="replace"), False
     finally:
         engine.free(smpl)
 

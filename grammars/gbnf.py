@@ -63,7 +63,8 @@ _COMMON_RULES = {
     "uint": r'"0" | [1-9] [0-9]{0,18}',
     "integer": r'"-"? uint',
     "frac": r'"." [0-9]{1,17}',
-    "exp": r"[eE] [-+]? [0-9]{1,3}",
+    # Positive exponents stop at 99 so that no literal overflows a float.
+    "exp": r'[eE] ("-" [0-9]{1,3} | "+"? [0-9]{1,2})',
     "number": r'"-"? uint frac? exp?',
     "number-nonneg": r"uint frac? exp?",
     # \u escapes exclude surrogates: a lone one is not a character.
