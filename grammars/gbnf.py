@@ -20,6 +20,7 @@ twice, in every case.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from typing import Any, Iterable
 
@@ -746,29 +747,9 @@ def _lit(text: str) -> str:
     return "".join(out)
 
 
+_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[^}]*\}|([A-Za-z0-9-]+)')
+
+
 def _words(body: str) -> list[str]:
-    """Rule names mentioned in a rule body (outside literals and classes)."""
-    words, i, n = [], 0, len(body)
-    while i < n:
-        c = body[i]
-        if c == '"':
-            i += 1
-            while i < n and body[i] != '"':
-                i += 2 if body[i] == "\\" else 1
-            i += 1
-        elif c == "[":
-            i += 1
-            while i < n and body[i] != "]":
-                i += 2 if body[i] == "\\" else 1
-            i += 1
-        elif c == "{":
-            i = body.index("}", i) + 1
-        elif c.isalnum() or c == "-":
-            j = i
-            while j < n and (body[j].isalnum() or body[j] == "-"):
-                j += 1
-            words.append(body[i:j])
-            i = j
-        else:
-            i += 1
-    return words
+    """Rule names mentioned in a rule body (outside literals, classes and repetitions)."""
+    return [m.group(1) for m in _TOKENS.finditer(body) if m.group(1)]
