@@ -140,3 +140,18 @@ def test_keyword_and_hyphenated_names():
         "from": {"type": "string"}, "in": {"type": "string"}, "_from": {"type": "string"}}}}])
     assert isinstance(tools[0], Tool)
     assert '"from" ws "=" ws' in build_grammar(tools)
+
+
+def test_grammar_command(tmp_path):
+    from click.testing import CliRunner
+
+    from toolgrad_edge.cli import main
+
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([WEATHER_OPENAI, FACTORIAL_BFCL]))
+    result = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--tool-choice", "required"])
+    assert result.exit_code == 0 and result.output.startswith("root ::= calls\n")
+    result = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--syntax", "json", "--json"])
+    assert json.loads(result.output)["tools"] == ["get_weather", "math.factorial"]
+    result = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--tool-choice", "nope"])
+    assert result.exit_code == 1 and "known tools" in result.output and "Traceback" not in result.output
