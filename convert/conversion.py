@@ -63,7 +63,7 @@ def convert_checkpoint(
     src = resolve_source(str(source), revision=revision, progress=progress)
     hp = hparams_from_config(read_config(src.folder), where=str(src.folder / "config.json"))
     vocab = read_vocabulary(src.folder, hp.n_vocab)
-    special = special_vocab(src.folder, hp.n_vocab)
+    special = special_vocab(src.folder, vocab)
     meta = ModelMetadata(name=src.name, source_repo=src.repo_id, license=read_license(src.folder))
 
     if outfile is not None:

@@ -119,22 +119,37 @@ def read_sentencepiece(path: Path) -> list[tuple[bytes, float, int]]:
     pieces = []
     try:
         for number, wire, value in _fields(buf):
-            if number != 1 or wire != _WIRE_LEN:
-                continue
-            piece, score, kind = b"", 0.0, int(TokenType.NORMAL)
-            for n, w, v in _fields(buf, *value):
+            if number == 1 and wire == _WIRE_LEN:
+                pieces.append(_piece(buf, *value))
+    except (ValueError, struct.error) as exc:
+        raise ConversionError(f"{path}: not a SentencePiece model ({exc}); fetch tokenizer.model again") from exc
+    if not pieces:
+        raise ConversionError(f"{path}: holds no SentencePiece pieces; fetch tokenizer.model again")
+    return pieces
+
+
+def _piece(buf: bytes, start: int, end: int) -> tuple[bytes, float, int]:
+    piece, score, kind = b"", 0.0, int(TokenType.NORMAL)
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        if key == 0x0A and buf[pos + 1] < 0x80:  # fast path: field 1 (piece), one-byte length
+            n = buf[pos + 1]
+            piece, pos = buf[pos + 2:pos + 2 + n], pos + 2 + n
+        elif key == 0x15:  # field 2 (score), fixed32 float
+            (score,), pos = struct.unpack_from("<f", buf, pos + 1), pos + 5
+        elif key == 0x18 and buf[pos + 1] < 0x80:  # field 3 (type), one-byte varint
+            kind, pos = buf[pos + 1], pos + 2
+        else:  # anything else: the general decoder
+            for n, w, v in _fields(buf, pos, end):
                 if n == 1 and w == _WIRE_LEN:
                     piece = buf[v[0]:v[1]]
                 elif n == 2 and w == _WIRE_I32:
                     (score,) = struct.unpack("<f", v)
                 elif n == 3 and w == _WIRE_VARINT:
                     kind = v
-            pieces.append((piece, score, kind))
-    except ValueError as exc:
-        raise ConversionError(f"{path}: not a SentencePiece model ({exc}); fetch tokenizer.model again") from exc
-    if not pieces:
-        raise ConversionError(f"{path}: holds no SentencePiece pieces; fetch tokenizer.model again")
-    return pieces
+            break
+    return piece, score, kind
 
 
 # --- tokenizer.json fallback -------------------------------------------------
@@ -239,13 +254,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def special_vocab(folder: Path, n_vocab: int) -> gguf.SpecialVocab:
-    """Special ids, add_bos/add_eos and the chat template, read the way llama.cpp's converter reads them."""
+def special_vocab(folder: Path, vocab: Vocabulary) -> gguf.SpecialVocab:
+    """Special ids, add_bos/add_eos and the chat template, read the way llama.cpp's converter reads them.
+
+    gguf resolves ``bos_token`` & co. through tokenizer.json; a folder with only
+    tokenizer.model gets them from tokenizer_config.json's spellings looked up
+    in the vocabulary, and the unknown token from the pieces' own types.
+    """
     # gguf logs heuristics about BOS/SEP templates as warnings; the values it settles on are what we want.
     log = logging.getLogger("gguf.vocab")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return gguf.SpecialVocab(folder, load_merges=False, n_vocab=n_vocab)
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(vocab))
     finally:
         log.setLevel(level)
+    config_path = folder / TOKENIZER_CONFIG
+    config = _read_json(config_path) if config_path.is_file() else {}
+    for kind in ("bos", "eos", "unk", "pad"):
+        if kind in special.special_token_ids:
+            continue
+        text = config.get(f"{kind}_token")
+        text = text.get("content") if isinstance(text, dict) else text
+        token_id = vocab.id_of(text) if isinstance(text, str) else None
+        if token_id is None and kind == "unk" and TokenType.UNKNOWN in vocab.types:
+            token_id = vocab.types.index(TokenType.UNKNOWN)
+        if token_id is not None:
+            special.special_token_ids[kind] = token_id
+    return special
