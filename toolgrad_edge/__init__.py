@@ -17,6 +17,9 @@ _EXPORTS = {
     "load_tools": "toolgrad_edge.grammars",
     "build_grammar": "toolgrad_edge.grammars",
     "parse_calls": "toolgrad_edge.grammars",
+    "render_calls": "toolgrad_edge.grammars",
+    "schema_grammar": "toolgrad_edge.grammars",
+    "CallStreamParser": "toolgrad_edge.grammars",
     # runtime
     "ToolRuntime": "toolgrad_edge.runtime",
     "CallResult": "toolgrad_edge.runtime",

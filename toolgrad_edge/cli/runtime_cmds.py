@@ -1,0 +1,203 @@
+"""`call`, `chat` and `info`: thin wrappers over ToolRuntime and gguf_info."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .options import json_option, model_option, parallel_option, syntax_option, tool_choice_option, tools_option
+
+
+def _load_tools_file(path: str):
+    from ..grammars import load_tools
+
+    return load_tools(path)
+
+
+def _format_value(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    if result.tool_calls:
+        for call in result.tool_calls:
+            args = ", ".join(f"{k}={_format_value(v)}" for k, v in call.arguments.items())
+            click.echo(f"{click.style(call.name, bold=True)}({args})")
+    elif result.content:
+        click.echo(result.content)
+    if result.finish_reason == "length":
+        click.echo("warning: the answer was cut at --max-tokens.", err=True)
+    if result.parse_error:
+        click.echo(f"warning: the answer is neither calls nor plain text: {result.parse_error}", err=True)
+    u, t = result.usage, result.timings
+    click.echo(
+        click.style(
+            f"[{u.prompt_tokens} prompt tokens ({u.cached_tokens} cached), {u.completion_tokens} generated; "
+            f"first token {t.ttft_s:.2f}s, total {t.total_s:.2f}s]", dim=True),
+        err=True,
+    )
+
+
+def _open_runtime(model, n_threads, n_ctx, verbose):
+    from ..runtime import ToolRuntime
+
+    return ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose)
+
+
+runtime_options = [
+    click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all cores)."),
+    click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens (default: min(model, 8192))."),
+    click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+]
+generation_options = [
+    click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True),
+    click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True),
+    click.option("--seed", type=int, default=None),
+    click.option("--no-grammar", is_flag=True, help="Decode freely (no grammar); output is parsed leniently."),
+]
+
+
+def _apply(options):
+    def decorator(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorator
+
+
+@click.command()
+@click.argument("query")
+@tools_option
+@model_option
+@tool_choice_option
+@parallel_option
+@syntax_option
+@click.option("--stream", is_flag=True, help="Print text as it is decoded.")
+@json_option
+@_apply(generation_options)
+@_apply(runtime_options)
+def call(query, tools_file, model, tool_choice, parallel, syntax, stream, as_json, max_tokens, temperature, seed,
+         no_grammar, n_threads, n_ctx, verbose):
+    """Turn one request into tool calls.
+
+    \b
+    Examples:
+      toolgrad-edge call "Weather in Paris in celsius?" --tools examples/tools.json
+      toolgrad-edge call "What time is it in Tokyo?" -t examples/tools.json --tool-choice get_time --json
+      toolgrad-edge call "Hi!" -t examples/tools.json --stream
+    """
+    tools = _load_tools_file(tools_file)
+    with _open_runtime(model, n_threads, n_ctx, verbose) as rt:
+        kwargs = dict(tool_choice=tool_choice, parallel=parallel, syntax=syntax, max_tokens=max_tokens,
+                      temperature=temperature, seed=seed, constrained=not no_grammar)
+        if stream and not as_json:
+            result = None
+            for item in rt.stream(query, tools, **kwargs):
+                if isinstance(item, str):
+                    click.echo(click.style(item, dim=True), nl=False, err=True)
+                else:
+                    result = item
+            click.echo("", err=True)
+        else:
+            result = rt.call(query, tools, **kwargs)
+    _print_result(result, as_json)
+
+
+@click.command()
+@tools_option
+@model_option
+@tool_choice_option
+@parallel_option
+@syntax_option
+@_apply(generation_options)
+@_apply(runtime_options)
+def chat(tools_file, model, tool_choice, parallel, syntax, max_tokens, temperature, seed, no_grammar,
+         n_threads, n_ctx, verbose):
+    """Interactive loop: one request per line, with history. Ctrl-D or Ctrl-C quits.
+
+    Each answer joins the history, so follow-ups can refer to earlier turns.
+
+    \b
+    Examples:
+      toolgrad-edge chat --tools examples/tools.json
+    """
+    from ..errors import ContextLengthError
+
+    tools = _load_tools_file(tools_file)
+    with _open_runtime(model, n_threads, n_ctx, verbose) as rt:
+        click.echo(f"Model: {rt.model_path.name} on {rt.backend}. {len(tools)} tools. Ctrl-D to quit.", err=True)
+        history: list[dict] = []
+        while True:
+            try:
+                line = input("> " if sys.stdin.isatty() else "")
+            except (EOFError, KeyboardInterrupt):
+                click.echo("", err=True)
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                result = rt.call(history, tools, tool_choice=tool_choice, parallel=parallel, syntax=syntax,
+                                 max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                 constrained=not no_grammar)
+            except ContextLengthError as exc:
+                history.pop()
+                click.echo(f"error: {exc} Start a new chat to clear the history.", err=True)
+                continue
+            except KeyboardInterrupt:
+                history.pop()
+                click.echo("\n(interrupted)", err=True)
+                continue
+            _print_result(result, as_json=False)
+            if result.tool_calls:
+                history.append({"role": "assistant", "tool_calls": [
+                    {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in result.tool_calls]})
+            else:
+                history.append({"role": "assistant", "content": result.content or ""})
+
+
+@click.command()
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@json_option
+def info(model_file, as_json):
+    """Describe a GGUF model file: architecture, size, quantization, context, back-end.
+
+    \b
+    Examples:
+      toolgrad-edge info ~/.cache/toolgrad-edge/models/toolgrad-4b-Q4_K_M.gguf
+      toolgrad-edge info model.gguf --json
+    """
+    from ..gguf_info import SUPPORTED_ARCHITECTURES, read_gguf_info
+    from ..model_resolution import backend_name
+
+    meta = read_gguf_info(model_file)
+    report = {
+        "path": str(meta.path),
+        "name": meta.metadata.get("general.name"),
+        "architecture": meta.architecture,
+        "supported": meta.architecture in SUPPORTED_ARCHITECTURES,
+        "parameters": meta.n_params,
+        "quantization": meta.file_type,
+        "file_size_bytes": meta.file_size,
+        "context_length": meta.context_length,
+        "vocab_size": meta.vocab_size,
+        "chat_template": meta.has_chat_template,
+        "gguf_version": meta.version,
+        "backend": backend_name(),
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e9:.2f} B)"
+        elif key == "file_size_bytes":
+            key, value = "file_size", f"{value / 1e9:.2f} GB ({value:,} bytes)"
+        click.echo(f"{key:<{width}}  {value}")
