@@ -63,8 +63,9 @@ class TokenChooser:
         p = self.params
         scaled = logits.astype(np.float64) / p.temperature
         k = p.top_k if p.top_k > 0 else (TOP_P_CANDIDATES if p.top_p < 1 else 0)
-        if k and k < scaled.size:
-            idx = np.argpartition(scaled, -k)[-k:]
+        if k:
+            k = min(k, scaled.size)
+            idx = np.argpartition(scaled, -k)[-k:] if k < scaled.size else np.arange(scaled.size)
             idx = idx[np.argsort(scaled[idx])[::-1]]
             cand = scaled[idx]
         else:
