@@ -70,9 +70,10 @@ class FakeRuntime:
 
     model_name = "fake-model"
 
-    def __init__(self, delay_s: float = 0.0, fail: BaseException | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, fail: BaseException | None = None, fail_after: int | None = None):
         self.delay_s = delay_s
         self.fail = fail
+        self.fail_after = fail_after  # fail after this many text deltas (mid-stream)
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
         self.release.set()
@@ -100,11 +101,13 @@ class FakeRuntime:
         self.requests.append({"messages": messages, "tools": tools, "tool_choice": tool_choice,
                               "parallel": parallel, "max_tokens": max_tokens, "stop": stop, "seed": seed,
                               "temperature": temperature, "grammar": grammar})
-        if self.fail is not None:
+        if self.fail is not None and self.fail_after is None:
             raise self.fail
         text, calls, content = self._answer(tools, tool_choice, parallel, grammar)
         finish = "tool_calls" if calls else "stop"
-        for i in range(0, len(text), 3):
+        for n, i in enumerate(range(0, len(text), 3)):
+            if self.fail_after is not None and n == self.fail_after:
+                raise self.fail
             self.release.wait(10)
             if should_stop is not None and should_stop():
                 self.cancelled += 1
@@ -379,6 +382,53 @@ def test_runtime_failures_are_translated(failure, status, code, stream):
         assert error["code"] == code
         assert "Traceback" not in r.text and "secret internal detail" not in r.text
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_failure_mid_stream_ends_the_stream_in_order():
+    with TestClient(create_app(FakeRuntime(fail=RuntimeError("secret detail"), fail_after=2))) as client:
+        r = chat(client, tools=[WEATHER], stream=True)
+        assert r.status_code == 200  # the stream had started
+        chunks = sse_chunks(r)  # ends with data: [DONE]
+        assert chunks[-1]["error"]["code"] == "internal_error"
+        assert "secret detail" not in r.text and "Traceback" not in r.text
+        assert client.get("/health").json()["queue"]["failed"] == 1
+
+
+def test_runtime_factory_is_loaded_on_the_worker_and_closed():
+    made = []
+
+    class Closing(FakeRuntime):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def factory():
+        made.append(Closing())
+        return made[-1]
+
+    with TestClient(create_app(factory)) as client:
+        deadline = time.monotonic() + 5
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chat(client).status_code == 200
+    assert made and made[0].closed  # made by the app, so closed by the app
+
+
+def test_model_that_fails_to_load_is_503_not_a_crash():
+    from toolgrad_edge.errors import ModelLoadError
+
+    def factory():
+        raise ModelLoadError("/models/x.gguf: not a GGUF file")
+
+    with TestClient(create_app(factory)) as client:
+        deadline = time.monotonic() + 5
+        while client.get("/health").json().get("status") == "loading" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = client.get("/health")
+        assert health.status_code == 503 and "not a GGUF" in health.json()["error"]
+        r = chat(client)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
 
 
 def test_api_key(runtime):

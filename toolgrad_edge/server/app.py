@@ -202,6 +202,9 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
                 # Headers are gone already: the error travels as an event, as OpenAI does.
                 yield sse(translate(event[1]).body())
             yield SSE_DONE
+        except Exception as exc:  # a failure while shaping chunks: still an orderly end
+            yield sse(translate(exc).body())
+            yield SSE_DONE
         finally:
             queue.cancel(job)
 
