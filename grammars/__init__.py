@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .calls import CallStreamParser, ToolCall, parse_calls, render_calls
 from .gbnf import build_grammar, schema_grammar
+from .lookahead import forced_name_suffix
 from .tools import Tool, load_tools
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "Tool",
     "ToolCall",
     "build_grammar",
+    "forced_name_suffix",
     "load_tools",
     "parse_calls",
     "render_calls",

@@ -24,7 +24,7 @@ import numpy as np
 from .decoding import GrammarGate, SamplingParams, TokenChooser, choose_constrained
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
-from .grammars import Tool, ToolCall, build_grammar, load_tools, parse_calls
+from .grammars import Tool, ToolCall, build_grammar, forced_name_suffix, load_tools, parse_calls
 from .model_resolution import backend_name, resolve_gpu_layers, resolve_model
 from .paths import prefix_cache_dir
 from .prefix_cache import PrefixCache, model_identity, prefix_key
@@ -100,7 +100,7 @@ class ToolRuntime:
     def __init__(self, model: str | os.PathLike | None = None, n_gpu_layers: int | str = "auto",
                  n_threads: int | None = None, n_ctx: int | None = None,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, fast_forward: bool = True):
         import llama_cpp
 
         self.model_path = resolve_model(model)
@@ -115,6 +115,9 @@ class ToolRuntime:
         if self.n_ctx < 64:
             raise ModelLoadError(f"n_ctx must be at least 64, got {self.n_ctx}.")
         self._lock = threading.Lock()
+        # Feed forced tool-name tokens in one batch instead of sampling them.
+        self.fast_forward = fast_forward
+        self.last_stats: dict[str, int] = {}
         with _quiet_stderr(not verbose):
             try:
                 self._llm = llama_cpp.Llama(
@@ -327,6 +330,9 @@ class ToolRuntime:
         text = ""
         emitted = 0
         hold = max((len(s) for s in stop), default=1) - 1
+        names = ([t.name for t in tools] if gate is not None and self.fast_forward and not grammar_override
+                 and syntax == "python" else None)
+        n_forced = 0
         finish = "length"
         stop_hit = False
         n_generated = 0
@@ -347,6 +353,13 @@ class ToolRuntime:
                     gate.accept(token)
                 n_generated += 1
                 text += decoder.decode(self._piece(token))
+                batch = [token]
+                if names and n_generated < max_tokens:
+                    for forced in self._forced_tokens(text, names, gate, max_tokens - n_generated):
+                        batch.append(forced)
+                        n_generated += 1
+                        text += decoder.decode(self._piece(forced))
+                    n_forced += len(batch) - 1
                 cut = _find_stop(text, stop, emitted)
                 if cut is not None:
                     text = text[:cut]
@@ -357,7 +370,7 @@ class ToolRuntime:
                 if safe > emitted:
                     yield text[emitted:safe]
                     emitted = safe
-                self._llm.eval([token])
+                self._llm.eval(batch)
             if not stop_hit:
                 text += decoder.decode(b"", final=True)
         except GeneratorExit:
@@ -367,6 +380,7 @@ class ToolRuntime:
             self._llm.n_tokens = 0
             raise
         finally:
+            self.last_stats = {"forced_tokens": n_forced, "full_masks": gate.full_masks if gate else 0}
             if gate is not None:
                 gate.close()
         if len(text) > emitted:
@@ -377,6 +391,19 @@ class ToolRuntime:
         result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_generated, cached_tokens=reused)
         result.timings = Timings(ttft_s=ttft, decode_s=t_end - t0 - ttft, total_s=t_end - t0)
         yield result
+
+    def _forced_tokens(self, text: str, names: list[str], gate: GrammarGate, budget: int) -> list[int]:
+        """Tokens of a tool name's forced remainder that the grammar accepts (accepted into it)."""
+        forced = forced_name_suffix(text, names)
+        if not forced:
+            return []
+        accepted = []
+        for token in self._llm.tokenize(forced.encode("utf-8"), add_bos=False, special=False)[:budget]:
+            if not gate.allows(token):
+                break
+            gate.accept(token)
+            accepted.append(token)
+        return accepted
 
     def _finish(self, text: str, tools: list[Tool], grammar_override: bool, constrained: bool,
                 finish: str, syntax: str) -> CallResult:
