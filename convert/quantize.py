@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
 from ..errors import ConversionError
+from .gguf_header import read_gguf_header
 from .output import atomic_output, check_free_space
 
 QType = gguf.GGMLQuantizationType
@@ -43,78 +42,12 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
 FLOAT_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16})
 
 
-# Byte size of each fixed-size GGUF metadata value type.
-_GGUF_SCALAR_SIZES = {
-    gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-    gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2,
-    gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4,
-    gguf.GGUFValueType.UINT64: 8, gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8,
-}
-
-
 def inspect_gguf(path: Path) -> tuple[int, bool]:
-    """(parameter count, whether any tensor is already quantized); raises on a non-GGUF file.
-
-    Reads only the header and tensor table: gguf.GGUFReader decodes every
-    metadata value in Python, which takes many seconds for a 262k vocabulary.
-    """
-    try:
-        with open(path, "rb") as f:
-            buf = f.read(64 << 20)
-    except FileNotFoundError as exc:
-        raise ConversionError(f"{path}: no such file") from exc
-    except OSError as exc:
-        raise ConversionError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        tensors = _tensor_table(buf)
-    except (struct.error, ValueError, IndexError) as exc:
-        raise ConversionError(f"{path}: not a readable GGUF file ({exc})") from exc
-    n_params = sum(n for _, n in tensors)
-    quantized = any(qtype not in FLOAT_QTYPES for qtype, _ in tensors)
+    """(parameter count, whether any tensor is already quantized); raises on a non-GGUF file."""
+    header = read_gguf_header(path)
+    n_params = sum(t.n_elements for t in header.tensors)
+    quantized = any(t.qtype not in FLOAT_QTYPES for t in header.tensors)
     return n_params, quantized
-
-
-def _tensor_table(buf: bytes) -> list[tuple[int, int]]:
-    """(ggml type, element count) of every tensor, from a GGUF file's first bytes."""
-    magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
-    if magic != gguf.GGUF_MAGIC:
-        raise ValueError(f"magic {magic:#x}, expected {gguf.GGUF_MAGIC:#x}")
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is too old")
-    pos = 24
-
-    def skip_value(vtype: int, pos: int) -> int:
-        if vtype == gguf.GGUFValueType.STRING:
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            return pos + 8 + n
-        if vtype == gguf.GGUFValueType.ARRAY:
-            item_type, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            size = _GGUF_SCALAR_SIZES.get(item_type)
-            if size is not None:
-                return pos + size * count
-            for _ in range(count):
-                pos = skip_value(item_type, pos)
-            return pos
-        return pos + _GGUF_SCALAR_SIZES[vtype]
-
-    for _ in range(n_kv):
-        (key_len,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8 + key_len
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        pos = skip_value(vtype, pos + 4)
-    tensors = []
-    for _ in range(n_tensors):
-        (name_len,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8 + name_len
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        qtype, _offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        tensors.append((qtype, math.prod(dims)))
-    if pos > len(buf):
-        raise ValueError("header runs past the end of the file")
-    return tensors
 
 
 def quantize_gguf(infile: str | os.PathLike, outfile: str | os.PathLike, quant: str,

@@ -136,6 +136,7 @@ def build_tiny_conditional(dest: Path, tokenizer_dir: Path, seed: int = 1) -> Pa
     _spread_norms(model, seed)
     model.to(torch.bfloat16).save_pretrained(str(dest), max_shard_size="40MB")
     copy_tokenizer(tokenizer_dir, dest)
+    (dest / "README.md").write_text("---\nlicense: gemma\n---\ntiny test model\n")
     return dest
 
 

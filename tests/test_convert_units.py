@@ -358,8 +358,8 @@ def test_quantize_refuses_quantized_input(gemma_270m_gguf, tmp_path):
 
 def test_quantize_input_errors(tmp_path):
     junk = tmp_path / "junk.gguf"
-    junk.write_bytes(b"not a gguf at all")
-    with pytest.raises(ConversionError, match="not a readable GGUF file"):
+    junk.write_bytes(b"not a gguf at all, just some text" * 4)
+    with pytest.raises(ConversionError, match="not a readable GGUF file .*expected the GGUF magic"):
         quantize_gguf(junk, tmp_path / "o.gguf", "Q8_0")
     with pytest.raises(ConversionError, match="unknown quantization 'Q2'"):
         quantize_gguf(junk, tmp_path / "o.gguf", "Q2")
