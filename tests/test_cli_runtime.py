@@ -112,3 +112,14 @@ def test_unknown_tool_choice(gemma_270m_gguf):
 def test_request_longer_than_context(gemma_270m_gguf):
     result = run("call", "word " * 800, "-t", EXAMPLES, "-m", str(gemma_270m_gguf), "--ctx", "512")
     assert_clean_error(result, "exceeds the context")
+
+
+@pytest.mark.slow
+def test_chat_loop_keeps_history_and_exits_on_eof(gemma_270m_gguf):
+    result = CliRunner().invoke(
+        main, ["chat", "-t", EXAMPLES, "-m", str(gemma_270m_gguf), "--tool-choice", "required",
+               "--max-tokens", "40", "--threads", "2"],
+        input="Weather in Paris?\n\nAnd in Rome?\n")
+    assert result.exit_code == 0, result.output
+    calls = [line for line in result.stdout.splitlines() if "(" in line and ")" in line]
+    assert len(calls) >= 2

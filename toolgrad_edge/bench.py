@@ -77,8 +77,9 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
     grammar = build_grammar(tools, syntax="python", tool_choice="required")
     samples: dict[str, list[float]] = {k: [] for k in (
         "prefill_tps", "decode_tps_free", "decode_tps_constrained", "decode_tps_baseline",
+        "decode_tps_constrained_no_ff", "constrained_decode_s", "constrained_decode_s_no_ff",
         "ttft_cold_s", "ttft_warm_s")}
-    counts = {"free_tokens": [], "constrained_tokens": [], "baseline_tokens": []}
+    counts = {"free_tokens": [], "constrained_tokens": [], "baseline_tokens": [], "forced_tokens": []}
 
     with tempfile.TemporaryDirectory(prefix="toolgrad-bench-") as tmp:
         tmp = Path(tmp)
@@ -98,6 +99,10 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                 rt._llm.n_tokens = 0
                 free = rt.call(messages, tools, constrained=False, max_tokens=max_tokens)
                 constrained = rt.call(messages, tools, tool_choice="required", max_tokens=max_tokens)
+                forced = rt.last_stats.get("forced_tokens", 0)
+                rt.fast_forward = False
+                no_ff = rt.call(messages, tools, tool_choice="required", max_tokens=max_tokens)
+                rt.fast_forward = True
                 base_tps, base_n = _baseline_decode(rt, prompt_tokens, grammar, max_tokens)
                 if i == 0:
                     continue  # warm-up
@@ -108,6 +113,12 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                     samples["decode_tps_constrained"].append(
                         constrained.usage.completion_tokens / constrained.timings.decode_s)
                 samples["decode_tps_baseline"].append(base_tps)
+                if no_ff.usage.completion_tokens > 1:
+                    samples["decode_tps_constrained_no_ff"].append(
+                        no_ff.usage.completion_tokens / no_ff.timings.decode_s)
+                samples["constrained_decode_s"].append(constrained.timings.decode_s)
+                samples["constrained_decode_s_no_ff"].append(no_ff.timings.decode_s)
+                counts["forced_tokens"].append(forced)
                 counts["free_tokens"].append(free.usage.completion_tokens)
                 counts["constrained_tokens"].append(constrained.usage.completion_tokens)
                 counts["baseline_tokens"].append(base_n)
@@ -141,5 +152,7 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
         "baseline_vs_free": result["decode_tps_baseline"] / result["decode_tps_free"],
         "constrained_vs_baseline": result["decode_tps_constrained"] / result["decode_tps_baseline"],
         "ttft_warm_vs_cold": result["ttft_warm_s"] / result["ttft_cold_s"],
+        # Same call with and without feeding forced tool-name tokens in a batch.
+        "fast_forward_decode_time": result["constrained_decode_s"] / result["constrained_decode_s_no_ff"],
     }
     return result

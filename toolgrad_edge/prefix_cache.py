@@ -70,6 +70,10 @@ class PrefixCache:
         self._ram: OrderedDict[str, bytes] = OrderedDict()
         self.stats = CacheStats()
 
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None or self.ram_entries > 0
+
     # -- lookup -------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         state = self._ram.get(key)

@@ -143,7 +143,10 @@ class ToolRuntime:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._model_id = model_identity(self.model_path)
         cache_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
-        self.prefix_cache = PrefixCache(cache_root if prefix_cache else None)
+        # prefix_cache=False keeps nothing between calls (the KV cache itself
+        # still serves a repeated prefix within this object).
+        self.prefix_cache = (PrefixCache(cache_root) if prefix_cache
+                             else PrefixCache(None, ram_entries=0))
         self._cache_settings = f"ctx={self.n_ctx};swa_full=1;llama_cpp={llama_cpp.__version__}"
 
     # -- lifecycle ------------------------------------------------------------
@@ -296,11 +299,12 @@ class ToolRuntime:
             if not restored:
                 llm.n_tokens = common
                 llm.eval(prefix[common:])
-                size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-                buf = (ctypes.c_uint8 * size)()
-                n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0)
-                if n > 0:
-                    self.prefix_cache.put(key, bytes(buf)[:n])
+                if self.prefix_cache.enabled:
+                    size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+                    buf = (ctypes.c_uint8 * size)()
+                    n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0)
+                    if n > 0:
+                        self.prefix_cache.put(key, bytes(buf)[:n])
         else:
             llm.n_tokens = common
         llm.eval(prompt[llm.n_tokens:])
