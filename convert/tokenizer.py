@@ -156,34 +156,46 @@ def _piece(buf: bytes, start: int, end: int) -> tuple[bytes, float, int]:
 
 
 def _pieces_from_tokenizer_json(path: Path) -> list[tuple[bytes, float, int]]:
+    """Rebuild SentencePiece pieces from a tokenizer.json converted from one.
+
+    A SentencePiece BPE vocabulary is laid out as: control and user-defined
+    pieces, the 256 byte pieces, then merged pieces in merge order (scores
+    0, -1, -2, ...). tokenizer.json keeps the order but not the scores or
+    types, so both are recovered from the layout.
+    """
     data = _read_json(path)
     model = data.get("model") or {}
     kind = model.get("type")
-    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    added = {t["id"]: bool(t.get("special")) for t in data.get("added_tokens", [])}
     unk = model.get("unk_token")
     if kind == "Unigram":
         entries = [(p, float(s)) for p, s in model["vocab"]]
     elif kind == "BPE":
-        by_id = sorted(((i, p) for p, i in model["vocab"].items()))
+        by_id = sorted((i, p) for p, i in model["vocab"].items())
         if [i for i, _ in by_id] != list(range(len(by_id))):
             raise ConversionError(f"{path}: BPE vocabulary ids are not contiguous from 0")
-        # SentencePiece BPE scores fall by one per piece in id order from the
-        # first ordinary piece; llama.cpp only compares them.
-        entries = [(p, -float(i)) for i, p in by_id]
+        entries = [(p, 0.0) for _, p in by_id]
     else:
         raise ConversionError(f"{path}: tokenizer model type {kind!r}; expected a SentencePiece-style BPE or Unigram")
+
+    is_byte = [len(p) == 6 and p.startswith("<0x") and p.endswith(">") for p, _ in entries]
+    first_merged = max((i for i, b in enumerate(is_byte) if b), default=-1) + 1
     pieces = []
+    rank = 0  # merged pieces' scores count down over NORMAL pieces only
     for i, (piece, score) in enumerate(entries):
-        if i in special or piece == unk:
-            kind_ = TokenType.UNKNOWN if piece == unk else TokenType.CONTROL
-            pieces.append((piece.encode("utf-8"), ADDED_TOKEN_SCORE, int(kind_)))
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        if piece == unk:
+            pieces.append((piece.encode("utf-8"), ADDED_TOKEN_SCORE, int(TokenType.UNKNOWN)))
+        elif added.get(i):
+            pieces.append((piece.encode("utf-8"), ADDED_TOKEN_SCORE, int(TokenType.CONTROL)))
+        elif is_byte[i]:
             pieces.append((piece.encode("utf-8"), 0.0, int(TokenType.BYTE)))
+        elif i < first_merged or i in added:
+            # User-defined pieces carry real spaces in GGUF, as llama.cpp's converter writes them.
+            text = piece.replace("\u2581", " ")
+            pieces.append((text.encode("utf-8"), ADDED_TOKEN_SCORE, int(TokenType.USER_DEFINED)))
         else:
-            pieces.append((piece.encode("utf-8"), score, int(TokenType.NORMAL)))
-    first_normal = next((i for i, p in enumerate(pieces) if p[2] == TokenType.NORMAL), 0)
-    if kind == "BPE":
-        pieces = [(p, s + first_normal if t == TokenType.NORMAL else s, t) for p, s, t in pieces]
+            pieces.append((piece.encode("utf-8"), -float(rank) if kind == "BPE" else score, int(TokenType.NORMAL)))
+            rank += 1
     return pieces
 
 
