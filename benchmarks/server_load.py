@@ -13,6 +13,10 @@ JSON object.
     python benchmarks/server_load.py                      # 8 clients x 5 requests, 270M model
     python benchmarks/server_load.py --clients 4 --requests 10 --stream
     python benchmarks/server_load.py --url http://127.0.0.1:8080 --api-key KEY
+
+When it starts the server itself, it first times one request per tool
+through ToolRuntime.call directly (no HTTP, no queue) and reports that as
+direct_req_per_s: the ceiling for one model, measured in the same run.
 """
 
 from __future__ import annotations
@@ -55,14 +59,27 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 QUESTION = "What is the weather in Paris, what time is it in Tokyo, and book a table for 2 in London."
 
 
-def start_server(model: str | None, n_ctx: int):
-    """The server in a thread on a free loopback port; returns (url, stop)."""
+def direct_latencies(runtime, max_tokens: int) -> list[float]:
+    """Baseline in the same run: each tool's request through ToolRuntime.call, no server, one at a time."""
+    times = []
+    for i, name in enumerate(SCHEMAS):
+        t0 = time.perf_counter()
+        runtime.call([{"role": "user", "content": QUESTION}], TOOLS, tool_choice=name, parallel=False,
+                     max_tokens=max_tokens, temperature=0.0, seed=i)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def start_server(model: str | None, n_ctx: int, max_tokens: int):
+    """The server in a thread on a free loopback port; returns (url, stop, model name, baseline latencies)."""
     import uvicorn
 
     from toolgrad_edge.runtime import ToolRuntime
     from toolgrad_edge.server import ServerSettings, create_app
 
     runtime = ToolRuntime(model, n_ctx=n_ctx)
+    direct_latencies(runtime, max_tokens)  # warm-up: evaluates the tool prefix
+    baseline = direct_latencies(runtime, max_tokens)
     app = create_app(runtime, ServerSettings(max_queue=64))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -80,7 +97,7 @@ def start_server(model: str | None, n_ctx: int):
         thread.join(30)
         runtime.close()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop, runtime.model_path.name
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop, runtime.model_path.name, baseline
 
 
 def one_request(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int, stream: bool) -> dict:
@@ -137,10 +154,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    stop, model = None, args.model
+    stop, model, baseline = None, args.model, []
     url = args.url
     if url is None:
-        url, stop, model = start_server(args.model, args.n_ctx)
+        url, stop, model, baseline = start_server(args.model, args.n_ctx, args.max_tokens)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     names = list(SCHEMAS)
     try:
@@ -174,6 +191,10 @@ def main() -> int:
         "req_per_s": round(len(outcomes) / wall, 3),
         "p50_s": round(statistics.median(latencies), 3),
         "p95_s": round(latencies[p95_index], 3),
+        # The same requests through ToolRuntime.call, one at a time, just before the load run:
+        # the most a single model can serve, whatever the server does.
+        "direct_p50_s": round(statistics.median(baseline), 3) if baseline else None,
+        "direct_req_per_s": round(1 / statistics.median(baseline), 3) if baseline else None,
         "errors": len(errors),
         "invalid_calls": invalid,
     }
@@ -181,7 +202,7 @@ def main() -> int:
         print(json.dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key:>14}: {value}")
+            print(f"{key:>16}: {value}")
         for e in errors[:5]:
             print("error:", e, file=sys.stderr)
     return 0 if not errors and not invalid else 1
