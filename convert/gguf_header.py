@@ -36,6 +36,12 @@ class GGUFTensor:
     name: str
     qtype: gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # GGUF order (fastest dimension first)
+    offset: int  # absolute position of the data in the file
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return self.n_elements // block * size
 
     @property
     def n_elements(self) -> int:
@@ -101,13 +107,16 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
                 key = cursor.string().decode("utf-8", "replace")
                 (vtype,) = cursor.unpack("<I")
                 metadata[key] = cursor.value(vtype)
-            tensors = []
+            table = []
             for _ in range(n_tensors):
                 name = cursor.string().decode("utf-8", "replace")
                 (n_dims,) = cursor.unpack("<I")
                 dims = cursor.unpack(f"<{n_dims}Q")
-                qtype, _offset = cursor.unpack("<IQ")
-                tensors.append(GGUFTensor(name, gguf.GGMLQuantizationType(qtype), tuple(dims)))
+                qtype, offset = cursor.unpack("<IQ")
+                table.append((name, gguf.GGMLQuantizationType(qtype), tuple(dims), offset))
+            alignment = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+            data_start = -(-f.tell() // alignment) * alignment
+            tensors = [GGUFTensor(n, q, d, data_start + o) for n, q, d, o in table]
     except FileNotFoundError as exc:
         raise ConversionError(f"{path}: no such file") from exc
     except OSError as exc:

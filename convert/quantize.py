@@ -38,6 +38,9 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
     QuantType("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", 4.7),
 )}
 
+# Rows llama.cpp's quantizer holds in memory at once (where the binding exposes it).
+QUANTIZE_BUFFER_BYTES = 128 << 20
+
 # Tensor types that count as "not yet quantized" input.
 FLOAT_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16})
 
@@ -77,6 +80,10 @@ def quantize_gguf(infile: str | os.PathLike, outfile: str | os.PathLike, quant: 
     params.ftype = getattr(llama_cpp, qtype.llama_ftype)
     params.allow_requantize = allow_requantize
     params.nthread = n_threads or os.cpu_count() or 1
+    if hasattr(params, "max_buf_size"):
+        # llama.cpp buffers up to 8 GiB of rows by default; a bounded buffer keeps the
+        # quantizer's peak memory near one tensor's F32 rows (same output bytes).
+        params.max_buf_size = QUANTIZE_BUFFER_BYTES
     level = llama_logger.level
     llama_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:

@@ -185,9 +185,11 @@ class SafetensorsCheckpoint:
             n = min(step, rows - r0)
             start = info.start + r0 * row_bytes
             block = np.frombuffer(mm, dtype=info.storage_dtype, count=n * row_elems, offset=start)
-            yield block.reshape((n, *row_shape) if info.shape else ())
-            del block
-            _release(mm, start, n * row_bytes)
+            try:
+                yield block.reshape((n, *row_shape) if info.shape else ())
+            finally:  # also when the consumer stops early
+                del block
+                _release(mm, start, n * row_bytes)
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The whole tensor as an owned array (for small tensors such as norms)."""

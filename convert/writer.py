@@ -68,16 +68,21 @@ class StreamedTensor:
         info = self.checkpoint[self.tensor.source]
         rows_left = self.tensor.shape[0] if self.tensor.shape else 1  # cuts padded vocabulary rows
         written = 0
-        for chunk in self.checkpoint.iter_chunks(info):
-            if chunk.ndim and rows_left < len(chunk):
-                chunk = chunk[:rows_left]
-            rows_left -= len(chunk) if chunk.ndim else 1
-            data = self._convert(chunk, info.dtype)
-            fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-            written += data.nbytes
-            self.on_bytes(data.nbytes)
-            if rows_left <= 0:
-                break
+        chunks = self.checkpoint.iter_chunks(info)
+        try:
+            for chunk in chunks:
+                if chunk.ndim and rows_left < len(chunk):
+                    chunk = chunk[:rows_left]
+                rows_left -= len(chunk) if chunk.ndim else 1
+                data = self._convert(chunk, info.dtype)
+                fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                written += data.nbytes
+                self.on_bytes(data.nbytes)
+                del chunk, data
+                if rows_left <= 0:
+                    break
+        finally:
+            chunks.close()  # releases the last chunk's pages now, not at garbage collection
         if written != self.nbytes:  # guards the chunking arithmetic, not the input
             raise AssertionError(f"{self.tensor.target}: wrote {written} bytes, expected {self.nbytes}")
 
