@@ -113,12 +113,12 @@ def dequantized_state_dict(gguf_path: Path) -> dict:
     import torch
 
     from toolgrad_edge.convert.gguf_header import read_gguf_header
-    from toolgrad_edge.convert.plan import ARCH, EMBEDDING, OUTPUT_NORM, _LAYER_SHAPES
+    from toolgrad_edge.convert.plan import ARCH, EMBEDDING, OUTPUT_NORM, LAYER_SHAPES
 
     header = read_gguf_header(gguf_path)
     n_layer = int(header.metadata["gemma3.block_count"])
     name_map = gguf.get_tensor_name_map(ARCH, n_layer)
-    hf_names = [EMBEDDING, OUTPUT_NORM] + [f"model.layers.{i}.{s}" for i in range(n_layer) for s in _LAYER_SHAPES]
+    hf_names = [EMBEDDING, OUTPUT_NORM] + [f"model.layers.{i}.{s}" for i in range(n_layer) for s in LAYER_SHAPES]
     to_hf = {name_map.get_name(n, try_suffixes=(".weight",)): n for n in hf_names}
     data = np.memmap(gguf_path, dtype=np.uint8, mode="r")
     state = {}

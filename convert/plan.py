@@ -124,6 +124,11 @@ def hparams_from_config(config: dict[str, Any], where: str = "config.json") -> G
                 "gemma3 graph would ignore it (is this a Gemma 2 checkpoint?)"
             )
 
+    if hp.get("use_bidirectional_attention"):
+        raise ConversionError(
+            f"{where}: use_bidirectional_attention is set (an embedding model); llama.cpp's gemma3 graph is causal"
+        )
+
     rope_theta, rope_theta_swa, scaling = _rope(hp, where)
     n_layer = int(hp["num_hidden_layers"])
     _check_layer_pattern(hp, n_layer, where)
@@ -201,7 +206,7 @@ def _check_layer_pattern(hp: dict[str, Any], n_layer: int, where: str) -> None:
 # --- tensors -----------------------------------------------------------------
 
 # Per-layer tensors (after prefix stripping) and their shape from the hyper-parameters.
-_LAYER_SHAPES = {
+LAYER_SHAPES = {
     "input_layernorm.weight": lambda h: (h.n_embd,),
     "self_attn.q_proj.weight": lambda h: (h.n_head * h.head_dim, h.n_embd),
     "self_attn.k_proj.weight": lambda h: (h.n_head_kv * h.head_dim, h.n_embd),
@@ -264,7 +269,7 @@ def build_plan(checkpoint: SafetensorsCheckpoint, hp: Gemma3HParams) -> TensorPl
     name_map = gguf.get_tensor_name_map(ARCH, hp.n_layer)
     expected = {EMBEDDING: (hp.n_vocab, hp.n_embd), OUTPUT_NORM: (hp.n_embd,)}
     for bid in range(hp.n_layer):
-        for suffix, shape in _LAYER_SHAPES.items():
+        for suffix, shape in LAYER_SHAPES.items():
             expected[f"model.layers.{bid}.{suffix}"] = shape(hp)
 
     by_text_name: dict[str, str] = {}

@@ -133,6 +133,7 @@ def test_hparams_transformers5_rope_parameters():
     ({"query_pre_attn_scalar": 224}, r"query_pre_attn_scalar=224 .* 1/sqrt\(256\)"),
     ({"layer_types": ["full_attention"] * 26}, "first at layer 0"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+    ({"use_bidirectional_attention": True}, "llama.cpp's gemma3 graph is causal"),
 ])
 def test_hparams_refusals(change, message):
     config = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 1152, "intermediate_size": 6912,
