@@ -15,6 +15,7 @@ from convert_fixtures import fake_gemma_checkpoint, fake_sentencepiece, write_sa
 from toolgrad_edge.cli import main as cli
 from toolgrad_edge.convert import convert_checkpoint, quantize_gguf
 from toolgrad_edge.convert import output as output_mod
+from toolgrad_edge.convert.gguf_header import read_gguf_header
 from toolgrad_edge.convert.output import atomic_output, output_name
 from toolgrad_edge.convert.plan import build_plan, hparams_from_config
 from toolgrad_edge.convert.safetensors_reader import (
@@ -382,3 +383,20 @@ def test_cli_convert_json_and_errors(tmp_path):
     assert result.exit_code == 1 and "no such folder" in result.output and "Traceback" not in result.output
     assert "Examples:" in runner.invoke(cli, ["convert", "--help"]).output
     assert "Examples:" in runner.invoke(cli, ["quantize", "--help"]).output
+
+
+def test_hub_id_resolves_from_the_offline_cache(tmp_path):
+    """A repo id already in the HF cache converts offline, named after the repo, with its source recorded."""
+    from huggingface_hub import constants
+
+    # huggingface_hub fixes its cache path at import; put the snapshot where it looks.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(constants.HF_HUB_CACHE) / "models--zhongyi-zhou--toolgrad-1b"
+    fake_gemma_checkpoint(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    [path] = convert_checkpoint("zhongyi-zhou/toolgrad-1b", outdir=tmp_path, quants=["BF16"], progress=False)
+    assert path.name == "toolgrad-1b-BF16.gguf"
+    meta = read_gguf_header(path).metadata
+    assert meta["general.source.repo_url"] == "https://huggingface.co/zhongyi-zhou/toolgrad-1b"
+    assert meta["general.name"] == "toolgrad-1b"
