@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/toolgrad-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the multi-GB files")
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                        help="llama.cpp thread counts to decode with (one run each)")
     args = parser.parse_args(argv)
 
     work = args.workdir
@@ -200,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         results["to_q4_k_m"]["bytes"] = q4.stat().st_size
         print("BF16 -> Q4_K_M:", results["to_q4_k_m"], flush=True)
 
-        results["decode_q4_k_m"] = run_child(DECODE.format(
-            path=str(q4), threads=args.threads, warmup=4, tokens=args.decode_tokens))
-        print("Q4_K_M decode:", results["decode_q4_k_m"], flush=True)
+        for threads in args.threads:
+            key = f"decode_q4_k_m_{threads}_threads"
+            results[key] = run_child(DECODE.format(path=str(q4), threads=threads, warmup=4, tokens=args.decode_tokens))
+            print(f"Q4_K_M decode, {threads} thread(s):", results[key], flush=True)
+        results["load_average_after"] = os.getloadavg()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
