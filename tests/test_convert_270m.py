@@ -10,7 +10,6 @@ llama.cpp on the original 270M GGUF.
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
