@@ -20,7 +20,6 @@ from .plan import ARCH, Gemma3HParams, PlannedTensor, TensorPlan
 from .safetensors_reader import SafetensorsCheckpoint, float32_to_bf16_bits, to_float32
 from .tokenizer import Vocabulary
 
-Keys = gguf.Keys
 QType = gguf.GGMLQuantizationType
 
 # Output types written directly (no llama.cpp quantizer): name -> (weight type, file type).
