@@ -7,10 +7,23 @@ real caches or reaches the network.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# huggingface_hub reads HF_HOME once, when first imported (possibly while test
+# modules are collected), so the session's caches are set before any import.
+_SESSION_CACHES = Path(tempfile.mkdtemp(prefix="toolgrad-edge-tests-"))
+atexit.register(shutil.rmtree, _SESSION_CACHES, ignore_errors=True)
+os.environ["HF_HOME"] = str(_SESSION_CACHES / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["XDG_CACHE_HOME"] = str(_SESSION_CACHES / "xdg")
+os.environ["TOOLGRAD_EDGE_CACHE"] = str(_SESSION_CACHES / "toolgrad-edge")
+os.environ.pop("TOOLGRAD_EDGE_MODEL", None)
 
 
 @pytest.fixture(autouse=True)
