@@ -73,3 +73,15 @@ def test_no_tools_no_system_prompt():
 def test_bad_messages(messages, fragment):
     with pytest.raises(GenerationError, match=fragment):
         render_prompt(messages, TOOLS)
+
+
+def test_calls_cut_at_max_tokens_keep_the_complete_ones():
+    from toolgrad_edge.runtime import ToolRuntime
+
+    text = "[math.factorial(n=5), math.factorial(n=6), math.fact"
+    result = ToolRuntime._finish(None, text, TOOLS, False, True, "length", "python")
+    assert result.finish_reason == "length"
+    assert [c.arguments for c in result.tool_calls] == [{"n": 5}, {"n": 6}]
+    assert result.parse_error
+    text_only = ToolRuntime._finish(None, "I think the answer", TOOLS, False, True, "length", "python")
+    assert text_only.tool_calls == [] and text_only.content == "I think the answer"

@@ -149,3 +149,12 @@ def test_history_with_tool_results(runtime, tools):
     result = runtime.call(messages, tools, tool_choice="required", seed=0)
     assert result.tool_calls
     assert_valid(result, tools)
+
+
+def test_max_tokens_is_a_hard_bound_and_complete_calls_survive_the_cut(runtime, tools):
+    # The base model repeats calls; fast-forwarded name tokens count against max_tokens too.
+    result = runtime.call("What time is it in Tokyo?", tools, tool_choice="required", max_tokens=60)
+    assert result.usage.completion_tokens <= 60
+    if result.finish_reason == "length":
+        assert result.parse_error or result.tool_calls
+    assert_valid(result, tools)

@@ -24,7 +24,7 @@ import numpy as np
 from .decoding import GrammarGate, SamplingParams, TokenChooser, choose_constrained
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
-from .grammars import Tool, ToolCall, build_grammar, forced_name_suffix, load_tools, parse_calls
+from .grammars import CallStreamParser, Tool, ToolCall, build_grammar, forced_name_suffix, load_tools, parse_calls
 from .model_resolution import backend_name, resolve_gpu_layers, resolve_model
 from .paths import prefix_cache_dir
 from .prefix_cache import PrefixCache, model_identity, prefix_key
@@ -343,7 +343,7 @@ class ToolRuntime:
         ttft = None
         try:
             reused = self._evaluate_prompt(prefix, prompt)
-            for _ in range(max_tokens):
+            while n_generated < max_tokens:
                 if should_stop is not None and should_stop():
                     finish = "cancelled"
                     break
@@ -418,6 +418,14 @@ class ToolRuntime:
         except (ToolCallError, SchemaError) as exc:
             if constrained and finish == "stop":
                 raise GenerationError(f"constrained output failed to parse ({exc}); output was {text!r:.200}") from None
+            if finish == "length":
+                # Cut at max_tokens in the middle of a call list: keep the calls that were complete.
+                try:
+                    complete = CallStreamParser(tools, syntax).feed(text)
+                except (ToolCallError, SchemaError):
+                    complete = []
+                if complete:
+                    return CallResult(complete, None, text, finish, parse_error=str(exc))
             return CallResult([], text if text.strip() else None, text, finish, parse_error=str(exc))
         if calls:
             return CallResult(calls, None, text, "tool_calls" if finish == "stop" else finish)

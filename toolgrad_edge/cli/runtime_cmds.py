@@ -31,8 +31,9 @@ def _print_result(result, as_json: bool) -> None:
     elif result.content:
         click.echo(result.content)
     if result.finish_reason == "length":
-        click.echo("warning: the answer was cut at --max-tokens.", err=True)
-    if result.parse_error:
+        kept = " (the complete calls before the cut are shown)" if result.tool_calls else ""
+        click.echo(f"warning: the answer was cut at --max-tokens{kept}.", err=True)
+    if result.parse_error and not result.tool_calls:
         click.echo(f"warning: the answer is neither calls nor plain text: {result.parse_error}", err=True)
     u, t = result.usage, result.timings
     click.echo(
