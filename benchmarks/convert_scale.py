@@ -50,26 +50,16 @@ CONFIG = {
 
 
 def text_tensor_shapes() -> dict[str, tuple[int, ...]]:
+    from types import SimpleNamespace
+
+    from toolgrad_edge.convert.plan import LAYER_SHAPES
+
     d, p = DIMS, "model.language_model."
-    q, kv = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    hp = SimpleNamespace(n_embd=d["hidden"], n_head=d["heads"], n_head_kv=d["kv_heads"],
+                         head_dim=d["head_dim"], n_ff=d["ff"])
     shapes = {p + "embed_tokens.weight": (d["vocab"], d["hidden"]), p + "norm.weight": (d["hidden"],)}
     for i in range(d["layers"]):
-        b = f"{p}layers.{i}."
-        shapes.update({
-            b + "input_layernorm.weight": (d["hidden"],),
-            b + "self_attn.q_proj.weight": (q, d["hidden"]),
-            b + "self_attn.k_proj.weight": (kv, d["hidden"]),
-            b + "self_attn.v_proj.weight": (kv, d["hidden"]),
-            b + "self_attn.o_proj.weight": (d["hidden"], q),
-            b + "self_attn.q_norm.weight": (d["head_dim"],),
-            b + "self_attn.k_norm.weight": (d["head_dim"],),
-            b + "post_attention_layernorm.weight": (d["hidden"],),
-            b + "pre_feedforward_layernorm.weight": (d["hidden"],),
-            b + "post_feedforward_layernorm.weight": (d["hidden"],),
-            b + "mlp.gate_proj.weight": (d["ff"], d["hidden"]),
-            b + "mlp.up_proj.weight": (d["ff"], d["hidden"]),
-            b + "mlp.down_proj.weight": (d["hidden"], d["ff"]),
-        })
+        shapes.update({f"{p}layers.{i}.{suffix}": shape(hp) for suffix, shape in LAYER_SHAPES.items()})
     # A token vision tower: the converter must skip it and say so.
     shapes["model.vision_tower.vision_model.post_layernorm.weight"] = (1152,)
     shapes["model.multi_modal_projector.mm_input_projection_weight"] = (1152, DIMS["hidden"])
