@@ -8,7 +8,6 @@ tensor is present with the shape the config implies.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import gguf
 
 from ..errors import ConversionError
 from .safetensors_reader import SafetensorsCheckpoint
+from .source import read_json_object
 
 ARCH = gguf.MODEL_ARCH.GEMMA3
 SUPPORTED_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
@@ -89,13 +89,7 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"{folder}: config.json is missing; it comes with the checkpoint "
             "(on the hub next to the *.safetensors files)"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def hparams_from_config(config: dict[str, Any], where: str = "config.json") -> Gemma3HParams:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConversionError
 
@@ -91,3 +93,14 @@ def read_license(folder: Path) -> str | None:
         if key.strip() == "license" and value.strip():
             return value.strip().strip("'\"")
     return None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config, tokenizer files) that must hold an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

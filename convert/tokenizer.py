@@ -11,7 +11,6 @@ llama.cpp's converter does, and Gemma's turn markers are always CONTROL.
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import gguf
 
 from ..errors import ConversionError
+from .source import read_json_object
 
 TokenType = gguf.TokenType
 
@@ -163,7 +163,7 @@ def _pieces_from_tokenizer_json(path: Path) -> list[tuple[bytes, float, int]]:
     0, -1, -2, ...). tokenizer.json keeps the order but not the scores or
     types, so both are recovered from the layout.
     """
-    data = _read_json(path)
+    data = read_json_object(path)
     model = data.get("model") or {}
     kind = model.get("type")
     added = {t["id"]: bool(t.get("special")) for t in data.get("added_tokens", [])}
@@ -245,25 +245,15 @@ def _added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
     found: list[tuple[int, str, bool]] = []
     added = folder / ADDED_TOKENS
     if added.is_file():
-        found += [(int(i), t, False) for t, i in _read_json(added).items()]
+        found += [(int(i), t, False) for t, i in read_json_object(added).items()]
     tok_json = folder / TOKENIZER_JSON
     if tok_json.is_file():
-        found += [(int(t["id"]), t["content"], bool(t.get("special"))) for t in _read_json(tok_json).get("added_tokens", [])]
+        found += [(int(t["id"]), t["content"], bool(t.get("special"))) for t in read_json_object(tok_json).get("added_tokens", [])]
     config = folder / TOKENIZER_CONFIG
     if config.is_file():
-        decoder = _read_json(config).get("added_tokens_decoder", {})
+        decoder = read_json_object(config).get("added_tokens_decoder", {})
         found += [(int(i), t["content"], bool(t.get("special"))) for i, t in decoder.items()]
     return found
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def special_vocab(folder: Path, vocab: Vocabulary) -> gguf.SpecialVocab:
@@ -282,7 +272,7 @@ def special_vocab(folder: Path, vocab: Vocabulary) -> gguf.SpecialVocab:
     finally:
         log.setLevel(level)
     config_path = folder / TOKENIZER_CONFIG
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.is_file() else {}
     for kind in ("bos", "eos", "unk", "pad"):
         if kind in special.special_token_ids:
             continue
