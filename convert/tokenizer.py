@@ -15,7 +15,6 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 

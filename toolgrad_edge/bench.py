@@ -83,8 +83,7 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
 
     with tempfile.TemporaryDirectory(prefix="toolgrad-bench-") as tmp:
         tmp = Path(tmp)
-        with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                         cache_dir=tmp / "cold-unused", prefix_cache=False) as rt:
+        with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, prefix_cache=False) as rt:
             info = {"model": str(rt.model_path), "model_name": rt.model_name, "quant": rt.info.file_type,
                     "file_size_bytes": rt.model_path.stat().st_size, "n_threads": rt.n_threads,
                     "backend": rt.backend, "n_gpu_layers": rt.n_gpu_layers, "cpu": cpu_name()}

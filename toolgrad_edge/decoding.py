@@ -138,8 +138,9 @@ class GrammarGate:
             self._full = (llama_cpp.llama_token_data * self.n_vocab)()
             self._full_view = np.ctypeslib.as_array(self._full)
             self._full_array = llama_cpp.llama_token_data_array(data=self._full, size=self.n_vocab, selected=-1, sorted=False)
+            self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
         view = self._full_view
-        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["id"] = self._all_ids
         view["logit"] = logits[: self.n_vocab]
         self._full_array.size = self.n_vocab
         self._full_array.selected = -1
