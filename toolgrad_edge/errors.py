@@ -38,3 +38,7 @@ class ContextLengthError(GenerationError):
 
 class EvaluationError(ToolgradEdgeError):
     """A benchmark or evaluation run cannot proceed."""
+
+
+class ToolSourceError(ToolgradEdgeError):
+    """A tool source (MCP server, Python function, config file) cannot be used."""

@@ -101,6 +101,11 @@ def _content_text(content: Any) -> str:
 
 
 def _assistant_text(message: dict, syntax: str) -> str:
+    raw = message.get("raw_text")
+    if isinstance(raw, str) and raw.strip():
+        # The model's own text, as it was decoded: rendered unchanged, the next
+        # request's tokens match the KV cache up to the end of this answer.
+        return raw
     text = _content_text(message.get("content")).strip()
     calls = []
     for call in message.get("tool_calls") or []:

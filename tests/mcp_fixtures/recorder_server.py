@@ -1,0 +1,78 @@
+"""A small MCP server of the tests' own, for deterministic checks.
+
+Run as ``python tests/mcp_fixtures/recorder_server.py``. Tools:
+
+* ``record``: appends its arguments as one JSON line to $RECORD_FILE (a side effect).
+* ``lookup``: read-only; returns a fixed value, or an environment variable.
+* ``fail``: raises, so the call comes back with isError.
+* ``slow``: sleeps, to run past a caller's timeout.
+* ``huge``: returns a result of the requested size.
+* ``die``: the process exits in the middle of the call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Literal
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+
+server = MCPServer(os.environ.get("FIXTURE_SERVER_NAME", "recorder"))
+
+
+@server.tool()
+def record(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int = 1) -> str:
+    """Record a forecast request.
+
+    Args:
+        city: The city to record.
+        unit: Temperature unit.
+        days: How many days.
+    """
+    with open(os.environ["RECORD_FILE"], "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"city": city, "unit": unit, "days": days}) + "\n")
+    return f"recorded {city}"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def lookup(key: str) -> str:
+    """Look up a value; keys starting with env: read an environment variable."""
+    if key.startswith("env:"):
+        return os.environ.get(key[4:], "<unset>")
+    return f"value of {key}"
+
+
+@server.tool()
+def fail(reason: str) -> str:
+    """Always fails."""
+    raise ToolError(f"failed on purpose: {reason}")
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def slow(seconds: float) -> str:
+    """Sleep, then answer."""
+    time.sleep(seconds)
+    return "slept"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def huge(size: int) -> str:
+    """Return a text of `size` characters."""
+    return "x" * size
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def die() -> str:
+    """Exit the server process in the middle of the call."""
+    sys.stderr.write("recorder: dying on request\n")
+    sys.stderr.flush()
+    os._exit(7)
+
+
+if __name__ == "__main__":
+    server.run("stdio")
