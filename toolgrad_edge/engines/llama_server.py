@@ -472,3 +472,53 @@ def _http_error(url: str, path: str, status: int, raw: bytes) -> GenerationError
     if "context size" in message or "context length" in message:
         return ContextLengthError(f"llama-server at {url}{path}: {message}")
     return GenerationError(f"llama-server at {url}{path} answered HTTP {status}: {message}")
+
+
+def remote_stream(runtime, engine: LlamaServerEngine, parts, tools, grammar: str | None, grammar_override: bool,
+                  params: "SamplingParams", max_tokens: int, stop: Sequence[str],
+                  should_stop: Callable[[], bool] | None, syntax: str, constrained: bool):
+    """ToolRuntime.stream over llama-server: text deltas, then the same CallResult as in-process decoding.
+
+    Stop strings follow the in-process rules (they end text answers, never a
+    call list), so they are matched here; a hit closes the request.
+    """
+    from ..runtime import Timings, Usage, _find_stop, _in_call
+
+    t0 = time.perf_counter()
+    prompt = engine.tokenize_segments(tuple(parts.prefix) + tuple(parts.rest))
+    stops = [s for s in stop if s] if (not tools or grammar_override or not constrained) else []
+    text = ""
+    emitted = 0
+    stop_hit = False
+    completion: Completion | None = None
+
+    def cancelled() -> bool:
+        return stop_hit or (should_stop is not None and bool(should_stop()))
+
+    for item in engine.generate(prompt, grammar, params, max_tokens, (), cancelled, stream=True):
+        if isinstance(item, Completion):
+            completion = item
+            break
+        text += item
+        live = stops if stops and not _in_call(text, tools, grammar_override) else None
+        if live:
+            cut = _find_stop(text, live, emitted)
+            if cut is not None:
+                text = text[:cut]
+                stop_hit = True
+                continue  # the next poll of cancelled() closes the request
+        hold = max(len(s) for s in live) - 1 if live else 0
+        if len(text) - hold > emitted:
+            yield text[emitted:len(text) - hold]
+            emitted = len(text) - hold
+    assert completion is not None
+    if len(text) > emitted:
+        yield text[emitted:]
+    finish = "stop" if stop_hit else completion.finish_reason
+    result = runtime._finish(text, tools, grammar_override, constrained, finish, syntax)
+    result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion.completion_tokens,
+                         cached_tokens=completion.cached_tokens)
+    total = time.perf_counter() - t0
+    ttft = min(completion.ttft_s, total)
+    result.timings = Timings(ttft_s=ttft, decode_s=total - ttft, total_s=total)
+    yield result
