@@ -319,3 +319,19 @@ def test_engine_urls_are_told_apart_from_model_paths(url, ok):
 def test_bad_engine_urls_are_clear_errors(bad):
     with pytest.raises(GenerationError, match="expected http://HOST:PORT|port is not a number"):
         LlamaServerEngine(bad, connect=False)
+
+
+def test_remote_engine_choice_follows_argument_then_environment(stand_in, monkeypatch):
+    from toolgrad_edge.engines.llama_server import ENV_ENGINE, remote_engine
+
+    monkeypatch.delenv(ENV_ENGINE, raising=False)
+    assert remote_engine(None) is None
+    assert remote_engine("inprocess") is None
+    assert remote_engine(stand_in.url).url == stand_in.url
+    configured = LlamaServerEngine(stand_in.url, timeout=2, read_timeout=3, connect=False)
+    assert remote_engine(configured) is configured and configured.info is not None
+    monkeypatch.setenv(ENV_ENGINE, stand_in.url)
+    assert remote_engine(None).url == stand_in.url
+    assert remote_engine(None, model="/models/x.gguf") is None  # a named model file wins over the environment
+    with pytest.raises(GenerationError, match="expected http://HOST:PORT"):
+        remote_engine("gpu-box:8080")

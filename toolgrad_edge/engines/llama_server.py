@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import queue
 import socket
 import threading
@@ -56,6 +57,25 @@ FINISH = {"eos": "stop", "word": "stop", "limit": "length"}
 
 def is_engine_url(engine: str | None) -> bool:
     return isinstance(engine, str) and engine.startswith(("http://", "https://"))
+
+
+def remote_engine(engine, model=None) -> "LlamaServerEngine | None":
+    """The engine a ToolRuntime should use: a connected LlamaServerEngine, or None for in-process.
+
+    ``engine`` is a URL, a LlamaServerEngine (to set its timeouts), "inprocess",
+    or None: then $TOOLGRAD_EDGE_ENGINE applies, unless a model file was named.
+    """
+    if engine is None and model is None:
+        engine = os.environ.get(ENV_ENGINE) or None
+    if engine is None or engine == "inprocess":
+        return None
+    if isinstance(engine, LlamaServerEngine):
+        if engine.info is None:
+            engine.connect()
+        return engine
+    if is_engine_url(engine):
+        return LlamaServerEngine(engine)
+    raise GenerationError(f"engine {engine!r}: expected http://HOST:PORT of a llama-server, or 'inprocess'.")
 
 
 @dataclass
