@@ -56,6 +56,10 @@ class Segment:
 
     text: str
     control: bool = False
+    # The token ids of `text` when they are known (a model answer as it was
+    # decoded, which need not be the canonical tokenization of its text): a
+    # tokenizer that honours them re-creates the KV cache's tokens exactly.
+    tokens: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,16 @@ def _assistant_text(message: dict, syntax: str) -> str:
     return text
 
 
+def _raw_tokens(message: dict, text: str) -> tuple[int, ...] | None:
+    """The token ids of an assistant answer, when the message carries them with its raw text."""
+    tokens = message.get("raw_tokens")
+    if text != message.get("raw_text") or not isinstance(tokens, (list, tuple)) or not tokens:
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        return None
+    return tuple(tokens)
+
+
 def _tool_text(message: dict) -> str:
     name = message.get("name") or message.get("tool_call_id") or "tool"
     return f"Result of {name}: {_content_text(message.get('content')).strip()}"
@@ -142,21 +156,23 @@ def render_prompt(query_or_messages: str | Iterable[dict], tools: Sequence[Tool]
         system_parts.insert(0, system_prompt(tools, syntax).strip())
     system = "\n\n".join(p for p in system_parts if p)
 
-    turns: list[tuple[str, str]] = []  # (gemma role, text)
+    turns: list[tuple[str, str, tuple[int, ...] | None]] = []  # (gemma role, text, its tokens if known)
     for message in messages:
         role = message["role"]
+        tokens = None
         if role == "system":
             continue
         if role == "assistant":
             gemma_role, text = "model", _assistant_text(message, syntax)
+            tokens = _raw_tokens(message, text)
         elif role == "tool":
             gemma_role, text = "user", _tool_text(message)
         else:
             gemma_role, text = "user", _content_text(message.get("content")).strip()
         if turns and turns[-1][0] == gemma_role:
-            turns[-1] = (gemma_role, turns[-1][1] + "\n\n" + text)
+            turns[-1] = (gemma_role, turns[-1][1] + "\n\n" + text, None)
         else:
-            turns.append((gemma_role, text))
+            turns.append((gemma_role, text, tokens))
     if not turns or turns[0][0] != "user":
         raise GenerationError("messages: the conversation must start with a user message (after any system message).")
     if turns[-1][0] != "user":
@@ -166,9 +182,9 @@ def render_prompt(query_or_messages: str | Iterable[dict], tools: Sequence[Tool]
     if system:
         prefix.append(Segment(system + "\n\n"))
     rest: list[Segment] = []
-    for i, (role, text) in enumerate(turns):
+    for i, (role, text, tokens) in enumerate(turns):
         if i > 0:
             rest += [Segment(START_OF_TURN, True), Segment(role + "\n")]
-        rest += [Segment(text), Segment(END_OF_TURN, True), Segment("\n")]
+        rest += [Segment(text, tokens=tokens), Segment(END_OF_TURN, True), Segment("\n")]
     rest += [Segment(START_OF_TURN, True), Segment("model\n")]
     return PromptParts(tuple(prefix), tuple(rest))

@@ -41,7 +41,9 @@ def record(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 def lookup(key: str) -> str:
-    """Look up a value; keys starting with env: read an environment variable."""
+    """Look up a value; keys starting with env: read an environment variable; pid is the server's."""
+    if key == "pid":
+        return str(os.getpid())
     if key.startswith("env:"):
         return os.environ.get(key[4:], "<unset>")
     return f"value of {key}"

@@ -113,7 +113,8 @@ def function_tool(fn: Callable) -> FunctionTool:
         model = pydantic.create_model(f"{name}_arguments", **fields)
         schema = model.model_json_schema()
     except (pydantic.PydanticUserError, pydantic.errors.PydanticSchemaGenerationError, TypeError) as exc:
-        raise ToolSourceError(f"{where}: its type hints have no JSON schema ({exc}).") from None
+        reason = str(exc).strip().splitlines()[0]
+        raise ToolSourceError(f"{where}: its type hints have no JSON schema ({reason}).") from None
     schema.pop("title", None)
     for prop in schema.get("properties", {}).values():
         prop.pop("title", None)

@@ -13,6 +13,7 @@ tokens.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
@@ -213,8 +214,11 @@ class Assistant:
                 if result.finish_reason == "length":
                     transcript.stopped = "length"
                 return transcript
+            # The model's own text (and its tokens, when the runtime gives them) renders the next
+            # prompt so that its tokens match the KV cache through the end of this answer.
             self.history.append({
                 "role": "assistant", "content": None, "raw_text": result.raw_text,
+                "raw_tokens": list(getattr(result, "raw_tokens", None) or []),
                 "tool_calls": [{"id": f"call_{len(self.history)}_{i}", "type": "function",
                                 "function": {"name": c.name, "arguments": c.arguments}}
                                for i, c in enumerate(result.tool_calls)],
@@ -267,25 +271,25 @@ class Assistant:
             for record in records:
                 self.on_event("result", record)
             return records, False
-        future = self.loop.submit(self._execute_all(jobs))
+        futures = [self.loop.submit(self._execute(entry, call)) for _, entry, call in jobs]
         interrupted = False
         try:
-            outcomes = future.result()
+            concurrent.futures.wait(futures)
         except KeyboardInterrupt:
-            # Cancel what runs on the loop; a sync function's thread is abandoned (it is a daemon).
-            future.cancel()
+            # Cancel what still runs on the loop; a sync function's thread is abandoned (a daemon).
             interrupted = True
-            outcomes = [(ToolOutcome(INTERRUPTED, True), 0.0) for _ in jobs]
-        for (record, _, _), (outcome, seconds) in zip(jobs, outcomes):
+            for future in futures:
+                future.cancel()
+        for (record, _, _), future in zip(jobs, futures):
+            if future.done() and not future.cancelled():
+                outcome, record.seconds = future.result()
+            else:
+                outcome = ToolOutcome(INTERRUPTED, True)
             record.result = cut_result(outcome.text, self.max_result_chars)
             record.is_error = outcome.is_error
-            record.seconds = seconds
         for record in records:
             self.on_event("result", record)
         return records, interrupted
-
-    async def _execute_all(self, jobs) -> list[tuple[ToolOutcome, float]]:
-        return list(await asyncio.gather(*(self._execute(entry, call) for _, entry, call in jobs)))
 
     async def _execute(self, entry: ToolEntry, call: ToolCall) -> tuple[ToolOutcome, float]:
         t0 = time.perf_counter()

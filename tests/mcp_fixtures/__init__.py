@@ -1,0 +1,1 @@
+"""MCP servers and a scripted model stand-in for the assistant's tests."""
