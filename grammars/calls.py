@@ -17,10 +17,17 @@ from typing import Any, Iterable
 import jsonschema
 
 from ..errors import ToolCallError
+from .merge import MergeError, declared_arguments
 from .pyliteral import Reader, render_value
 from .tools import CALL_NAME, Tool, as_tools
 
 SYNTAXES = ("python", "json")
+
+# What str.strip() removes: every character that Python calls whitespace
+# (ASCII and Unicode: U+0085, U+00A0, U+2028, U+3000 ...). An answer is a call
+# list if it starts with "[" once these are stripped, so the grammars' text
+# branch may not start with any of them either.
+TEXT_START_EXCLUDED = "".join(c for c in map(chr, range(0x10000)) if c.isspace())
 
 # Argument names the python call syntax can carry: identifiers, plus the
 # hyphens and dots some real tool sets use. Keywords (``from``, ``in``) are
@@ -170,6 +177,13 @@ def _validated(name: str, args: dict, by_name: dict[str, Tool], index: int, offs
     if tool is None:
         known = ", ".join(sorted(by_name)) or "none"
         raise ToolCallError(f"call {index} at offset {offset}: unknown tool {name!r}; known tools: {known}.")
+    declared = _declared(_canonical(tool.parameters))
+    unknown = [key for key in args if key not in declared]
+    if unknown:
+        raise ToolCallError(
+            f"call {index} at offset {offset} ({name}): unknown argument {unknown[0]!r}; "
+            f"{name} declares {', '.join(declared) or 'no arguments'}."
+        )
     args = _coerce(args, tool.parameters, tool.parameters, 0)
     error = jsonschema.exceptions.best_match(_validator(_canonical(tool.parameters)).iter_errors(args))
     if error is not None:
@@ -183,6 +197,14 @@ def _validated(name: str, args: dict, by_name: dict[str, Tool], index: int, offs
 
 def _canonical(schema: dict) -> str:
     return json.dumps(schema, sort_keys=True)
+
+
+@lru_cache(maxsize=1024)
+def _declared(schema_json: str) -> tuple[str, ...]:
+    try:
+        return tuple(declared_arguments(json.loads(schema_json)))
+    except MergeError:
+        return ()  # not compilable either: load_tools refuses such a tool
 
 
 @lru_cache(maxsize=1024)

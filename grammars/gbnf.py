@@ -27,9 +27,14 @@ from typing import Any, Iterable
 import jsonschema
 
 from ..errors import SchemaError
-from .calls import PY_ARG_NAME, SYNTAXES
+from .calls import PY_ARG_NAME, SYNTAXES, TEXT_START_EXCLUDED
+from .merge import ANNOTATIONS, MergeError, flatten, same_value
 from .pyliteral import py_string_forms, render_value
 from .tools import Tool, as_tools
+
+# More tools than this make a GBNF grammar whose full-vocabulary masks cost
+# too much per token in llama.cpp; the llguidance compiler (llg.py) has no limit.
+MAX_TOOLS = 256
 
 # Lattice size per argument list / object (see the module docstring).
 ORDER_STATES = 64
@@ -39,12 +44,6 @@ MAX_REPEAT = 256
 # Integers longer than this are outside int64 anyway.
 MAX_DIGITS = 19
 
-# Keywords that only describe: no effect on what may be generated.
-ANNOTATIONS = frozenset({
-    "description", "title", "default", "examples", "example", "$comment", "deprecated",
-    "readOnly", "writeOnly", "$schema", "$id", "$anchor", "contentEncoding",
-    "contentMediaType", "$defs", "definitions", "nullable",
-})
 # Keywords checked by jsonschema after generation instead of by the grammar.
 RELAXED = frozenset({"pattern", "format", "multipleOf", "uniqueItems", "minProperties",
                      "maxProperties"})
@@ -71,9 +70,32 @@ _COMMON_RULES = {
     # \u escapes exclude surrogates: a lone one is not a character.
     "esc-u": r'"u" ([0-9a-cA-Ce-fE-F] hex{3} | [dD] [0-7] hex{2})',
 }
+
+
+def _text_rule(also: str) -> str:
+    """Plain text: its first character is no whitespace (Unicode's, as str.strip() sees it),
+    no control character and not the start of a call list or a ```-fence (see calls.py)."""
+    excluded = "".join(_class_char(c) for c in TEXT_START_EXCLUDED if ord(c) > 0x20)
+    first = f"[^{also}`\\x00-\\x20{excluded}]"
+    return (f'{first} [^\\x00]* | "`" ([^`\\x00] [^\\x00]*)? '
+            '| "``" ([^`\\x00] [^\\x00]*)?')
+
+
+def _class_char(ch: str) -> str:
+    code = ord(ch)
+    if ch in "[]^-\\":
+        return "\\" + ch
+    if 0x20 < code < 0x7F:
+        return ch
+    return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}"
+
+
 _SYNTAX_RULES = {
     "python": {
-        "esc": "\"\\\\\" ([\"'\\\\nrtbf] | \"x\" hex{2} | esc-u | \"U\" (\"000\" hex{5} | \"0010\" hex{4}))",
+        # \U escapes: any code point up to U+10FFFF except the surrogates, as the parser reads them.
+        "esc": ("\"\\\\\" ([\"'\\\\nrtbf] | \"x\" hex{2} | esc-u | \"U\" (\"0000\" "
+                "([0-9a-cA-Ce-fE-F] hex{3} | [dD] [0-7] hex{2}) | \"000\" [1-9a-fA-F] hex{4} "
+                "| \"0010\" hex{4}))"),
         "sq-char": r"[^'\\\x00-\x1F] | esc",
         "dq-char": r'[^"\\\x00-\x1F] | esc',
         "string": "\"'\" sq-char* \"'\" | \"\\\"\" dq-char* \"\\\"\"",
@@ -84,7 +106,7 @@ _SYNTAX_RULES = {
         "object": r'"{" ws (pair (ws "," ws pair)*)? ws "}"',
         "pair": r'string ws ":" ws value',
         # Plain text: not a call list, and not a ```-fence around one.
-        "text": r'[^\[`\x00-\x20] [^\x00]* | "`" ([^`\x00] [^\x00]*)? | "``" ([^`\x00] [^\x00]*)?',
+        "text": _text_rule("\\["),
     },
     "json": {
         "esc": r'"\\" (["\\/bfnrt] | esc-u)',
@@ -96,7 +118,7 @@ _SYNTAX_RULES = {
         "array": r'"[" ws (value (ws "," ws value)*)? ws "]"',
         "object": r'"{" ws (pair (ws "," ws pair)*)? ws "}"',
         "pair": r'string ws ":" ws value',
-        "text": r'[^\[{`\x00-\x20] [^\x00]* | "`" ([^`\x00] [^\x00]*)? | "``" ([^`\x00] [^\x00]*)?',
+        "text": _text_rule("\\[{"),
     },
 }
 
@@ -113,6 +135,12 @@ def build_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any
     if syntax not in SYNTAXES:
         raise ValueError(f"unknown call syntax {syntax!r}; expected one of {', '.join(SYNTAXES)}.")
     tools = as_tools(tools)
+    if len(tools) > MAX_TOOLS:
+        raise SchemaError(
+            f"{len(tools)} tools given; a GBNF grammar supports at most {MAX_TOOLS} (each one "
+            "costs masking time on every token). Pass only the tools relevant to the request, "
+            "or use the llguidance engine, which has no such limit."
+        )
     choice = _tool_choice(tool_choice, tools)
     # Property order matters (it is the declared argument order): no sort_keys.
     key = json.dumps([[t.name, t.parameters] for t in tools])
@@ -195,8 +223,13 @@ class _Context:
         self.root = root
         self.refs: list[str] = []
 
-    def fail(self, pointer: str, message: str) -> SchemaError:
-        return SchemaError(f"{self.label}: {message} (at {pointer or '/'}).")
+    def fail(self, pointer: str, message: str, empty: bool = False) -> SchemaError:
+        cls = _NoValue if empty else SchemaError
+        return cls(f"{self.label}: {message} (at {pointer or '/'}).")
+
+
+class _NoValue(SchemaError):
+    """A schema that no value satisfies (an anyOf member that is one is dropped)."""
 
 
 class _Compiler:
@@ -251,7 +284,15 @@ class _Compiler:
     def arguments(self, tool: Tool, index: int, where: str = "") -> str:
         """The argument list of a tool: after "(" up to ")" (python) or a JSON object."""
         ctx = _Context(f"{where}tool {tool.name!r}", tool.parameters)
-        params = tool.parameters
+        try:
+            params, refs = flatten(tool.parameters, tool.parameters)
+        except MergeError as exc:
+            raise ctx.fail(exc.pointer, str(exc)) from None
+        ctx.refs = list(refs)
+        if not isinstance(params, dict) or "anyOf" in params or "oneOf" in params:
+            raise ctx.fail("", "\"parameters\" must be one object schema (no anyOf/oneOf at its top)")
+        # Only declared arguments, in both syntaxes, whatever additionalProperties says.
+        params = {**params, "additionalProperties": False}
         if self.syntax == "python":
             for name in params.get("properties", {}):
                 if not PY_ARG_NAME.fullmatch(name):
@@ -259,7 +300,7 @@ class _Compiler:
                                    f"argument name {name!r} cannot be written as name=value in "
                                    "the python call syntax; use syntax 'json'")
             return self.object_members(params, ctx, "", f"args-{index}", kwargs=True)
-        return self.expr(params, ctx, "")
+        return self.object(params, ctx, "")
 
     # -- schemas ----------------------------------------------------------------
     def expr(self, schema: Any, ctx: _Context, ptr: str) -> str:
@@ -276,28 +317,33 @@ class _Compiler:
                                "remove it or express the constraint with supported keywords")
         if isinstance(schema.get("items"), list):
             raise ctx.fail(f"{ptr}/items", "unsupported tuple form of 'items' (a list of schemas)")
-        if "$ref" in schema:
-            return self.ref(schema, ctx, ptr)
-        if "allOf" in schema:
-            return self.expr(self.merge_all_of(schema, ctx, ptr), ctx, ptr)
+        if "$ref" in schema or "allOf" in schema:
+            return self.merged(schema, ctx, ptr)
         if "const" in schema:
-            return self.literals([schema["const"]], ptr)
-        if "enum" in schema:
-            return self.enum(schema, ctx, ptr)
+            # a constant is a one-value enum, which must also satisfy the rest
+            enum = [v for v in schema.get("enum", [schema["const"]]) if same_value(v, schema["const"])]
+            schema = {**{k: v for k, v in schema.items() if k != "const"}, "enum": enum}
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 members = schema[key]
                 if not isinstance(members, list) or not members:
                     raise ctx.fail(f"{ptr}/{key}", f"{key!r} needs a non-empty list of schemas")
+                # Each member adds to the parent's keywords (required, bounds,
+                # properties...), as JSON Schema reads it: parent AND member.
                 base = {k: v for k, v in schema.items() if k != key and k not in ANNOTATIONS}
-                alts = [self.expr({**base, **m} if isinstance(m, dict) else m, ctx, f"{ptr}/{key}/{i}")
-                        for i, m in enumerate(members)]
+                alts, dropped = [], []
+                for i, m in enumerate(members):
+                    try:
+                        alts.append(self.expr({"allOf": [base, m]} if base else m, ctx,
+                                              f"{ptr}/{key}/{i}"))
+                    except _NoValue as exc:
+                        dropped.append(exc)  # a member no value satisfies adds nothing
+                if not alts:
+                    raise dropped[0]
                 return self.alternatives("any-of", alts)
+        if "enum" in schema:
+            return self.enum(schema, ctx, ptr)
         t = schema.get("type")
-        if schema.get("nullable") is True and t is not None:
-            types = t if isinstance(t, list) else [t]
-            if "null" not in types:
-                t = types + ["null"]
         if isinstance(t, list):
             if not t:
                 raise ctx.fail(f"{ptr}/type", "empty type list")
@@ -315,66 +361,17 @@ class _Compiler:
             return alts[0]
         return self.add(hint, " | ".join(alts))
 
-    def ref(self, schema: dict, ctx: _Context, ptr: str) -> str:
-        ref = schema["$ref"]
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise ctx.fail(f"{ptr}/$ref", f"only local references ('#/...') are supported, found {ref!r}")
-        if ref in ctx.refs:
-            chain = " -> ".join(ctx.refs + [ref])
-            raise ctx.fail(f"{ptr}/$ref", f"recursive $ref ({chain}) cannot be compiled to a grammar")
-        target: Any = ctx.root
-        for part in ref[2:].split("/") if ref.startswith("#/") else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(target, dict) and part in target:
-                target = target[part]
-            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
-                target = target[int(part)]
-            else:
-                raise ctx.fail(f"{ptr}/$ref", f"$ref {ref!r} points to nothing")
-        if ref == "#":
-            raise ctx.fail(f"{ptr}/$ref", "recursive $ref '#' cannot be compiled to a grammar")
-        siblings = {k: v for k, v in schema.items() if k != "$ref" and k not in ANNOTATIONS}
-        merged = {**target, **siblings} if isinstance(target, dict) else target
-        ctx.refs.append(ref)
+    def merged(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        """``$ref`` (with its sibling keywords) and ``allOf``: one merged schema (merge.py)."""
         try:
-            return self.expr(merged, ctx, ref[1:])
+            merged, refs = flatten(schema, ctx.root, tuple(ctx.refs), ptr)
+        except MergeError as exc:
+            raise ctx.fail(exc.pointer, str(exc), exc.empty) from None
+        saved, ctx.refs = ctx.refs, list(refs)
+        try:
+            return self.expr(merged, ctx, ptr)
         finally:
-            ctx.refs.pop()
-
-    def merge_all_of(self, schema: dict, ctx: _Context, ptr: str) -> dict:
-        merged = {k: v for k, v in schema.items() if k != "allOf"}
-        members = schema["allOf"]
-        if not isinstance(members, list) or not members:
-            raise ctx.fail(f"{ptr}/allOf", "'allOf' needs a non-empty list of schemas")
-        for i, member in enumerate(members):
-            if not isinstance(member, dict):
-                raise ctx.fail(f"{ptr}/allOf/{i}", "expected a schema object")
-            if "$ref" in member:
-                if member["$ref"] in ctx.refs:
-                    raise ctx.fail(f"{ptr}/allOf/{i}/$ref", "recursive $ref cannot be compiled")
-                resolved = _lookup(ctx.root, member["$ref"])
-                if not isinstance(resolved, dict):
-                    raise ctx.fail(f"{ptr}/allOf/{i}/$ref", f"$ref {member['$ref']!r} points to nothing")
-                member = {**resolved, **{k: v for k, v in member.items() if k != "$ref"}}
-            for key, value in member.items():
-                if key in ANNOTATIONS:
-                    merged.setdefault(key, value)
-                elif key == "properties" and isinstance(merged.get(key), dict):
-                    for name, sub in value.items():
-                        if name in merged[key] and merged[key][name] != sub:
-                            raise ctx.fail(f"{ptr}/allOf/{i}/properties/{name}",
-                                           "'allOf' members give different schemas for one "
-                                           "property; only non-conflicting members are supported")
-                    merged[key] = {**merged[key], **value}
-                elif key == "required":
-                    merged[key] = list(dict.fromkeys(list(merged.get(key, [])) + list(value)))
-                elif key in merged and merged[key] != value:
-                    raise ctx.fail(f"{ptr}/allOf/{i}/{key}",
-                                   f"'allOf' members disagree on {key!r}; only non-conflicting "
-                                   "members are supported")
-                else:
-                    merged[key] = value
-        return merged
+            ctx.refs = saved
 
     def literals(self, values: list, ptr: str) -> str:
         texts: list[str] = []
@@ -401,7 +398,7 @@ class _Compiler:
             except jsonschema.exceptions.RefResolutionError:
                 pass
             if not values:
-                raise ctx.fail(f"{ptr}/enum", "no enum value satisfies the rest of its schema")
+                raise ctx.fail(f"{ptr}/enum", "no enum value satisfies the rest of its schema", True)
         return self.literals(values, ptr)
 
     def typed(self, t: str, schema: dict, ctx: _Context, ptr: str) -> str:
@@ -433,7 +430,7 @@ class _Compiler:
         if low > MAX_REPEAT:
             raise ctx.fail(f"{ptr}/minLength", f"minLength above {MAX_REPEAT} is not supported")
         if high is not None and high < low:
-            raise ctx.fail(ptr, f"maxLength {high} is below minLength {low}")
+            raise ctx.fail(ptr, f"maxLength {high} is below minLength {low}", True)
         if low == 0 and high is None:
             return self.use("string")
         rep = f"{{{low},{'' if high is None else high}}}"
@@ -464,7 +461,7 @@ class _Compiler:
         if lo is None and hi is None:
             return self.use("integer")
         if lo is not None and hi is not None and lo > hi:
-            raise ctx.fail(ptr, f"no integer lies between minimum {low} and maximum {high}")
+            raise ctx.fail(ptr, f"no integer lies between minimum {low} and maximum {high}", True)
         return self.add("int-range", _int_range(lo, hi))
 
     def array(self, schema: dict, ctx: _Context, ptr: str) -> str:
@@ -476,7 +473,7 @@ class _Compiler:
         if low > MAX_REPEAT:
             raise ctx.fail(f"{ptr}/minItems", f"minItems above {MAX_REPEAT} is not supported")
         if high is not None and high < low:
-            raise ctx.fail(ptr, f"maxItems {high} is below minItems {low}")
+            raise ctx.fail(ptr, f"maxItems {high} is below minItems {low}", True)
         if items is False or high == 0:
             if low > 0:
                 raise ctx.fail(ptr, "the array must have items but 'items' allows none")
@@ -530,7 +527,15 @@ class _Compiler:
                                f"({', '.join(props) or 'none'})")
         members: list[tuple[str, bool]] = []
         for name, sub in props.items():
-            value = self.expr(sub, ctx, f"{ptr}/properties/{_escape(name)}")
+            where = f"{ptr}/properties/{_escape(name)}"
+            try:
+                if sub is False:
+                    raise ctx.fail(where, f"property {name!r} allows no value", True)
+                value = self.expr(sub, ctx, where)
+            except _NoValue:
+                if name in required:
+                    raise
+                continue  # an optional key no value fits is never written
             if kwargs:
                 key = _lit(name)
                 body = f'{key} ws "=" ws {value}'
@@ -708,18 +713,6 @@ def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value
-
-
-def _lookup(root: dict, ref: str) -> Any:
-    node: Any = root
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return None
-    for part in ref[2:].split("/") if ref.startswith("#/") else []:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _escape(key: str) -> str:

@@ -25,9 +25,9 @@ import jsonschema
 
 from ..errors import SchemaError
 
-# More tools than this do not fit a prompt anyway, and each one costs grammar
-# size and masking time on every token.
-MAX_TOOLS = 256
+# Deepest nesting of lists and objects in one tool definition. Real schemas stay
+# far below it; a deeper one is refused before anything recurses over it.
+MAX_DEPTH = 64
 
 # A call name: dotted identifiers (``math.factorial``), hyphens allowed as in
 # OpenAI's function names. The python call syntax needs the name to be a word.
@@ -83,6 +83,11 @@ def load_tools(source: Any) -> list[Tool]:
                 text = fh.read()
         except OSError as exc:
             raise SchemaError(f"{where}cannot read tools file ({exc.strerror or exc}).") from None
+        except UnicodeDecodeError as exc:
+            raise SchemaError(
+                f"{where}not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start}). Expected a JSON list of tool definitions."
+            ) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -90,6 +95,9 @@ def load_tools(source: Any) -> list[Tool]:
                 f"{where}malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}. "
                 "Expected a JSON list of tool definitions."
             ) from None
+        except RecursionError:
+            raise SchemaError(f"{where}JSON nested too deeply to read; tool definitions nest "
+                              f"at most {MAX_DEPTH} levels.") from None
     else:
         data = source
     if isinstance(data, Tool):
@@ -100,11 +108,6 @@ def load_tools(source: Any) -> list[Tool]:
     if not isinstance(data, (list, tuple)):
         raise SchemaError(
             f"{where}expected a list of tool definitions, found {type(data).__name__}."
-        )
-    if len(data) > MAX_TOOLS:
-        raise SchemaError(
-            f"{where}{len(data)} tools given; at most {MAX_TOOLS} are supported "
-            "(a prompt cannot describe more). Pass only the tools relevant to the request."
         )
     tools = [_tool_from(item, i, where) for i, item in enumerate(data)]
     seen: dict[str, int] = {}
@@ -122,6 +125,7 @@ def _tool_from(item: Any, index: int, where: str) -> Tool:
     if isinstance(item, Tool):
         return item
     if isinstance(item, dict):
+        _check_depth(item, index, where)
         # The runtime passes the same tool dicts on every request; normalising
         # and checking a schema costs milliseconds, so do it once per tool.
         try:
@@ -129,13 +133,46 @@ def _tool_from(item: Any, index: int, where: str) -> Tool:
         except (TypeError, ValueError):
             key = None
         if key is not None:
-            return _cached_tool(key, index, where)
+            name, description, parameters, spec = _cached_tool(key, index, where)
+            # Fresh dicts for every caller: a caller that edits its Tool must
+            # not change the Tool every later caller gets.
+            return Tool(name, description, json.loads(parameters), json.loads(spec))
     return _make_tool(item, index, where)
 
 
 @lru_cache(maxsize=4096)
-def _cached_tool(key: str, index: int, where: str) -> Tool:
-    return _make_tool(json.loads(key), index, where)
+def _cached_tool(key: str, index: int, where: str) -> tuple[str, str, str, str]:
+    tool = _make_tool(json.loads(key), index, where)
+    return tool.name, tool.description, json.dumps(tool.parameters), json.dumps(tool.spec)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (a scalar: 0), without recursion."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break  # deep enough to refuse; no need to measure the rest
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_depth(item: dict, index: int, where: str) -> None:
+    depth = json_depth(item)
+    if depth > MAX_DEPTH:
+        spec = item.get("function") if isinstance(item.get("function"), dict) else item
+        name = spec.get("name")
+        label = f"tool {name!r}" if isinstance(name, str) else f"tool {index}"
+        raise SchemaError(f"{where}{label}: the definition nests lists and objects more than "
+                          f"{MAX_DEPTH} levels deep (found at least {depth}); flatten the schema.")
 
 
 def _make_tool(item: Any, index: int, where: str) -> Tool:
@@ -182,10 +219,13 @@ def _make_tool(item: Any, index: int, where: str) -> Tool:
     return tool
 
 
-def normalize_schema(schema: dict, label: str = "schema") -> dict:
+def normalize_schema(schema: dict, label: str = "schema", bfcl: bool | None = None) -> dict:
     """Plain JSON Schema from a BFCL or JSON Schema parameter schema.
 
-    What changes (each is what BFCL's authors meant, see docs/grammars.md):
+    Always: OpenAPI's ``nullable: true`` becomes a ``null`` alternative.
+    Only for BFCL function docs (``bfcl``; None: when the schema uses one of
+    BFCL's type names ``dict``, ``float``, ``tuple``, ``any``), what BFCL's
+    authors meant (see docs/grammars.md):
 
     * types ``dict``/``float``/``tuple``/``any`` -> ``object``/``number``/``array``/any;
     * BFCL's ``optional`` annotation is dropped;
@@ -195,16 +235,40 @@ def normalize_schema(schema: dict, label: str = "schema") -> dict:
     * an ``enum`` of scalars on an array constrains its items;
     * a property that is not required and defaults to ``null`` accepts ``null``.
 
-    Raises SchemaError for schemas jsonschema itself rejects.
+    A JSON Schema tool keeps its schema as written, so the calls the grammar
+    allows validate against it. Raises SchemaError for schemas jsonschema
+    itself rejects and for schemas nested more than MAX_DEPTH levels.
     """
     if not isinstance(schema, dict):
         raise SchemaError(f"{label}: expected a JSON Schema object, found {type(schema).__name__}.")
-    out = _normalize(copy.deepcopy(schema), label, "")
+    depth = json_depth(schema)
+    if depth > MAX_DEPTH:
+        raise SchemaError(f"{label}: the schema nests lists and objects more than {MAX_DEPTH} "
+                          f"levels deep (found at least {depth}); flatten the schema.")
+    if bfcl is None:
+        bfcl = uses_bfcl_types(schema)
+    out = _normalize(copy.deepcopy(schema), label, "", bfcl)
     error = jsonschema.exceptions.best_match(_meta_validator().iter_errors(out))
     if error is not None:
         pointer = "/" + "/".join(str(p) for p in error.path) if error.path else ""
         raise SchemaError(f"{label}: invalid JSON Schema at {pointer or '/'}: {error.message}")
     return out
+
+
+def uses_bfcl_types(schema: Any) -> bool:
+    """Whether a schema names one of BFCL's own types (``dict``, ``float``, ``tuple``, ``any``)."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            t = node.get("type")
+            if isinstance(t, str) and t in BFCL_TYPES or (
+                    isinstance(t, list) and any(isinstance(x, str) and x in BFCL_TYPES for x in t)):
+                return True
+            todo.extend(v for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
+        elif isinstance(node, list):
+            todo.extend(node)
+    return False
 
 
 @lru_cache(maxsize=1)
@@ -215,38 +279,61 @@ def _meta_validator() -> jsonschema.Draft7Validator:
     return cls(cls.META_SCHEMA)
 
 
-def _normalize(node: Any, label: str, pointer: str) -> Any:
+def _normalize(node: Any, label: str, pointer: str, bfcl: bool) -> Any:
     if isinstance(node, bool):
         return node
     if not isinstance(node, dict):
         raise SchemaError(f"{label}: expected a schema object at {pointer or '/'}, "
                           f"found {type(node).__name__}.")
-    node.pop("optional", None)
+    if bfcl:
+        node.pop("optional", None)
     if "type" in node:
         node["type"] = _normalize_type(node["type"], label, pointer)
         if node["type"] is None:
             del node["type"]
     for key in SUBSCHEMA_ONE:
         if key in node and isinstance(node[key], (dict, bool)):
-            node[key] = _normalize(node[key], label, f"{pointer}/{key}")
+            node[key] = _normalize(node[key], label, f"{pointer}/{key}", bfcl)
     for key in SUBSCHEMA_LIST:
         if isinstance(node.get(key), list):
-            node[key] = [_normalize(s, label, f"{pointer}/{key}/{i}") for i, s in enumerate(node[key])]
+            node[key] = [_normalize(s, label, f"{pointer}/{key}/{i}", bfcl)
+                         for i, s in enumerate(node[key])]
     if isinstance(node.get("items"), list):  # draft-4 tuple form
-        node["items"] = [_normalize(s, label, f"{pointer}/items/{i}") for i, s in enumerate(node["items"])]
+        node["items"] = [_normalize(s, label, f"{pointer}/items/{i}", bfcl)
+                         for i, s in enumerate(node["items"])]
     for key in SUBSCHEMA_MAP:
         if isinstance(node.get(key), dict):
-            node[key] = {k: _normalize(s, label, f"{pointer}/{key}/{_escape(k)}")
+            node[key] = {k: _normalize(s, label, f"{pointer}/{key}/{_escape(k)}", bfcl)
                          for k, s in node[key].items()}
-    _fix_enum(node)
-    props = node.get("properties")
-    if isinstance(props, dict):
-        required = node.get("required", [])
-        for name, prop in props.items():
-            if (isinstance(prop, dict) and "default" in prop and prop["default"] is None
-                    and name not in required):
-                _allow_null(prop)
+    if bfcl:
+        _fix_enum(node)
+        props = node.get("properties")
+        if isinstance(props, dict):
+            required = node.get("required", [])
+            for name, prop in props.items():
+                if (isinstance(prop, dict) and "default" in prop and prop["default"] is None
+                        and name not in required):
+                    _allow_null(prop)
+    if "nullable" in node:
+        node = _nullable(node)
     return node
+
+
+def _nullable(node: dict) -> dict:
+    """OpenAPI's ``nullable: true`` as JSON Schema: the schema, or null."""
+    if node.pop("nullable") is not True:
+        return node
+    if "type" in node and not any(k in node for k in ("$ref", "allOf", "anyOf", "oneOf", "const")):
+        _allow_null(node)
+        return node
+    if "anyOf" in node and len(node) == 1:
+        _allow_null(node)
+        return node
+    if not any(k in node for k in ("type", "$ref", "allOf", "anyOf", "oneOf", "enum", "const")):
+        return node  # any value already
+    keep = ("description", "title", "default", "examples", "$defs", "definitions")
+    outer = {k: node.pop(k) for k in keep if k in node}
+    return {**outer, "anyOf": [node, {"type": "null"}]}
 
 
 def _normalize_type(value: Any, label: str, pointer: str) -> Any:

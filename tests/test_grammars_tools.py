@@ -127,10 +127,9 @@ def test_malformed_json_file_names_file_and_line(tmp_path):
         load_tools(tmp_path / "missing.json")
 
 
-def test_a_thousand_tools_is_refused():
+def test_a_thousand_tools_load_but_are_too_many_for_gbnf():
     tools = [{"name": f"tool_{i}", "parameters": {"type": "object"}} for i in range(1000)]
-    with pytest.raises(SchemaError, match="1000 tools"):
-        load_tools(tools)
+    assert len(load_tools(tools)) == 1000  # the llguidance compiler takes them (test_grammars_llg.py)
     with pytest.raises(SchemaError, match="1000 tools"):
         build_grammar(tools)
 
