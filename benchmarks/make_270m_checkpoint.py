@@ -66,6 +66,10 @@ def write_tokenizer_model(gguf_path: Path, dest: Path) -> Path:
     model = spm_pb.ModelProto()
     for piece, score, kind in zip(tokens, scores, types):
         entry = model.pieces.add()
+        if kind == spm_pb.ModelProto.SentencePiece.USER_DEFINED:
+            # As in Google's tokenizer.model: user-defined pieces (the whitespace runs, ids 138, ...)
+            # spell spaces as U+2581; GGUF stores them with raw spaces.
+            piece = piece.replace(" ", "\u2581")
         entry.piece, entry.score, entry.type = piece, score, kind  # GGUF token types use SentencePiece's numbering
     spec = model.trainer_spec
     spec.model_type = spm_pb.TrainerSpec.BPE

@@ -28,6 +28,13 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ADDED_TOKENS = "added_tokens.json"
 
+# SentencePiece writes a space as U+2581 in every piece. llama.cpp matches
+# USER_DEFINED pieces against the raw text, before that escaping, so they are
+# stored with real spaces and the added-token score (Gemma's whitespace runs,
+# ids 138, 139, ...), as llama.cpp's converter and the published GGUFs store
+# them, whether or not tokenizer_config.json lists them; other pieces keep U+2581.
+ESCAPED_SPACE = "\u2581".encode("utf-8")
+
 # Score llama.cpp's converter gives added tokens and padding entries.
 ADDED_TOKEN_SCORE = -1000.0
 
@@ -189,9 +196,7 @@ def _pieces_from_tokenizer_json(path: Path) -> list[tuple[bytes, float, int]]:
         elif is_byte[i]:
             pieces.append((piece.encode("utf-8"), 0.0, int(TokenType.BYTE)))
         elif i < first_merged or i in added:
-            # User-defined pieces carry real spaces in GGUF, as llama.cpp's converter writes them.
-            text = piece.replace("\u2581", " ")
-            pieces.append((text.encode("utf-8"), ADDED_TOKEN_SCORE, int(TokenType.USER_DEFINED)))
+            pieces.append((piece.encode("utf-8"), ADDED_TOKEN_SCORE, int(TokenType.USER_DEFINED)))
         else:
             pieces.append((piece.encode("utf-8"), -float(rank) if kind == "BPE" else score, int(TokenType.NORMAL)))
             rank += 1
@@ -224,18 +229,16 @@ def read_vocabulary(folder: Path, n_vocab: int) -> Vocabulary:
     for token_id, text, special in _added_tokens(folder):
         if not 0 <= token_id < n_vocab:
             continue  # out of the model's vocabulary: llama.cpp's converter drops these too
-        if special or looks_special(text):
-            types[token_id] = int(TokenType.CONTROL)
-        else:
-            # SentencePiece marks spaces as U+2581; an added token's text carries real spaces.
-            text = text.replace("\u2581", " ")
-            types[token_id] = int(TokenType.USER_DEFINED)
+        types[token_id] = int(TokenType.CONTROL if special or looks_special(text) else TokenType.USER_DEFINED)
         tokens[token_id] = text.encode("utf-8")
         scores[token_id] = ADDED_TOKEN_SCORE
 
     for i, raw in enumerate(tokens[:max(n_vocab, 0)]):
         if raw.decode("utf-8", "replace") in GEMMA_CONTROL_TOKENS:
             types[i] = int(TokenType.CONTROL)
+        elif types[i] == TokenType.USER_DEFINED:
+            tokens[i] = raw.replace(ESCAPED_SPACE, b" ")
+            scores[i] = ADDED_TOKEN_SCORE
     return Vocabulary(tokens, scores, types, source)
 
 

@@ -152,6 +152,17 @@ def reference_logits(folder: Path, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
+def gguf_vocabulary(path: Path) -> list[tuple[bytes, float, int]]:
+    """(text, score, type) of every token of a GGUF, for token-by-token comparisons."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    return [(t.encode("utf-8"), float(s), int(k)) for t, s, k in zip(tokens, scores, types)]
+
+
 def llama_tokens(gguf_path: Path, text: str) -> list[int]:
     import llama_cpp
 
@@ -193,6 +204,8 @@ def fake_sentencepiece(path: Path, n_pieces: int = 290) -> Path:
             entry.piece, entry.type, entry.score = "<start_of_turn>", 4, 0.0  # USER_DEFINED: must end up CONTROL
         elif i == 106:
             entry.piece, entry.type, entry.score = "<end_of_turn>", 4, 0.0
+        elif i in (138, 139):  # Gemma's whitespace runs: user-defined, spaces spelled U+2581, score 0
+            entry.piece, entry.type, entry.score = "\u2581" * (i - 136), 4, 0.0
         elif i == 200:
             entry.piece, entry.score = "\u2581" + "x" * 150, -float(i)  # a piece longer than 127 bytes
         else:
@@ -202,13 +215,17 @@ def fake_sentencepiece(path: Path, n_pieces: int = 290) -> Path:
 
 
 def fake_gemma_checkpoint(folder: Path, layout: str = "causal", dtype: str = "BF16", seed: int = 0,
-                          extra: dict | None = None, shards: int = 1) -> Path:
+                          extra: dict | None = None, shards: int = 1, tokenizer_dir: Path | None = None) -> Path:
     """Random weights for a 2-layer Gemma 3 in one of the save layouts.
 
     layout: "causal" (model.*), "cg" (model.language_model.*, transformers >= 4.52),
     "cg-old" (language_model.model.*), each "cg" with a few vision tensors.
+    tokenizer_dir: tokenizer files to copy (e.g. ``gemma_tokenizer_dir``; the
+    vocabulary then takes its size) instead of the small fake SentencePiece model.
     """
-    d = FAKE_DIMS
+    d = dict(FAKE_DIMS)
+    if tokenizer_dir is not None:
+        d["vocab"] = 262144
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     text = dict(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["ff"],
@@ -266,6 +283,10 @@ def fake_gemma_checkpoint(folder: Path, layout: str = "causal", dtype: str = "BF
             write_safetensors(folder / file, {n: tensors[n] for n in part})
             weight_map.update({n: file for n in part})
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, folder)
+        (folder / "README.md").write_text("---\nlicense: gemma\n---\n")
+        return folder
     fake_sentencepiece(folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
@@ -276,8 +297,12 @@ def fake_gemma_checkpoint(folder: Path, layout: str = "causal", dtype: str = "BF
     return folder
 
 
-def gemma_tokenizer_dir() -> Path:
-    """tokenizer.model + tokenizer_config.json rebuilt from the real 270M GGUF, built once per process."""
+def gemma_tokenizer_dir(gguf_path: Path | None = None) -> Path:
+    """tokenizer.model + tokenizer_config.json rebuilt from the real 270M GGUF, built once per process.
+
+    The tokenizer.model is written as Google's is (user-defined pieces spell
+    spaces as U+2581), so a converter that copies pieces verbatim shows.
+    """
     global _TOKENIZER_DIR
     if _TOKENIZER_DIR is None:
         import atexit
@@ -285,7 +310,7 @@ def gemma_tokenizer_dir() -> Path:
 
         folder = Path(tempfile.mkdtemp(prefix="gemma3-tokenizer-"))
         atexit.register(shutil.rmtree, folder, True)
-        load_270m_builder().write_tokenizer_files(folder, tokenizer_json=False)
+        load_270m_builder().write_tokenizer_files(folder, gguf_path, tokenizer_json=False)
         _TOKENIZER_DIR = folder
     return _TOKENIZER_DIR
 

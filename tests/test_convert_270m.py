@@ -4,7 +4,13 @@ The checkpoint is built here from the Gemma 3 270M GGUF that the demo package
 ships (benchmarks/make_270m_checkpoint.py, about a minute), then converted to
 BF16, Q8_0 and Q4_K_M. Tokenization of a fixed set of strings must be identical
 across llama.cpp on the converted file, the checkpoint's HF tokenizer and
-llama.cpp on the original 270M GGUF.
+llama.cpp on the original 270M GGUF, and the converted vocabulary must be the
+original's token by token.
+
+The checkpoint's tokenizer.model spells the user-defined whitespace pieces
+with U+2581, as Google's does. (It once copied the GGUF's raw spaces, which
+hid a converter that copied pieces verbatim: every run of spaces then
+tokenized differently from sentencepiece and the published GGUF.)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
-from convert_fixtures import llama_logits, load_270m_builder, reference_logits  # noqa: E402
+from convert_fixtures import gguf_vocabulary, llama_logits, load_270m_builder, reference_logits  # noqa: E402
 from toolgrad_edge.convert import convert_checkpoint  # noqa: E402
 from toolgrad_edge.convert.tokenizer import read_vocabulary  # noqa: E402
 
@@ -31,6 +37,11 @@ TOKENIZATION_CASES = [
     "[get_weather(location='Paris', unit='celsius'), math.factorial(n=5)]",
     "a    b        c",
     "   leading and trailing spaces   ",
+    "  two  spaces   three",
+    json.dumps({"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "location": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}, indent=4),
+    "class A:\n    def f(self):\n        if self:\n            return 1\n",
+    "\t\t\tthree tabs\t\t\t\t\t\t\t\tand eight\n\n\n\n\n\nsix newlines",
     "\tone tab\n\ttwo\t\ttabs\r\nwindows line\n\n\nthree newlines",
     "東京の天気は？今天天气怎么样？서울 날씨는 어때요?",
     "Call me 📞 when you land ✈️ 👍🏽 🇫🇷",
@@ -66,6 +77,14 @@ def _vocab_model(path):
     import llama_cpp
 
     return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+def test_vocabulary_identical_token_by_token(derived, gemma_270m_gguf):
+    source = gguf_vocabulary(gemma_270m_gguf)
+    for kind, path in derived[1].items():
+        ours = gguf_vocabulary(path)
+        bad = [(i, ours[i], source[i]) for i in range(len(source)) if ours[i] != source[i]]
+        assert len(ours) == len(source) and not bad, (kind, len(bad), bad[:5])
 
 
 def test_tokenization_identical_everywhere(derived, hf_tokenizer, gemma_270m_gguf):
@@ -117,6 +136,8 @@ def test_tokenizer_json_fallback_tokenizes_the_same(derived, tmp_path, gemma_270
     from_json = read_vocabulary(json_only, 262144)
     assert (from_model.source, from_json.source) == ("tokenizer.model", "tokenizer.json")
     assert from_json.tokens == from_model.tokens and from_json.types == from_model.types
+    source = gguf_vocabulary(gemma_270m_gguf)
+    assert from_json.tokens == [t for t, _, _ in source] and from_json.types == [k for _, _, k in source]
     # Merged pieces keep SentencePiece's scores; single characters (never a merge
     # result, so their scores are unused) may sit at a different offset.
     merged = [i for i, (t, k) in enumerate(zip(from_model.tokens, from_model.types))
