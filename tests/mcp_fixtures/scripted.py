@@ -20,6 +20,9 @@ class ScriptedModel:
     Records what it was asked (messages, tool names, tool_choice, the rendered prompt) in `requests`.
     """
 
+    model_path = Path("scripted.gguf")
+    backend = "scripted"
+
     def __init__(self, *answers):
         self.answers = list(answers)
         self.requests: list[dict] = []

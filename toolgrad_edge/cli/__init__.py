@@ -17,7 +17,8 @@ from ..errors import ToolgradEdgeError
 # name -> (module under toolgrad_edge.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "call": ("runtime_cmds", "call", "Turn one request into tool calls."),
-    "chat": ("runtime_cmds", "chat", "Interactive tool-calling loop."),
+    "ask": ("assistant_cmds", "ask", "Answer one question, running the tools it calls."),
+    "chat": ("assistant_cmds", "chat", "Interactive assistant whose tool calls run."),
     "info": ("runtime_cmds", "info", "Describe a GGUF model file."),
     "bench": ("bench_cmd", "bench", "Measure decode/prefill speed and quality."),
     "grammar": ("grammar_cmd", "grammar", "Print the GBNF grammar for a tools file."),
