@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -107,60 +106,6 @@ def call(query, tools_file, model, tool_choice, parallel, syntax, stream, as_jso
         else:
             result = rt.call(query, tools, **kwargs)
     _print_result(result, as_json)
-
-
-@click.command()
-@tools_option
-@model_option
-@tool_choice_option
-@parallel_option
-@syntax_option
-@_apply(generation_options)
-@_apply(runtime_options)
-def chat(tools_file, model, tool_choice, parallel, syntax, max_tokens, temperature, seed, no_grammar,
-         n_threads, n_ctx, verbose):
-    """Interactive loop: one request per line, with history. Ctrl-D or Ctrl-C quits.
-
-    Each answer joins the history, so follow-ups can refer to earlier turns.
-
-    \b
-    Examples:
-      toolgrad-edge chat --tools examples/tools.json
-    """
-    from ..errors import ContextLengthError
-
-    tools = _load_tools_file(tools_file)
-    with _open_runtime(model, n_threads, n_ctx, verbose) as rt:
-        click.echo(f"Model: {rt.model_path.name} on {rt.backend}. {len(tools)} tools. Ctrl-D to quit.", err=True)
-        history: list[dict] = []
-        while True:
-            try:
-                line = input("> " if sys.stdin.isatty() else "")
-            except (EOFError, KeyboardInterrupt):
-                click.echo("", err=True)
-                return
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line})
-            try:
-                result = rt.call(history, tools, tool_choice=tool_choice, parallel=parallel, syntax=syntax,
-                                 max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                 constrained=not no_grammar)
-            except ContextLengthError as exc:
-                history.pop()
-                click.echo(f"error: {exc} Start a new chat to clear the history.", err=True)
-                continue
-            except KeyboardInterrupt:
-                history.pop()
-                click.echo("\n(interrupted)", err=True)
-                continue
-            _print_result(result, as_json=False)
-            if result.tool_calls:
-                history.append({"role": "assistant", "tool_calls": [
-                    {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in result.tool_calls]})
-            else:
-                history.append({"role": "assistant", "content": result.content or ""})
 
 
 @click.command()
