@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .options import PROMPT_TEXT, json_option, model_option, tool_choice_option
+from .options import json_option, model_option, tool_choice_option
 from .runtime_cmds import _apply, _open_runtime, generation_options, runtime_options
 
 RESULT_PREVIEW_CHARS = 200
@@ -148,7 +148,7 @@ def _print_transcript(transcript) -> None:
 
 
 @click.command()
-@click.argument("prompt", type=PROMPT_TEXT)
+@click.argument("prompt")
 @model_option
 @_apply(tool_source_options)
 @json_option
