@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -19,6 +20,8 @@ from .writer import FLOAT_TYPES, ModelMetadata, expected_file_size, file_bytes, 
 
 SUPPORTED_TYPES = (*FLOAT_TYPES, *QUANT_TYPES)
 DEFAULT_QUANTS = ("Q4_K_M",)
+
+log = logging.getLogger("toolgrad_edge.convert")
 
 # The float type that holds a checkpoint of this dtype without loss: the
 # quantizer's input when no float output is requested.
@@ -99,16 +102,21 @@ def convert_checkpoint(
             needed += sum(int(n_params * QUANT_TYPES[q].bits_per_weight / 8) for q in quant_targets)
             check_free_space(folder, needed)
 
+            warned = False
+
             def write(path: Path, kind: str, label: str) -> None:
+                nonlocal warned
                 with _progress_bar(label, file_bytes(plan, FLOAT_TYPES[kind][0]), progress) as bar:
-                    write_float_gguf(path, checkpoint, plan, hp, vocab, special, meta, kind, bar.update)
+                    nonfinite = write_float_gguf(path, checkpoint, plan, hp, vocab, special, meta, kind, bar.update)
+                if nonfinite and not warned:
+                    warned = True
+                    log.warning(_nonfinite_warning(src.folder, nonfinite))
 
             for kind in float_targets:
                 with atomic_output(finals[kind]) as tmp:
                     write(tmp, kind, finals[kind].name)
                 written[kind] = finals[kind]
             if scratch is not None:
-                folder.mkdir(parents=True, exist_ok=True)
                 write(scratch, intermediate, f"{output_name(src.name, intermediate)} (intermediate)")
 
         for q in quant_targets:
@@ -119,6 +127,15 @@ def convert_checkpoint(
             scratch.unlink(missing_ok=True)
 
     return [written[q] for q in targets] + [p for q, p in written.items() if q not in targets]
+
+
+def _nonfinite_warning(folder: Path, nonfinite: dict[str, int]) -> str:
+    worst = sorted(nonfinite.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{name} ({count:,})" for name, count in worst[:5])
+    more = f" and {len(worst) - 5} more tensors" if len(worst) > 5 else ""
+    return (f"warning: {folder}: {sum(nonfinite.values()):,} NaN/Inf weights in {shown}{more}; "
+            "they were converted as they are, and the model will likely produce garbage. "
+            "Check the checkpoint (a failed fine-tune or a damaged download).")
 
 
 class _NoBar:

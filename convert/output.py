@@ -18,13 +18,35 @@ def output_name(source_name: str, quant: str) -> str:
     return f"{source_name}-{quant}.gguf"
 
 
-def check_free_space(folder: Path, needed: int) -> None:
+def make_output_folder(folder: Path) -> Path:
+    """Create ``folder`` (and its parents) or say why it cannot be created."""
     folder = Path(folder)
-    probe = folder
-    while not probe.exists():  # the folder may not exist yet: ask its nearest existing parent
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    if folder.is_dir():
+        return folder
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConversionError(
+            f"{folder}: cannot create the output folder: {blocker} is a file, not a folder; "
+            "choose another output path"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConversionError(
+            f"{folder}: cannot create the output folder ({exc.strerror or exc}); choose another output path"
+        ) from None
+    return folder
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Create the output folder, then check it has room for ``needed`` bytes (if not, remove what was created)."""
+    folder = Path(folder)
+    new_folders = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    make_output_folder(folder)
+    free = shutil.disk_usage(folder).free
     if free < needed:
+        for p in new_folders:
+            p.rmdir()
         raise ConversionError(
             f"{folder}: needs about {needed / 1e9:.2f} GB free, has {free / 1e9:.2f} GB; "
             "free some space or choose another --outdir"
@@ -38,7 +60,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     Covers KeyboardInterrupt too: an interrupted run leaves nothing that looks finished.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(final.parent)
     tmp = final.with_name(f".{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         yield tmp

@@ -21,21 +21,53 @@ from .output import atomic_output, check_free_space
 QType = gguf.GGMLQuantizationType
 
 
+# Average bits per weight of llama.cpp's file types, highest precision first:
+# the one table for disk-space estimates (here), the CLI's choices and the
+# choice of a reference file when comparing quantizations (bench_compare).
+# Types this project makes are averages over a Gemma 3 4B file (the K-quant
+# mixes and the 262k-row embedding weigh more than the nominal figure); the
+# others are llama.cpp's nominal figures. BF16 ranks above F16 at equal size:
+# Gemma 3 activations can overflow F16.
+BITS_PER_WEIGHT: dict[str, float] = {
+    "F32": 32.0,
+    "BF16": 16.0,
+    "F16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.6,
+    "Q5_1": 6.0,
+    "Q5_K_M": 5.8,
+    "Q5_0": 5.5,
+    "Q5_K_S": 5.5,
+    "Q4_K_M": 5.2,
+    "Q4_1": 5.0,
+    "Q4_0": 4.7,
+    "Q4_K_S": 4.6,
+    "IQ4_NL": 4.5,
+    "IQ4_XS": 4.3,
+    "Q3_K_L": 4.3,
+    "Q3_K_M": 3.9,
+    "Q3_K_S": 3.5,
+    "Q2_K": 3.4,
+}
+
+
 @dataclass(frozen=True)
 class QuantType:
     name: str
-    llama_ftype: str       # constant in llama_cpp
-    bits_per_weight: float  # average on Gemma 3 4B, for disk-space estimates
+    llama_ftype: str  # constant in llama_cpp
+
+    @property
+    def bits_per_weight(self) -> float:
+        return BITS_PER_WEIGHT[self.name]
 
 
-# The types llama.cpp's quantizer makes for us. Bits per weight are measured
-# averages (K-quant mixes keep some tensors at higher precision).
+# The types llama.cpp's quantizer makes for us, highest precision first.
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
-    QuantType("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", 8.5),
-    QuantType("Q6_K", "LLAMA_FTYPE_MOSTLY_Q6_K", 6.6),
-    QuantType("Q5_K_M", "LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.8),
-    QuantType("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 5.2),
-    QuantType("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", 4.7),
+    QuantType("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+    QuantType("Q6_K", "LLAMA_FTYPE_MOSTLY_Q6_K"),
+    QuantType("Q5_K_M", "LLAMA_FTYPE_MOSTLY_Q5_K_M"),
+    QuantType("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+    QuantType("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"),
 )}
 
 # Rows llama.cpp's quantizer holds in memory at once (where the binding exposes it).

@@ -119,7 +119,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"but the file has {size} bytes; fetch the shard again"
             )
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, expected)
+    _check_disjoint(path, tensors, data_start)
     return tensors
+
+
+def _check_disjoint(path: Path, tensors: dict[str, TensorInfo], data_start: int) -> None:
+    """No two tensors may share bytes: a header whose ranges overlap would convert into wrong weights."""
+    by_start = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: (t.start, t.nbytes))
+    for before, after in zip(by_start, by_start[1:]):
+        if after.start < before.start + before.nbytes:
+            raise ConversionError(
+                f"{path}: tensor {after.name!r} (bytes [{after.start - data_start}, "
+                f"{after.start - data_start + after.nbytes})) overlaps tensor {before.name!r} (bytes "
+                f"[{before.start - data_start}, {before.start - data_start + before.nbytes})) in data_offsets; "
+                "the file is corrupt"
+            )
 
 
 class SafetensorsCheckpoint:

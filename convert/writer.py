@@ -62,6 +62,7 @@ class StreamedTensor:
         self.checkpoint, self.tensor, self.out, self.on_bytes = checkpoint, tensor, out, on_bytes
         self.dtype = _NP_DTYPE[out]
         self.nbytes = tensor.n_elements * self.dtype.itemsize
+        self.nonfinite = 0  # NaN/Inf values met in the source, counted as they stream by
 
     def tofile(self, fout: BinaryIO) -> None:
         info = self.checkpoint[self.tensor.source]
@@ -73,6 +74,7 @@ class StreamedTensor:
                 if chunk.ndim and rows_left < len(chunk):
                     chunk = chunk[:rows_left]
                 rows_left -= len(chunk) if chunk.ndim else 1
+                self.nonfinite += count_nonfinite(chunk, info.dtype)
                 data = self._convert(chunk, info.dtype)
                 fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                 written += data.nbytes
@@ -96,6 +98,13 @@ class StreamedTensor:
         if self.out == QType.F16:
             return to_float32(chunk, src).astype(np.float16)
         return float32_to_bf16_bits(to_float32(chunk, src))
+
+
+def count_nonfinite(chunk: np.ndarray, dtype: str) -> int:
+    """NaN and Inf values in a chunk of safetensors storage (bfloat16 as its uint16 bits)."""
+    if dtype == "BF16":
+        return int(np.count_nonzero((chunk & 0x7F80) == 0x7F80))  # exponent bits all ones
+    return int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
 
 
 class _BulkArrayWriter(gguf.GGUFWriter):
@@ -134,8 +143,11 @@ def write_float_gguf(
     meta: ModelMetadata,
     out_type: str,
     progress: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Write ``path`` (the caller's temporary name) as an F32/F16/BF16 GGUF."""
+) -> dict[str, int]:
+    """Write ``path`` (the caller's temporary name) as an F32/F16/BF16 GGUF.
+
+    Returns the number of NaN/Inf source values per tensor that has any (written as they are).
+    """
     weight_type, file_type = FLOAT_TYPES[out_type]
     writer = _BulkArrayWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCH])
     _add_metadata(writer, hp, meta, file_type)
@@ -154,6 +166,7 @@ def write_float_gguf(
             writer.write_tensor_data(streamed)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
     finally:
         writer.close()
+    return {t.tensor.source: t.nonfinite for t in tensors if t.nonfinite}
 
 
 def _add_metadata(w: gguf.GGUFWriter, hp: Gemma3HParams, meta: ModelMetadata, file_type: int) -> None:

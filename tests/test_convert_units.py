@@ -84,6 +84,34 @@ def test_unsupported_dtype_and_size_mismatch(tmp_path):
         read_header(path)
 
 
+@pytest.mark.parametrize("offsets, message", [
+    # b starts inside a: the GGUF would get a's bytes in b
+    ({"a": [0, 16], "b": [8, 24]}, r"x\.safetensors: tensor 'b' \(bytes \[8, 24\)\) overlaps tensor 'a' \(bytes \[0, 16\)\)"),
+    # both tensors on the same bytes
+    ({"a": [0, 16], "b": [0, 16]}, r"x\.safetensors: tensor '[ab]' .* overlaps tensor '[ab]'"),
+    # header order does not matter, byte order does
+    ({"b": [4, 20], "a": [16, 32]}, r"tensor 'a' \(bytes \[16, 32\)\) overlaps tensor 'b'"),
+    # reversed range
+    ({"a": [16, 0], "b": [16, 32]}, r"tensor 'a' of shape \[4\] F32 needs 16 bytes, header gives range \[16, 0\)"),
+    # past the end of the data
+    ({"a": [0, 16], "b": [32, 48]}, r"truncated: tensor 'b' ends at byte"),
+])
+def test_data_offsets_in_range_ordered_and_disjoint(tmp_path, offsets, message):
+    raw = np.arange(8, dtype=np.float32).tobytes()  # 32 bytes of data
+    header = {name: {"dtype": "F32", "shape": [4], "data_offsets": span} for name, span in offsets.items()}
+    path = write_safetensors(tmp_path / "x.safetensors", {}, header_extra=header)
+    with open(path, "ab") as f:
+        f.write(raw)
+    with pytest.raises(ConversionError, match=message):
+        read_header(path)
+
+
+def test_adjacent_tensors_are_fine(tmp_path):
+    path = write_safetensors(tmp_path / "x.safetensors", {"a": ("F32", (4,), b"\0" * 16), "b": ("F32", (4,), b"\1" * 16),
+                                                          "e": ("F32", (0,), b"")})
+    assert sorted(read_header(path)) == ["a", "b", "e"]
+
+
 def test_index_naming_missing_shard(tmp_path):
     ckpt = fake_gemma_checkpoint(tmp_path / "m", shards=2)
     (ckpt / "model-00002-of-00002.safetensors").unlink()
@@ -323,6 +351,56 @@ def test_disk_space_checked_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match=r"needs about .* GB free, has 0\.00 GB"):
         convert_checkpoint(folder, outdir=tmp_path / "out", quants=["BF16"], progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_cannot_be_created_says_so(tmp_path):
+    folder = fake_gemma_checkpoint(tmp_path / "m")
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    with pytest.raises(ConversionError, match=r"afile: cannot create the output folder: .*afile is a file, not a folder"):
+        convert_checkpoint(folder, outfile=afile / "x.gguf", quants=["BF16"], progress=False)
+    with pytest.raises(ConversionError, match=r"cannot create the output folder: .*afile is a file"):
+        convert_checkpoint(folder, outfile=afile / "sub" / "x.gguf", quants=["BF16"], progress=False)
+    if Path("/proc/self").is_dir():  # /proc refuses new folders, even to root
+        with pytest.raises(ConversionError, match=r"/proc/nope: cannot create the output folder \(No such file"):
+            convert_checkpoint(folder, outfile="/proc/nope/x.gguf", quants=["BF16"], progress=False)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["convert", str(folder), "-q", "BF16", "-o", str(afile / "x.gguf"), "--quiet"])
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output, result.output
+    assert "Traceback" not in result.output and "GB free" not in result.output
+    assert afile.read_text() == "a file, not a folder"
+
+
+def test_nonfinite_weights_are_converted_with_a_warning(tmp_path, caplog):
+    norm = np.full(32, 0.5, np.float32)
+    norm[[1, 5]] = [np.nan, -np.inf]  # replaces the final norm: same name and shape, so the plan holds
+    extra = {"model.norm.weight": ("BF16", (32,), float32_to_bf16_bits(norm).astype("<u2").tobytes())}
+    folder = fake_gemma_checkpoint(tmp_path / "m2", extra=extra)
+    with caplog.at_level("WARNING", logger="toolgrad_edge.convert"):
+        [path] = convert_checkpoint(folder, outdir=tmp_path / "o", quants=["BF16"], progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "2 NaN/Inf weights in model.norm.weight (2)" in warnings[0], warnings
+    assert path.is_file()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="toolgrad_edge.convert"):
+        convert_checkpoint(fake_gemma_checkpoint(tmp_path / "m"), outdir=tmp_path / "o2", quants=["BF16"], progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_one_quantization_table():
+    from toolgrad_edge import bench_compare
+    from toolgrad_edge.cli import convert_cmd
+    from toolgrad_edge.convert.quantize import BITS_PER_WEIGHT, QUANT_TYPES
+
+    assert set(QUANT_TYPES) <= set(BITS_PER_WEIGHT)
+    assert convert_cmd._QUANTS == tuple(QUANT_TYPES)
+    assert convert_cmd._TYPES == ("F32", "F16", "BF16", *QUANT_TYPES)
+    for name, bits in BITS_PER_WEIGHT.items():
+        assert bench_compare.precision_bits(name) == bits
+    assert [QUANT_TYPES[q].bits_per_weight for q in QUANT_TYPES] == sorted(
+        (QUANT_TYPES[q].bits_per_weight for q in QUANT_TYPES), reverse=True)
+    files = [{"quant": q, "file_size_bytes": 1} for q in ("F16", "BF16", "Q8_0")]
+    assert bench_compare.pick_reference(files) == 1  # BF16 over F16 at equal size: Gemma 3 overflows F16
 
 
 def test_argument_errors(tmp_path):

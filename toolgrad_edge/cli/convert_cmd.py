@@ -6,10 +6,12 @@ import json
 
 import click
 
+from ..convert.quantize import QUANT_TYPES
+from ..convert.writer import FLOAT_TYPES
 from .options import json_option
 
-_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
-_QUANTS = _TYPES[3:]
+_QUANTS = tuple(QUANT_TYPES)
+_TYPES = (*FLOAT_TYPES, *_QUANTS)
 
 
 def _report(paths, as_json: bool) -> None:
