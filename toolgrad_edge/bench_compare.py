@@ -23,17 +23,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .convert.quantize import BITS_PER_WEIGHT
 from .errors import EvaluationError, ToolgradEdgeError
 
 QUALITY_PROMPTS = "quality_prompts.json"
-
-# Average bits per weight of llama.cpp file types, highest precision first
-# (BF16 before F16: Gemma 3 activations can overflow F16).
-PRECISION_BITS = {
-    "F32": 32.0, "BF16": 16.0, "F16": 15.9, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_1": 6.0, "Q5_K_M": 5.7,
-    "Q5_0": 5.5, "Q5_K_S": 5.5, "Q4_1": 5.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5,
-    "IQ4_NL": 4.5, "IQ4_XS": 4.3, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.4,
-}
 
 
 # --- quality ----------------------------------------------------------------------------
@@ -153,21 +146,30 @@ def compare_quality(reference: Path, others: list[Path], prompts: list[QualityPr
 # --- which file is the reference ---------------------------------------------------------
 
 def precision_bits(quant: str, file_size: int | None = None, n_params: int | None = None) -> float:
-    """Bits per weight of a file type (from the table, else from size and parameter count)."""
-    if quant.upper() in PRECISION_BITS:
-        return PRECISION_BITS[quant.upper()]
+    """Bits per weight of a file type (from convert's table, else from size and parameter count)."""
+    if quant.upper() in BITS_PER_WEIGHT:
+        return BITS_PER_WEIGHT[quant.upper()]
     if file_size and n_params:
         return 8.0 * file_size / n_params
     return 0.0
 
 
 def pick_reference(files: list[dict]) -> int:
-    """Index of the highest-precision file ({"quant", "file_size_bytes"}, ties: the larger file)."""
+    """Index of the highest-precision file ({"quant", "file_size_bytes"}).
+
+    Ties go to the type listed first in convert's table (BF16 before F16), then to the larger file.
+    """
     if not files:
         raise EvaluationError("no model files to compare.")
-    key = [(precision_bits(f["quant"], f.get("file_size_bytes"), f.get("n_params")), f.get("file_size_bytes") or 0)
-           for f in files]
-    return max(range(len(files)), key=lambda i: key[i])
+    order = list(BITS_PER_WEIGHT)
+
+    def rank(f: dict) -> tuple[float, int, int]:
+        quant = f["quant"].upper()
+        listed = order.index(quant) if quant in BITS_PER_WEIGHT else len(order)
+        bits = precision_bits(quant, f.get("file_size_bytes"), f.get("n_params"))
+        return bits, -listed, f.get("file_size_bytes") or 0
+
+    return max(range(len(files)), key=lambda i: rank(files[i]))
 
 
 def describe_file(path: Path) -> dict:
