@@ -63,6 +63,7 @@ class FakeResult:
     raw_text: str
     finish_reason: str
     usage: FakeUsage = field(default_factory=FakeUsage)
+    parse_error: str | None = None
 
 
 class FakeRuntime:
@@ -77,6 +78,7 @@ class FakeRuntime:
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
         self.release.set()
+        self.started = threading.Event()  # set when a request starts running
         self.cancelled = 0
 
     def _answer(self, tools, tool_choice, parallel, grammar):
@@ -101,6 +103,7 @@ class FakeRuntime:
         self.requests.append({"messages": messages, "tools": tools, "tool_choice": tool_choice,
                               "parallel": parallel, "max_tokens": max_tokens, "stop": stop, "seed": seed,
                               "temperature": temperature, "grammar": grammar})
+        self.started.set()
         if self.fail is not None and self.fail_after is None:
             raise self.fail
         text, calls, content = self._answer(tools, tool_choice, parallel, grammar)
@@ -122,6 +125,16 @@ class FakeRuntime:
         for item in self.stream(*args, **kwargs):
             result = item
         return result
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 @pytest.fixture
@@ -340,6 +353,29 @@ BAD_REQUESTS = [
      "stream"),
     ("body over the size limit", {"messages": [{"role": "user", "content": "x" * 70000}]}, 413,
      "request_too_large", "limit"),
+    # Text JSON can carry but a prompt cannot: lone surrogates, non-finite numbers.
+    ("lone surrogate in content", b'{"messages": [{"role": "user", "content": "bad \\ud800 text"}]}', 400,
+     "invalid_value", "messages[0].content"),
+    ("lone surrogate in a tool description", json.dumps({"messages": USER, "tools": [
+        dict(WEATHER, function=dict(WEATHER["function"], description="x\udfff"))]}).encode(), 400,
+     "invalid_value", "tools[0].function.description"),
+    ("NaN temperature", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
+     "invalid_value", "finite"),
+    ("1e999 in a tool schema", json.dumps({"messages": USER, "tools": [WEATHER]}).replace(
+        '"type": "string", "enum"', '"type": "string", "maxLength": 1e999, "enum"').encode(), 400,
+     "invalid_value", "tools[0].function.parameters.properties.unit.maxLength"),
+    *[(f"tool call arguments with {label}", {"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "1"}]}, 400, "invalid_value", words)
+      for label, arguments, words in [
+          ("NaN", '{"city": NaN}', "function.arguments.city holds the number nan"),
+          ("1e999", '{"city": "Paris", "days": [1, 1e999]}', "function.arguments.days[1] holds the number inf"),
+          ("-Infinity", '{"city": -Infinity}', "holds the number -inf"),
+          ("a lone surrogate", '{"city": "\\ud800"}', "function.arguments.city holds a lone UTF-16 surrogate"),
+      ]],
+    ("seed above 64 bits", {"messages": USER, "seed": 2**64}, 400, "invalid_value", "seed"),
+    ("seed below 64 bits", {"messages": USER, "seed": -(2**63) - 1}, 400, "invalid_value", "seed"),
+    ("deeply nested body", b'{"messages": ' + b"[" * 20000 + b"]" * 20000 + b"}", 400, "invalid_json", "nested"),
 ]
 
 
@@ -358,6 +394,54 @@ def test_bad_request_gets_status_and_message(client, runtime, label, body, statu
     assert "Traceback" not in r.text
     assert runtime.requests == [], "a refused request never reaches the model"
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("seed, expected", [(-1, 2**64 - 1), (-(2**63), 2**63), (2**64 - 1, 2**64 - 1), (0, 0), (7, 7)])
+def test_any_64_bit_seed_is_accepted_modulo_2_64(client, runtime, seed, expected):
+    r = chat(client, seed=seed)
+    assert r.status_code == 200, r.text
+    assert runtime.requests[-1]["seed"] == expected
+
+
+WEATHER_DAYS = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+
+
+class PostCheckFailure(FakeRuntime):
+    """As ToolRuntime when the call breaks a keyword checked only after generation:
+    the text comes back as content, with parse_error, and no calls."""
+
+    TEXT = "[get_weather(city='Paris', days=42)]"
+    ERROR = "get_weather: argument days=42 is above the maximum 7"
+
+    def stream(self, messages, tools=None, should_stop=None, **kwargs):
+        self.requests.append({"messages": messages, "tools": tools, **kwargs})
+        for i in range(0, len(self.TEXT), 3):
+            yield self.TEXT[i:i + 3]
+        yield FakeResult([], self.TEXT, self.TEXT, "stop", parse_error=self.ERROR)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_call_that_fails_a_post_check_is_200_with_text_and_parse_error(stream):
+    with TestClient(create_app(PostCheckFailure())) as client:
+        r = chat(client, tools=[WEATHER_DAYS], tool_choice="required", stream=stream)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = sse_chunks(r)
+            calls, content, finish = reassemble(chunks)
+            choice = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]
+        else:
+            choice = r.json()["choices"][0]
+            calls, content, finish = choice["message"].get("tool_calls") or [], choice["message"]["content"], \
+                choice["finish_reason"]
+            assert set(choice["message"]) == {"role", "content"}  # nothing a client would send back and get refused
+        assert calls == [] and content == PostCheckFailure.TEXT and finish == "stop"
+        assert choice["parse_error"] == PostCheckFailure.ERROR
+        # The whole reply's message goes back into the history unchanged and is accepted.
+        if not stream:
+            history = [*USER, choice["message"], {"role": "user", "content": "Try again."}]
+            assert chat(client, messages=history).status_code == 200
 
 
 def test_unknown_route_and_method_are_openai_shaped(client):
@@ -456,9 +540,10 @@ def test_full_queue_answers_429_with_retry_after():
             results.append(chat(client, tools=[WEATHER]).status_code)
 
         threads = [threading.Thread(target=post) for _ in range(2)]
-        for t in threads:
-            t.start()
-            time.sleep(0.3)  # first one running, second one waiting
+        threads[0].start()
+        assert runtime.started.wait(5)  # the first one is running (held by release)
+        threads[1].start()
+        assert wait_for(lambda: app.state.queue.stats()["waiting"] == 1)  # the second one is waiting
         stats = client.get("/health").json()["queue"]
         assert stats["running"] and stats["waiting"] == 1
         r = chat(client, tools=[WEATHER])
@@ -480,10 +565,12 @@ def test_queue_runs_jobs_in_order_and_drops_cancelled_ones():
 
     order: list[int] = []
     gate = threading.Event()
+    taken = threading.Event()
     loop = asyncio.new_event_loop()
 
     def work_for(i):
         def work(rt, should_stop):
+            taken.set()
             gate.wait(5)
             order.append(i)
             yield i
@@ -493,9 +580,10 @@ def test_queue_runs_jobs_in_order_and_drops_cancelled_ones():
     queue.start()
     try:
         jobs = [Job(work_for(i), loop) for i in range(4)]
-        for job in jobs:
+        queue.submit(jobs[0])
+        assert taken.wait(5)  # job 0 is taken by the worker; 1..3 wait
+        for job in jobs[1:]:
             queue.submit(job)
-            time.sleep(0.05)  # job 0 is taken by the worker; 1..3 wait
         with pytest.raises(QueueFull):
             queue.submit(Job(work_for(9), loop))
         queue.cancel(jobs[2])

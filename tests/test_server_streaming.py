@@ -99,3 +99,93 @@ def test_chunk_stream_text_answer_is_stripped_and_usage_comes_last():
     assert sent == "No tool fits this."
     assert final[0]["choices"][0]["finish_reason"] == "stop"
     assert final[-1]["choices"] == [] and final[-1]["usage"]["total_tokens"] == 0
+
+
+# -- a call list cut by max_tokens: streamed and whole replies agree ---------------
+
+
+def _whole_result(text: str, syntax: str) -> _Result:
+    """What the runtime returns for ``text`` cut at max_tokens: the complete calls only (none if the
+    list does not parse as far as it goes), the text as content when no call is complete."""
+    from toolgrad_edge.errors import SchemaError, ToolCallError
+    from toolgrad_edge.grammars import CallStreamParser, parse_calls
+
+    try:
+        calls = parse_calls(text, TOOLS, syntax=syntax)
+    except (ToolCallError, SchemaError) as exc:
+        try:
+            calls = CallStreamParser(TOOLS, syntax).feed(text)
+        except (ToolCallError, SchemaError):
+            calls = []
+        result = _Result("length", calls)
+        result.content = None if calls else text
+        result.parse_error = str(exc)
+        return result
+    result = _Result("length", calls)
+    result.content = None if calls else text.strip()
+    return result
+
+
+def _reassembled(chunks) -> tuple[list[tuple[str, str]], str, str | None, dict]:
+    calls: dict[int, dict] = {}
+    content, finish, last = "", None, {}
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        content += choice["delta"].get("content") or ""
+        for tc in choice["delta"].get("tool_calls") or []:
+            slot = calls.setdefault(tc["index"], {"name": None, "arguments": ""})
+            fn = tc["function"]
+            if "name" in fn:
+                assert slot["name"] is None and tc["id"].startswith("call_")
+                slot["name"] = fn["name"]
+            slot["arguments"] += fn["arguments"]
+        if choice["finish_reason"]:
+            finish, last = choice["finish_reason"], choice
+    return [(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)], content, finish, last
+
+
+def _check_agreement(pieces: list[str], syntax: str) -> None:
+    from toolgrad_edge.server.streaming import completion_body
+
+    text = "".join(pieces)
+    result = _whole_result(text, syntax)
+    stream = _stream(syntax)
+    chunks = stream.start()[1:]
+    for piece in pieces:
+        sent = stream.feed(piece)
+        # A call goes out whole: the delta that names it also carries all of its arguments.
+        for name, arguments in _reassembled(sent + [stream._chunk({}, "x")])[0]:
+            assert name is not None and isinstance(json.loads(arguments), dict), (pieces, name, arguments)
+        chunks += sent
+    chunks += stream.finish(result)
+    streamed, content, finish, last = _reassembled(chunks)
+    whole = completion_body(result, completion_id="x", created=0, model="m")["choices"][0]
+    expected = [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"].get("tool_calls", [])]
+    assert streamed == expected, (pieces, streamed, expected)
+    assert all(json.loads(arguments) is not None for _, arguments in streamed), "every streamed call is complete"
+    assert finish == whole["finish_reason"]
+    assert last.get("parse_error") == whole.get("parse_error")
+    if not expected:
+        assert content == (whole["message"]["content"] or ""), pieces
+
+
+@pytest.mark.parametrize("syntax", ["python", "json"])
+def test_cut_call_list_streams_what_the_whole_reply_keeps_at_every_cut_and_split(syntax):
+    """max_tokens may cut the list anywhere; the stream may split the text anywhere."""
+    text = ANSWERS[syntax]
+    for cut in range(1, len(text) + 1):
+        prefix = text[:cut]
+        _check_agreement(list(prefix), syntax)  # one character at a time: every split at once
+        for split in range(0, cut + 1, 3):
+            _check_agreement([prefix[:split], prefix[split:]], syntax)
+
+
+def test_cut_inside_the_second_call_streams_only_the_first():
+    from toolgrad_edge.server.streaming import ChunkStream
+
+    text = ANSWERS["python"]
+    cut = text.index("math.factorial(") + len("math.factorial(")
+    stream = ChunkStream(completion_id="x", model="m", tools=TOOLS, syntax="python", text_only=False, strip_text=True)
+    names = [tc["function"]["name"] for ch in stream.feed(text[:cut])
+             for tc in ch["choices"][0]["delta"].get("tool_calls") or [] if "name" in tc["function"]]
+    assert names == ["get_weather"], "math.factorial is not announced before its arguments are complete"

@@ -10,6 +10,7 @@ Every refusal is an ``OpenAIError`` with status 400 or 413 naming the field.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
@@ -20,6 +21,9 @@ from .errors import OpenAIError
 from .settings import ServerSettings
 
 MAX_STOP_SEQUENCES = 4  # as in OpenAI's API
+
+# Seeds: any 64-bit integer, signed or not (clients send -1 for "random"), taken modulo 2**64.
+SEED_MIN, SEED_END = -(2**63), 2**64
 
 
 class _Model(BaseModel):
@@ -48,6 +52,10 @@ class FunctionCallIn(_Model):
             raise ValueError(f"function.arguments must be a JSON object as a string; it is not JSON ({exc})") from None
         if not isinstance(parsed, dict):
             raise ValueError(f"function.arguments must be a JSON object as a string, got JSON {type(parsed).__name__}")
+        problem = json_value_problem(parsed)
+        if problem is not None:
+            where, what = problem
+            raise ValueError(f"function.arguments{where} {what}")
         return value
 
 
@@ -163,6 +171,13 @@ class ChatCompletionRequest(_Model):
     presence_penalty: float | None = None
     logprobs: bool | None = None
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_is_64_bit(cls, value: int | None) -> int | None:
+        if value is not None and not SEED_MIN <= value < SEED_END:
+            raise ValueError("seed must be a 64-bit integer, from -2**63 to 2**64 - 1")
+        return value
+
 
 @dataclass
 class ChatPlan:
@@ -213,8 +228,15 @@ def parse_chat_request(body: bytes, settings: ServerSettings) -> ChatPlan:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise OpenAIError(400, "Request body is nested too deeply to parse", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, f"Request body must be a JSON object, got JSON {_json_kind(data)}", code="invalid_json")
+    problem = json_value_problem(data)
+    if problem is not None:
+        where, what = problem
+        param = where.lstrip(".") or "body"
+        raise OpenAIError(400, f"Invalid value for {param!r}: it {what}", param=param, code="invalid_value")
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -251,7 +273,7 @@ def _plan(req: ChatCompletionRequest, settings: ServerSettings) -> ChatPlan:
         max_tokens=max_tokens,
         temperature=0.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
-        seed=req.seed,
+        seed=None if req.seed is None else req.seed % SEED_END,
         stop=stop,
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -403,6 +425,38 @@ def _runtime_messages(messages: list[Any]) -> list[dict[str, Any]]:
         raise OpenAIError(400, f"messages: the last message is from the {turns[-1]}; it must be a user message "
                           "or a tool result, for the model to answer", param="messages")
     return out
+
+
+def json_value_problem(value: Any) -> tuple[str, str] | None:
+    """(path, what) for the first value a prompt cannot carry, else None.
+
+    Python's JSON reader accepts ``NaN``, ``Infinity``, ``1e999`` (read as
+    infinity) and lone UTF-16 surrogates (``"\\ud800"``); none can be rendered
+    into a prompt or back into JSON. Walked without recursion: a body may nest deeply.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, f"holds the number {item}; JSON numbers must be finite (no NaN, Infinity or 1e999)"
+        if isinstance(item, str) and _has_surrogate(item):
+            return path, "holds a lone UTF-16 surrogate (such as \\ud800); text must be valid Unicode"
+        if isinstance(item, dict):
+            bad_key = next((k for k in item if _has_surrogate(k)), None)
+            if bad_key is not None:
+                return path, f"has a key with a lone UTF-16 surrogate ({bad_key!r}); text must be valid Unicode"
+            stack.extend(reversed([(f"{path}.{key}", sub) for key, sub in item.items()]))  # document order
+        elif isinstance(item, list):
+            stack.extend(reversed([(f"{path}[{i}]", sub) for i, sub in enumerate(item)]))
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _text(content: Content) -> str:

@@ -4,12 +4,15 @@ Streaming tool calls: the model writes a call list (``[get_weather(city='Paris')
 in ToolGrad's python syntax, or the JSON syntax), while OpenAI clients expect
 ``delta.tool_calls`` with a call's name first and then fragments of its
 arguments as JSON text. ``grammars.CallStreamParser`` follows the call list
-as it is decoded: a call's name is sent as soon as the model has written it,
-and its arguments (validated, as JSON text cut after each argument) as soon
-as the call closes. The parser validates exactly as ``parse_calls`` does, so
-the streamed calls reassemble to the non-streamed ones. The runtime's final
-``CallResult`` stays the truth: at the end, whatever was not streamed yet is
-sent from it.
+as it is decoded. A call is sent once it is complete (its closing bracket
+written and its arguments validated): its name first, then its arguments as
+JSON text cut after each argument. A call is never announced before its
+arguments are known, so a call list cut by ``max_tokens`` streams exactly the
+complete calls that the non-streamed reply keeps, and a client never
+reassembles a call without arguments. The parser validates exactly as
+``parse_calls`` does, so the streamed calls reassemble to the non-streamed
+ones. The runtime's final ``CallResult`` stays the truth: at the end,
+whatever was not streamed yet is sent from it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ def finish_reason(result: Any) -> str:
     return reason if reason in FINISH_REASONS else "stop"
 
 
+def choice_extras(result: Any) -> dict[str, Any]:
+    """Fields beside ``finish_reason`` in a choice: ``parse_error`` when the model's text is not a valid call list.
+
+    The runtime returns such a result (text as content) when a call failed a
+    check made after generation (a keyword the grammar does not enforce), or
+    when ``max_tokens`` cut a call list (then with the complete calls). It sits
+    on the choice, not the message, so a client that appends the message to
+    its history sends back nothing this server refuses.
+    """
+    error = getattr(result, "parse_error", None)
+    return {"parse_error": str(error)} if error else {}
+
+
 def usage_body(result: Any) -> dict[str, Any]:
     usage = getattr(result, "usage", None)
     prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
@@ -87,7 +103,8 @@ def completion_body(result: Any, *, completion_id: str, created: int, model: str
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result),
+                     **choice_extras(result)}],
         "usage": usage_body(result),
     }
 
@@ -117,7 +134,6 @@ class ChunkStream:
         self._text = ""        # everything decoded so far
         self._sent_text = ""   # the part of the text answer already sent
         self._calls: list[dict[str, Any]] = []  # per index: id, name, arguments (as sent)
-        self._completed = 0
 
     # -- chunks -------------------------------------------------------------
 
@@ -149,13 +165,9 @@ class ChunkStream:
             self._parser = None
             return self._text_chunks()
         for call in completed:
-            if self._completed >= len(self._calls):
-                out.append(self._name_chunk(self._completed, call.name))
-            out.extend(self._argument_chunks(self._completed, call.arguments))
-            self._completed += 1
-        name = parser.pending_name
-        if name and self._completed >= len(self._calls):
-            out.append(self._name_chunk(self._completed, name))
+            index = len(self._calls)
+            out.append(self._name_chunk(index, call.name))
+            out.extend(self._argument_chunks(index, call.arguments))
         return out
 
     def finish(self, result: Any) -> list[dict[str, Any]]:
@@ -181,7 +193,9 @@ class ChunkStream:
                 self._sent_text = content
             else:
                 log.warning("streamed text differs from the final answer; sending the answer's remainder only")
-        out.append(self._chunk({}, finish_reason(result)))
+        last = self._chunk({}, finish_reason(result))
+        last["choices"][0].update(choice_extras(result))
+        out.append(last)
         if self.include_usage:
             usage_chunk = self._chunk({})
             usage_chunk["choices"] = []
