@@ -63,7 +63,10 @@ def test_info_json(gemma_270m_gguf):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["architecture"] == "gemma3" and report["quantization"] == "Q4_K_M"
-    assert report["chat_template"] in (True, False) and report["backend"] == "cpu"
+    from toolgrad_edge.model_resolution import backend_name
+
+    assert report["chat_template"] in (True, False)
+    assert report["backend"] == backend_name() and report["backend"] in ("cpu", "cuda", "metal", "vulkan", "hip", "sycl", "gpu")
     assert report["context_length"] == 32768
 
 
@@ -109,9 +112,77 @@ def test_unknown_tool_choice(gemma_270m_gguf):
 
 
 @pytest.mark.slow
-def test_request_longer_than_context(gemma_270m_gguf):
-    result = run("call", "word " * 800, "-t", EXAMPLES, "-m", str(gemma_270m_gguf), "--ctx", "512")
+@pytest.mark.parametrize("option", ["--n-ctx", "--ctx"])  # --ctx: the old spelling, still accepted
+def test_request_longer_than_context(gemma_270m_gguf, option):
+    result = run("call", "word " * 800, "-t", EXAMPLES, "-m", str(gemma_270m_gguf), option, "512")
     assert_clean_error(result, "exceeds the context")
+
+
+@pytest.mark.parametrize("command", [["call", "--help"], ["chat", "--help"], ["serve", "--help"],
+                                     ["eval", "bfcl", "--help"]])
+def test_context_size_is_n_ctx_everywhere(command):
+    result = run(*command)
+    assert result.exit_code == 0, result.output
+    assert "--n-ctx" in result.output  # the hidden alias --ctx is not advertised
+    assert "--ctx " not in result.output and "--ctx," not in result.output and "--ctx\n" not in result.output
+
+
+def test_ctx_alias_is_parsed_as_n_ctx():
+    for option in ("--n-ctx", "--ctx"):
+        result = run("call", "hi", "-t", EXAMPLES, option, "100")
+        assert result.exit_code == 2 and "100 is not in the range x>=256" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_seed_minus_one_and_other_64_bit_seeds(gemma_270m_gguf):
+    for seed in ("-1", str(2**64 - 1), str(-(2**63))):
+        result = run("call", "Weather in Paris?", "-t", EXAMPLES, "-m", str(gemma_270m_gguf), "--seed", seed,
+                     "--temperature", "0.8", "--max-tokens", "8", "--threads", "2", "--json")
+        assert result.exit_code == 0, result.output
+
+
+def test_seed_type_takes_any_64_bit_integer_modulo_2_64():
+    import click
+
+    from toolgrad_edge.cli.options import SeedType
+
+    seed = SeedType()
+    assert [seed.convert(v, None, None) for v in ("-1", "0", "42", str(2**64 - 1), str(-(2**63)))] == [
+        2**64 - 1, 0, 42, 2**64 - 1, 2**63]
+    for bad in (str(2**64), str(-(2**63) - 1), "abc"):
+        with pytest.raises(click.BadParameter):
+            seed.convert(bad, None, None)
+    result = run("call", "hi", "-t", EXAMPLES, "--seed", str(2**64))
+    assert result.exit_code == 2 and "--seed" in result.output and "64-bit" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("query, what", [
+    ("caf\udce9 au lait", "byte 0xe9 at character 3"),  # how Python passes a non-UTF-8 argv byte
+    ("lone \ud800", "lone surrogate U+D800 at character 5"),
+])
+def test_prompt_that_is_not_utf8_is_one_clear_line(query, what):
+    result = run("call", query, "-t", EXAMPLES)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is not valid UTF-8 text" in result.output and what in result.output, result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_result_with_parse_error_prints_text_and_one_warning(capsys):
+    from toolgrad_edge.cli.runtime_cmds import _print_result
+    from toolgrad_edge.runtime import CallResult
+
+    text = "[get_weather(city='Paris', days=42)]"
+    result = CallResult([], text, text, "stop", parse_error="get_weather: days=42 is above the maximum 7")
+    _print_result(result, as_json=False)
+    out, err = capsys.readouterr()
+    assert out.strip() == text
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "not a valid call list" in warnings[0] and "above the maximum 7" in warnings[0]
+    _print_result(result, as_json=True)
+    report = json.loads(capsys.readouterr().out)
+    assert report["tool_calls"] == [] and report["content"] == text
+    assert report["parse_error"] == "get_weather: days=42 is above the maximum 7"
 
 
 @pytest.mark.slow

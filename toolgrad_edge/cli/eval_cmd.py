@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import json_option, model_option, syntax_option
+from .options import json_option, model_option, n_ctx_option, syntax_option
 
 
 @click.group("eval")
@@ -42,7 +42,7 @@ def eval_group() -> None:
               "Default: $TOOLGRAD_EDGE_BFCL_ENV, ./benchmarks/bfcl/env, else <cache>/bfcl-env.")
 @click.option("--no-create-env", is_flag=True, help="Fail instead of creating a missing checker environment.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--n-ctx", type=click.IntRange(min=256), default=None, help="Context size (default: the runtime's).")
+@n_ctx_option
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @json_option
 def bfcl(model, categories, limit, grammar, syntax, out_dir, data_dir, checker_env, no_create_env,

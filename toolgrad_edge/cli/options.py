@@ -25,3 +25,62 @@ syntax_option = click.option(
     help="Call syntax the model writes: ToolGrad's python call list, or JSON.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+class _QuietAliasOption(click.Option):
+    """An option whose first name is shown in --help; the others (old spellings) still work."""
+
+    def get_help_record(self, ctx: click.Context):
+        names = self.opts
+        self.opts = names[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names
+
+
+n_ctx_option = click.option(
+    "--n-ctx", "--ctx", "n_ctx", cls=_QuietAliasOption, type=click.IntRange(256), default=None,
+    help="Context size in tokens (default: min(model, 8192)).",
+)
+
+
+class SeedType(click.ParamType):
+    """Any 64-bit integer, signed or not (-1 included), taken modulo 2**64 as the sampler wants."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        try:
+            seed = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if not -(2**63) <= seed < 2**64:
+            self.fail(f"{seed} is not a 64-bit integer (from -2**63 to 2**64 - 1)", param, ctx)
+        return seed % 2**64
+
+
+class PromptText(click.ParamType):
+    """Text that can go into a prompt: valid Unicode.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (U+DC80-U+DCFF),
+    which would fail later, deep in tokenization; they are refused here.
+    """
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            what = (f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF
+                    else f"lone surrogate U+{ord(char):04X}")
+            self.fail(f"is not valid UTF-8 text ({what} at character {exc.start}); "
+                      "re-encode it as UTF-8", param, ctx)
+        return value
+
+
+seed_option = click.option("--seed", type=SeedType(), default=None,
+                           help="Sampling seed (with --temperature > 0): any 64-bit integer, -1 included.")
+PROMPT_TEXT = PromptText()

@@ -6,7 +6,10 @@ import json
 
 import click
 
-from .options import json_option, model_option, parallel_option, syntax_option, tool_choice_option, tools_option
+from .options import (
+    PROMPT_TEXT, json_option, model_option, n_ctx_option, parallel_option, seed_option, syntax_option,
+    tool_choice_option, tools_option,
+)
 
 
 def _load_tools_file(path: str):
@@ -21,7 +24,10 @@ def _format_value(value) -> str:
 
 def _print_result(result, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        report = result.to_dict()
+        if result.parse_error:
+            report.setdefault("parse_error", result.parse_error)
+        click.echo(json.dumps(report, ensure_ascii=False))
         return
     if result.tool_calls:
         for call in result.tool_calls:
@@ -33,7 +39,10 @@ def _print_result(result, as_json: bool) -> None:
         kept = " (the complete calls before the cut are shown)" if result.tool_calls else ""
         click.echo(f"warning: the answer was cut at --max-tokens{kept}.", err=True)
     if result.parse_error and not result.tool_calls:
-        click.echo(f"warning: the answer is neither calls nor plain text: {result.parse_error}", err=True)
+        # e.g. a call that broke a schema keyword checked only after generation (minimum, pattern):
+        # the text is shown as it was written, and not run as a call.
+        click.echo(f"warning: the answer is not a valid call list, so it is shown as text: {result.parse_error}",
+                   err=True)
     u, t = result.usage, result.timings
     click.echo(
         click.style(
@@ -51,13 +60,13 @@ def _open_runtime(model, n_threads, n_ctx, verbose):
 
 runtime_options = [
     click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all cores)."),
-    click.option("--ctx", "n_ctx", type=int, default=None, help="Context size in tokens (default: min(model, 8192))."),
+    n_ctx_option,
     click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
 ]
 generation_options = [
     click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True),
     click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True),
-    click.option("--seed", type=int, default=None),
+    seed_option,
     click.option("--no-grammar", is_flag=True, help="Decode freely (no grammar); output is parsed leniently."),
 ]
 
@@ -71,7 +80,7 @@ def _apply(options):
 
 
 @click.command()
-@click.argument("query")
+@click.argument("query", type=PROMPT_TEXT)
 @tools_option
 @model_option
 @tool_choice_option

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ToolgradEdgeError
-from .options import model_option, syntax_option
+from .options import model_option, n_ctx_option, syntax_option
 
 
 
@@ -33,7 +33,7 @@ def _default(name: str):
 @click.option("--default-max-tokens", default=_default("default_max_tokens"), show_default=True,
               type=click.IntRange(1), help="max_tokens for requests that name none.")
 @syntax_option
-@click.option("--n-ctx", type=click.IntRange(256), default=None, help="Context length. Default: the runtime's.")
+@n_ctx_option
 @click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads for llama.cpp.")
 @click.option("--n-gpu-layers", default="auto", show_default=True,
               help="Layers to offload when llama.cpp has a GPU back-end: 'auto' (all) or a number.")
