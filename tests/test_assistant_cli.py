@@ -175,3 +175,17 @@ def test_ask_end_to_end_on_the_demo_model(gemma_270m_gguf, record_file):
     for args in received:
         jsonschema.validate(args, schema)
     assert report["usage"]["model_turns"] == 1
+
+
+def test_the_question_on_a_terminal(scripted, record_file, monkeypatch):
+    """With stdin a terminal, a call with side effects is shown and needs a yes."""
+    monkeypatch.setattr("toolgrad_edge.cli.assistant_cmds.stdin_is_terminal", lambda: True)
+    scripted.answers += [[("record", {"city": "Oslo"})], "Done.", [("record", {"city": "Rome"})], "No."]
+    result = CliRunner().invoke(main, ["ask", "?", "--mcp", RECORDER, "--json"], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert 'Run record(city="Oslo") (recorder_server)?' in result.stderr
+    assert "[y]es / [n]o / [a]lways for this tool" in result.stderr
+    assert json.loads(result.stdout)["rounds"][0]["tool_calls"][0]["approved"] is True
+    result = CliRunner().invoke(main, ["ask", "?", "--mcp", RECORDER, "--json"], input="n\n")
+    assert json.loads(result.stdout)["rounds"][0]["tool_calls"][0]["result"] == "The user refused to run this call."
+    assert [json.loads(line)["city"] for line in record_file.read_text().splitlines()] == ["Oslo"]

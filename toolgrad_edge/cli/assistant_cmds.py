@@ -80,10 +80,19 @@ def _call_text(name: str, arguments: dict) -> str:
     return f"{click.style(name, bold=True)}({args})"
 
 
+def stdin_is_terminal() -> bool:
+    """Whether someone can answer a question (stdin is a terminal)."""
+    return sys.stdin.isatty()
+
+
 def _confirm(entry, call) -> str:
     click.echo(f"Run {_call_text(call.name, call.arguments)} ({entry.source})?", err=True)
-    return click.prompt("[y]es / [n]o / [a]lways for this tool", type=click.Choice(["y", "n", "a"]),
-                        default="n", show_choices=False, err=True)
+    try:
+        return click.prompt("[y]es / [n]o / [a]lways for this tool", type=click.Choice(["y", "n", "a"]),
+                            default="n", show_choices=False, err=True)
+    except click.Abort:
+        # Ctrl-C or Ctrl-D at the question: the turn is abandoned (chat goes on, ask stops).
+        raise KeyboardInterrupt from None
 
 
 class Printer:
@@ -114,7 +123,7 @@ def _build_assistant(mcp_commands, mcp_config, function_refs, tool_files, tool_c
                      max_rounds, no_followup, call_timeout, generation, strict, quiet):
     from ..assistant import Assistant, Permissions
 
-    confirm = _confirm if sys.stdin.isatty() else None
+    confirm = _confirm if stdin_is_terminal() else None
     permissions = Permissions.of(allow=allow, deny=deny, yes=yes, confirm=confirm)
     assistant = Assistant(
         None, tools=load_functions(function_refs), mcp=list(mcp_commands), mcp_config=mcp_config,
