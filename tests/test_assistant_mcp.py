@@ -224,3 +224,31 @@ def test_mcp_server_time():
     assert transcript.answer == "It is late in Tokyo."
     # The result went back to the model as a tool turn.
     assert "Result of get_current_time: {" in model.requests[1]["prompt"]
+
+
+def test_a_streamable_http_server_from_a_url_entry(tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, RECORDER.split(" ")[1], "--http", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        config = tmp_path / "mcp.json"
+        config.write_text(json.dumps({"mcpServers": {"web": {"url": f"http://127.0.0.1:{port}/mcp"}}}))
+        with Assistant(ScriptedModel(), mcp_config=str(config)) as assistant:
+            assert assistant.servers[0].name == "web"
+            records, _ = assistant.run_calls([ToolCall("lookup", {"key": "over-http"})])
+        assert records[0].result == "value of over-http"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

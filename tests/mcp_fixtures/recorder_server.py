@@ -1,6 +1,7 @@
 """A small MCP server of the tests' own, for deterministic checks.
 
-Run as ``python tests/mcp_fixtures/recorder_server.py``. Tools:
+Run as ``python tests/mcp_fixtures/recorder_server.py`` (stdio), or with
+``--http PORT`` for streamable HTTP on 127.0.0.1. Tools:
 
 * ``record``: appends its arguments as one JSON line to $RECORD_FILE (a side effect).
 * ``lookup``: read-only; returns a fixed value, or an environment variable.
@@ -77,4 +78,8 @@ def die() -> str:
 
 
 if __name__ == "__main__":
-    server.run("stdio")
+    if len(sys.argv) == 3 and sys.argv[1] == "--http":
+        # Streamable HTTP on 127.0.0.1:PORT/mcp, for the config file's `url` entries.
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")
