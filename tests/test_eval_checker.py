@@ -47,7 +47,8 @@ def bfcl_env():
         if found is not None:
             return found
     pytest.skip(f"no BFCL checker environment (looked in {', '.join(map(str, candidates))}); building one needs "
-                f"PyPI, which tests never use: build it once, then point ${checker_env.ENV_CHECKER} at it")
+                "PyPI, which tests never use: build it once (`toolgrad-edge eval bfcl` does on first use), "
+                f"then point ${checker_env.ENV_CHECKER} at it")
 
 
 @pytest.mark.slow
