@@ -210,7 +210,9 @@ class Assistant:
             self.on_event("model", result)
             if not result.tool_calls:
                 transcript.answer = result.content
-                self.history.append({"role": "assistant", "content": result.content or ""})
+                self.history.append({"role": "assistant", "content": result.content or "",
+                                     "raw_text": result.raw_text,
+                                     "raw_tokens": list(getattr(result, "raw_tokens", None) or [])})
                 if result.finish_reason == "length":
                     transcript.stopped = "length"
                 return transcript
