@@ -156,14 +156,18 @@ def _cached_grammar(key: str, syntax: str, choice: str, parallel: bool) -> str:
 def compile_grammar(tools: list[Tool], syntax: str = "python", tool_choice: str = "auto",
                     parallel: bool = True, order_states: int = ORDER_STATES) -> str:
     """build_grammar without the cache; ``order_states`` sets the argument-order lattice size."""
+    return _compile(_Compiler(syntax, order_states), tools, tool_choice, parallel)
+
+
+def _compile(compiler: "_Compiler", tools: list[Tool], tool_choice: Any, parallel: bool) -> str:
+    """The call grammar in ``compiler``'s dialect (GBNF here, Lark in llg.py)."""
     choice = _tool_choice(tool_choice, tools)
-    compiler = _Compiler(syntax, order_states)
     if choice == "none" or (choice == "auto" and not tools):
         compiler.rules["root"] = "text"
         compiler.use("text")
         return compiler.render()
-    chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
-    alts = [compiler.call_rule(i, t) for i, t in enumerate(tools) if t in chosen]
+    alts = [compiler.call_rule(i, t) for i, t in enumerate(tools)
+            if choice in ("auto", "required") or t.name == choice]
     compiler.rules["call"] = " | ".join(alts)
     if parallel:
         compiler.rules["calls"] = '"[" ws call (ws "," ws call)* ws "]"'
@@ -242,6 +246,14 @@ class _Compiler:
         self._lib = {**_COMMON_RULES, **_SYNTAX_RULES[syntax]}
 
     # -- rule bookkeeping -------------------------------------------------------
+    def lit(self, text: str) -> str:
+        """A literal matching ``text`` exactly."""
+        return _lit(text)
+
+    def words(self, body: str) -> list[str]:
+        """Rule names mentioned in a rule body."""
+        return _words(body)
+
     def render(self) -> str:
         lines = [f"root ::= {self.rules['root']}"]
         lines += [f"{name} ::= {body}" for name, body in self.rules.items() if name != "root"]
@@ -253,7 +265,7 @@ class _Compiler:
             return name
         body = self._lib[name]
         self.rules[name] = body
-        for word in _words(body):
+        for word in self.words(body):
             self.use(word)
         return name
 
@@ -266,7 +278,7 @@ class _Compiler:
         name = f"{hint}-{n}"
         self.rules[name] = body
         self.names[body] = name
-        for word in _words(body):
+        for word in self.words(body):
             self.use(word)
         return name
 
@@ -274,11 +286,11 @@ class _Compiler:
     def call_rule(self, index: int, tool: Tool) -> str:
         args = self.arguments(tool, index)
         if self.syntax == "json":
-            head = '"{" ws ' + _lit('"name"') + ' ws ":" ws '
-            body = (head + _lit(json.dumps(tool.name)) + ' ws "," ws ' + _lit('"arguments"')
+            head = '"{" ws ' + self.lit('"name"') + ' ws ":" ws '
+            body = (head + self.lit(json.dumps(tool.name)) + ' ws "," ws ' + self.lit('"arguments"')
                     + ' ws ":" ws ' + args + ' ws "}"')
         else:
-            body = _lit(tool.name + "(") + " ws " + args
+            body = self.lit(tool.name + "(") + " ws " + args
         return self.add(f"call-{index}", body)
 
     def arguments(self, tool: Tool, index: int, where: str = "") -> str:
@@ -347,7 +359,14 @@ class _Compiler:
         if isinstance(t, list):
             if not t:
                 raise ctx.fail(f"{ptr}/type", "empty type list")
-            alts = [self.typed(ti, schema, ctx, ptr) for ti in dict.fromkeys(t)]
+            alts, dropped = [], []
+            for ti in dict.fromkeys(t):
+                try:
+                    alts.append(self.typed(ti, schema, ctx, ptr))
+                except _NoValue as exc:
+                    dropped.append(exc)  # e.g. ["string", "null"] with impossible lengths: null
+            if not alts:
+                raise dropped[0]
             return self.alternatives("types", alts)
         if t is None:
             t = _infer_type(schema)
@@ -382,7 +401,7 @@ class _Compiler:
                 texts.append(render_value(v))
             else:
                 texts.append(json.dumps(v, ensure_ascii=False))
-        return self.alternatives("literal", [_lit(t) for t in dict.fromkeys(texts)])
+        return self.alternatives("literal", [self.lit(t) for t in dict.fromkeys(texts)])
 
     def enum(self, schema: dict, ctx: _Context, ptr: str) -> str:
         values = schema["enum"]
@@ -441,27 +460,9 @@ class _Compiler:
         return self.add("string", body)
 
     def integer(self, schema: dict, ctx: _Context, ptr: str) -> str:
-        import math
-
-        low = _num(schema.get("minimum"))
-        high = _num(schema.get("maximum"))
-        xlow = _num(schema.get("exclusiveMinimum"))
-        xhigh = _num(schema.get("exclusiveMaximum"))
-        lo = None if low is None else math.ceil(low)
-        hi = None if high is None else math.floor(high)
-        if xlow is not None:
-            lo = max(lo, math.floor(xlow) + 1) if lo is not None else math.floor(xlow) + 1
-        if xhigh is not None:
-            hi = min(hi, math.ceil(xhigh) - 1) if hi is not None else math.ceil(xhigh) - 1
-        limit = 10 ** MAX_DIGITS - 1
-        if lo is not None and lo < -limit:
-            lo = None
-        if hi is not None and hi > limit:
-            hi = None
+        lo, hi = _integer_bounds(schema, ctx, ptr)
         if lo is None and hi is None:
             return self.use("integer")
-        if lo is not None and hi is not None and lo > hi:
-            raise ctx.fail(ptr, f"no integer lies between minimum {low} and maximum {high}", True)
         return self.add("int-range", _int_range(lo, hi))
 
     def array(self, schema: dict, ctx: _Context, ptr: str) -> str:
@@ -537,14 +538,14 @@ class _Compiler:
                     raise
                 continue  # an optional key no value fits is never written
             if kwargs:
-                key = _lit(name)
+                key = self.lit(name)
                 body = f'{key} ws "=" ws {value}'
             elif self.syntax == "python":
-                forms = [_lit(f) for f in py_string_forms(name)]
+                forms = [self.lit(f) for f in py_string_forms(name)]
                 key = forms[0] if len(forms) == 1 else "(" + " | ".join(forms) + ")"
                 body = f'{key} ws ":" ws {value}'
             else:
-                body = f'{_lit(json.dumps(name, ensure_ascii=False))} ws ":" ws {value}'
+                body = f'{self.lit(json.dumps(name, ensure_ascii=False))} ws ":" ws {value}'
             members.append((self.add("member", body), name in required))
         close = 'ws ")"' if kwargs else 'ws "}"'
         first_close = close  # closing when no member has been written yet
@@ -647,6 +648,30 @@ def _count_states(n: int, required: tuple[bool, ...], window: int, budget: int) 
                 if len(seen) > budget:
                     return len(seen)
     return len(seen)
+
+
+def _integer_bounds(schema: dict, ctx: _Context, ptr: str) -> tuple[int | None, int | None]:
+    """The integer interval a schema allows (None: unbounded on that side, or beyond int64)."""
+    import math
+
+    low = _num(schema.get("minimum"))
+    high = _num(schema.get("maximum"))
+    xlow = _num(schema.get("exclusiveMinimum"))
+    xhigh = _num(schema.get("exclusiveMaximum"))
+    lo = None if low is None else math.ceil(low)
+    hi = None if high is None else math.floor(high)
+    if xlow is not None:
+        lo = max(lo, math.floor(xlow) + 1) if lo is not None else math.floor(xlow) + 1
+    if xhigh is not None:
+        hi = min(hi, math.ceil(xhigh) - 1) if hi is not None else math.ceil(xhigh) - 1
+    limit = 10 ** MAX_DIGITS - 1
+    if lo is not None and lo < -limit:
+        lo = None
+    if hi is not None and hi > limit:
+        hi = None
+    if lo is not None and hi is not None and lo > hi:
+        raise ctx.fail(ptr, f"no integer lies between minimum {low} and maximum {high}", True)
+    return lo, hi
 
 
 def _int_range(lo: int | None, hi: int | None) -> str:
