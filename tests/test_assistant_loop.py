@@ -317,3 +317,24 @@ def test_transcript_json_round_trips():
     assert set(data["usage"]) >= {"prompt_tokens", "completion_tokens", "cached_tokens", "model_turns"}
     assert data["rounds"][0]["tool_calls"][0]["approved"] is True
     _ = ToolCall  # the public call type the scripted model answers with
+
+
+def test_a_missing_extra_is_one_line_naming_the_pip_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mcp", None)
+    with pytest.raises(ToolSourceError, match=r"^MCP servers need the MCP SDK: pip install 'toolgrad-edge\[mcp\]'$"):
+        Assistant(ScriptedModel(), mcp=["python -m mcp_server_time"])
+    monkeypatch.setitem(sys.modules, "pydantic", None)
+    with pytest.raises(ToolSourceError, match=r"pip install 'toolgrad-edge\[functions\]'$"):
+        Assistant(ScriptedModel(), tools=[lambda x: x])
+
+
+def test_importing_the_assistant_loads_no_optional_dependency():
+    import subprocess
+    import sys
+
+    code = ("import sys, toolgrad_edge.assistant, toolgrad_edge.cli.assistant_cmds; "
+            "print(sorted(m for m in ('mcp', 'pydantic', 'docstring_parser', 'llama_cpp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
