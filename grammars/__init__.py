@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .calls import CallStreamParser, ToolCall, parse_calls, render_calls
 from .gbnf import build_grammar, schema_grammar
+from .llg import build_llg_grammar, llg_schema_grammar
 from .lookahead import forced_name_suffix
 from .tools import Tool, load_tools
 
@@ -15,7 +16,9 @@ __all__ = [
     "Tool",
     "ToolCall",
     "build_grammar",
+    "build_llg_grammar",
     "forced_name_suffix",
+    "llg_schema_grammar",
     "load_tools",
     "parse_calls",
     "render_calls",

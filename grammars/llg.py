@@ -127,6 +127,16 @@ def _cached_llg_grammar(key: str, syntax: str, choice: str, parallel: bool) -> s
     return _compile(_LarkCompiler(syntax, order_states(len(tools))), tools, choice, parallel)
 
 
+def llg_schema_grammar(schema: dict | None, syntax: str = "json") -> str:
+    """schema_grammar for llguidance: one value matching ``schema`` (None: any JSON object)."""
+    from .tools import normalize_schema
+
+    normal = normalize_schema({"type": "object"} if schema is None else schema, "response schema")
+    compiler = _LarkCompiler(syntax)
+    compiler.rules["root"] = compiler.expr(normal, _Context("response schema", normal), "")
+    return compiler.render()
+
+
 def order_states(n_tools: int) -> int:
     """The argument-order lattice budget per object (see gbnf.py) for a grammar of ``n_tools``.
 

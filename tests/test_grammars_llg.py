@@ -51,7 +51,10 @@ def matcher(tok, grammar: str):
 
 def accepts(tok, grammar: str, text: str) -> bool:
     """Byte by byte, never consuming a byte the matcher does not allow; then it may end."""
-    m = matcher(tok, grammar)
+    return consumes(matcher(tok, grammar), text)
+
+
+def consumes(m, text: str) -> bool:
     for b in text.encode():
         if m.validate_tokens([b]) != 1:
             return False
@@ -251,11 +254,11 @@ def test_a_thousand_tools_build_and_run(tok):
     with pytest.raises(SchemaError, match="1000 tools"):
         build_grammar(tools)
     grammar = build_llg_grammar(tools)
-    m = matcher(tok, grammar)
-    assert not m.is_error()
-    assert accepts(tok, grammar, "[tool_999(n=1099, city='Paris', p=0.5)]")
-    assert not accepts(tok, grammar, "[tool_999(n=1100, city='Paris')]")
-    assert not accepts(tok, grammar, "[tool_1000(city='Paris')]")
+    m = matcher(tok, grammar)  # once per tool set (seconds for 1,000 tools); a copy per request
+    assert consumes(m.deep_copy(), "[tool_999(n=1099, city='Paris', p=0.5)]")
+    assert consumes(m.deep_copy(), "[tool_0(city='Paris'), tool_500(unit='f', city='x')]")
+    assert not consumes(m.deep_copy(), "[tool_999(n=1100, city='Paris')]")
+    assert not consumes(m.deep_copy(), "[tool_1000(city='Paris')]")
 
 
 # -- the real vocabulary -----------------------------------------------------------------
@@ -302,3 +305,72 @@ def test_bfcl_ground_truth_token_by_token_with_gemma(gemma_tok):
         (accepted if ok else rejected).append(entry["id"])
     assert len(accepted) >= 20
     assert rejected == ["live_multiple_862-181-3"]  # its ground truth names an undeclared argument
+
+
+def test_schema_grammar_for_response_format(tok):
+    from toolgrad_edge.grammars import llg_schema_grammar
+
+    schema = {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1},
+                                               "label": {"type": "string", "pattern": "^[a-z]+$"}},
+              "required": ["score"], "additionalProperties": False}
+    grammar = llg_schema_grammar(schema)
+    assert accepts(tok, grammar, '{"score": 0.5, "label": "ok"}')
+    assert not accepts(tok, grammar, '{"score": 2}')
+    assert not accepts(tok, grammar, '{"score": 0.5, "label": "OK"}')
+    assert accepts(tok, llg_schema_grammar(None), '{"any": [1, {"b": null}]}')
+
+
+def test_random_walks_on_the_gemma_vocabulary_are_valid(gemma_tok):
+    """Real tokens span lexeme boundaries (`='`, `')]`): what they build must still parse and validate."""
+    import numpy as np
+
+    rng = random.Random(5)
+    validator = jsonschema.Draft202012Validator(KEYWORDS[0].parameters,
+                                                format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    eos = gemma_tok.eos_token
+    n = gemma_tok.vocab_size
+    short = np.array([len(gemma_tok.decode_bytes([t])) <= 3 for t in range(n)])
+    short[eos] = False
+    finished = 0
+    for syntax in ("python", "json"):
+        grammar = build_llg_grammar(KEYWORDS, syntax=syntax, tool_choice="required")
+        for _ in range(6):
+            m = matcher(gemma_tok, grammar)
+            tokens: list[int] = []
+            for step in range(300):
+                if m.is_stopped():
+                    break
+                bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8),
+                                     bitorder="little")[:n].astype(bool)
+                if bits[eos] and rng.random() < min(0.9, step / 100):
+                    break
+                choices = np.flatnonzero(bits & short)
+                if not len(choices):
+                    choices = np.flatnonzero(bits)
+                pick = int(choices[rng.randrange(len(choices))])
+                if pick == eos:
+                    break
+                assert m.consume_token(pick)
+                tokens.append(pick)
+            else:
+                continue
+            finished += 1
+            text = gemma_tok.decode_str(tokens)
+            for call in parse_calls(text, KEYWORDS, syntax):
+                assert validator.is_valid(call.arguments), (text, list(validator.iter_errors(call.arguments)))
+    assert finished >= 6
+
+
+def test_what_llguidance_refuses_falls_back_to_a_check_after(tok):
+    tools = load_tools([{"name": "f", "parameters": {"type": "object", "properties": {
+        "big": {"type": "number", "maximum": 1e20},
+        "look": {"type": "string", "pattern": "^(?!x)[a-z]+$"},
+        "set": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}])
+    grammar = build_llg_grammar(tools)
+    assert accepts(tok, grammar, "[f(big=-3.5, look='abc', set=[1, 2])]")
+    assert accepts(tok, grammar, "[f(look='xyz')]")  # generated, then refused by the parser
+    with pytest.raises(Exception, match="does not match"):
+        parse_calls("[f(look='xyz')]", tools)
+    assert accepts(tok, grammar, "[f(set=[1, 1])]")
+    with pytest.raises(Exception, match="non-unique"):
+        parse_calls("[f(set=[1, 1])]", tools)
