@@ -175,6 +175,33 @@ def test_streamed_calls_reassemble_to_the_whole_answer(client):
     ]
 
 
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1])
+def test_any_64_bit_seed_samples(client, seed):
+    reply = create(client, tools=TOOLS, tool_choice="required", temperature=0.8, seed=seed, max_tokens=24)
+    assert reply.choices[0].finish_reason in ("tool_calls", "length")
+
+
+def test_call_list_cut_by_max_tokens_streams_what_the_whole_reply_keeps(client):
+    """Wherever max_tokens cuts a parallel call list, both replies hold the same complete calls."""
+    kwargs = dict(tools=TOOLS, tool_choice="required", seed=3, parallel_tool_calls=True)
+    for max_tokens in (6, 10, 14, 18, 24):
+        whole = create(client, max_tokens=max_tokens, **kwargs).choices[0]
+        expected = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+        calls: dict[int, dict] = {}
+        finish = None
+        for chunk in create(client, stream=True, max_tokens=max_tokens, **kwargs):
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                slot["name"] += tc.function.name or ""
+                slot["arguments"] += tc.function.arguments or ""
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
+        streamed = [(c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+        assert streamed == expected and finish == whole.finish_reason, max_tokens
+        check_calls(whole.message.tool_calls or [])
+        assert all(isinstance(json.loads(arguments), dict) for _, arguments in streamed)
+
+
 def test_streamed_text_matches_the_whole_answer(client):
     whole = create(client, tools=TOOLS, tool_choice="none", max_tokens=12)
     parts = []
@@ -290,6 +317,13 @@ def _bad_inputs():
         ("context too long, streamed", auth,
          {"messages": [{"role": "user", "content": LONG_TEXT}], "max_tokens": 16, "stream": True},
          400, "context_length_exceeded"),
+        ("NaN in a tool call's arguments", auth, {**ok, "tools": TOOLS, "messages": [*QUESTION, {
+            "role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": NaN}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}, 400, "invalid_value"),
+        ("lone surrogate in the prompt", auth,
+         b'{"messages": [{"role": "user", "content": "caf\\udce9"}]}', 400, "invalid_value"),
+        ("seed over 64 bits", auth, {**ok, "seed": 2**64}, 400, "invalid_value"),
     ]
 
 
