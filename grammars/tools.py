@@ -125,25 +125,28 @@ def _tool_from(item: Any, index: int, where: str) -> Tool:
     if isinstance(item, Tool):
         return item
     if isinstance(item, dict):
-        _check_depth(item, index, where)
         # The runtime passes the same tool dicts on every request; normalising
         # and checking a schema costs milliseconds, so do it once per tool.
         try:
             key = json.dumps(item)
         except (TypeError, ValueError):
             key = None
+        except RecursionError:
+            _check_depth(item, index, where)
+            raise
         if key is not None:
-            name, description, parameters, spec = _cached_tool(key, index, where)
-            # Fresh dicts for every caller: a caller that edits its Tool must
-            # not change the Tool every later caller gets.
-            return Tool(name, description, json.loads(parameters), json.loads(spec))
+            name, description, parameters = _cached_tool(key, index, where)
+            # A fresh schema for every caller, and the caller's own spec: a
+            # caller that edits its Tool must not change what others get.
+            spec = item["function"] if isinstance(item.get("function"), dict) else item
+            return Tool(name, description, json.loads(parameters), spec)
     return _make_tool(item, index, where)
 
 
 @lru_cache(maxsize=4096)
-def _cached_tool(key: str, index: int, where: str) -> tuple[str, str, str, str]:
+def _cached_tool(key: str, index: int, where: str) -> tuple[str, str, str]:
     tool = _make_tool(json.loads(key), index, where)
-    return tool.name, tool.description, json.dumps(tool.parameters), json.dumps(tool.spec)
+    return tool.name, tool.description, json.dumps(tool.parameters)
 
 
 def json_depth(value: Any) -> int:
@@ -206,6 +209,7 @@ def _make_tool(item: Any, index: int, where: str) -> Tool:
     if not isinstance(parameters, dict):
         raise SchemaError(f"{label}: \"parameters\" must be a JSON Schema object, "
                           f"found {type(parameters).__name__}.")
+    _check_depth(item, index, where)
     normal = normalize_schema(parameters, label)
     if normal.get("type", "object") != "object" or "anyOf" in normal or "oneOf" in normal:
         raise SchemaError(f"{label}: \"parameters\" must be an object schema "

@@ -212,9 +212,9 @@ def test_deeply_nested_schema_names_tool_and_depth(tmp_path):
 
 def test_cached_tools_are_not_shared_between_callers():
     raw = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}
-    first = load_tools([raw])[0]
+    first = load_tools([json.loads(json.dumps(raw))])[0]
     first.spec["parameters"]["properties"]["a"]["type"] = "integer"
     first.parameters["properties"].clear()
-    second = load_tools([raw])[0]
+    second = load_tools([json.loads(json.dumps(raw))])[0]  # an equal definition: a cache hit
     assert second.spec == raw and second.parameters["properties"] == {"a": {"type": "string"}}
-    assert json.dumps(second.spec)  # still plain JSON data
+    assert second.spec is not first.spec and second.parameters is not first.parameters
