@@ -374,3 +374,21 @@ def test_what_llguidance_refuses_falls_back_to_a_check_after(tok):
     assert accepts(tok, grammar, "[f(set=[1, 1])]")
     with pytest.raises(Exception, match="non-unique"):
         parse_calls("[f(set=[1, 1])]", tools)
+
+
+def test_argument_order_as_free_as_the_gbnf_grammar(tok):
+    props = {f"p{i}": {"type": "integer"} for i in range(5)}
+    small = load_tools([{"name": "f", "parameters": {"type": "object", "properties": props, "required": ["p0", "p4"]}},
+                        {"name": "now", "parameters": {"type": "object", "properties": {}}}])
+    grammar = build_llg_grammar(small)
+    order = ["p4", "p2", "p0", "p3", "p1"]
+    assert accepts(tok, grammar, "[f(" + ", ".join(f"{p}=1" for p in order) + ")]")
+    assert accepts(tok, grammar, "[f(p4=1, p0=2)]")
+    assert not accepts(tok, grammar, "[f(p3=1, p0=2)]")
+    assert accepts(tok, grammar, "[now()]") and not accepts(tok, grammar, "[now(x=1)]")
+    props = {f"q{i}": {"type": "integer"} for i in range(20)}
+    large = load_tools([{"name": "g", "parameters": {"type": "object", "properties": props}}])
+    grammar = build_llg_grammar(large)
+    for text in ["[g(" + ", ".join(f"q{i}=1" for i in range(20)) + ")]", "[g(q0=1, q13=2, q12=3)]",
+                 "[g(q0=1, q13=2, q13=3)]", "[g(q5=1, q0=1)]"]:
+        assert accepts(tok, grammar, text) is _gbnf_accepts(build_grammar(large), text), text
