@@ -6,8 +6,8 @@ argument-order lattice, the same merging of ``$ref``/``allOf``/``anyOf``);
 only the leaves differ. llguidance builds masks lazily, so what llama.cpp's
 engine could not afford is enforced here while the model writes:
 
-* numbers and integers with bounds or ``multipleOf``: llguidance's own
-  ``%json{...}`` number (the same text in both call syntaxes);
+* number bounds and ``multipleOf``: llguidance's own ``%json{...}`` number
+  (the same text in both call syntaxes); integer bounds: one digit-range regex;
 * strings with ``pattern`` or ``format``: ``%json{...}`` strings, so in the
   python syntax such a string is written in double quotes, without ``\\u``
   or ``\\/`` escapes (what the python parser reads back as the same value);
