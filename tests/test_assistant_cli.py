@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -189,3 +189,18 @@ def test_the_question_on_a_terminal(scripted, record_file, monkeypatch):
     result = CliRunner().invoke(main, ["ask", "?", "--mcp", RECORDER, "--json"], input="n\n")
     assert json.loads(result.stdout)["rounds"][0]["tool_calls"][0]["result"] == "The user refused to run this call."
     assert [json.loads(line)["city"] for line in record_file.read_text().splitlines()] == ["Oslo"]
+
+
+def test_ctrl_c_while_a_tool_runs(scripted, tmp_path, monkeypatch):
+    (tmp_path / "hang_tools.py").write_text(
+        "import os, signal, time\nfrom toolgrad_edge.assistant import tool\n\n"
+        "@tool(read_only=True)\ndef hang() -> str:\n    '''Hangs after pressing Ctrl-C.'''\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n    return 'never'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scripted.answers += [[("hang", {})]]
+    t0 = time.perf_counter()
+    result = run("ask", "?", "--functions", "hang_tools:hang", "--json")
+    assert time.perf_counter() - t0 < 15
+    assert result.exit_code == 130
+    (call,) = json.loads(result.stdout)["rounds"][0]["tool_calls"]
+    assert call["result"] == "Abandoned: the user interrupted the call (Ctrl-C)." and call["is_error"]

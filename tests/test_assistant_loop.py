@@ -146,7 +146,8 @@ def test_permissions_read_only_runs_others_refused_without_a_terminal():
 @pytest.mark.parametrize("permissions, ran, reason", [
     (Permissions.of(yes=True), True, None),
     (Permissions.of(allow=["send_email"]), True, None),
-    (Permissions.of(yes=True, deny=["send_email"]), False, "The user does not allow send_email (--deny); it was not run."),
+    (Permissions.of(yes=True, deny=["send_email"]), False,
+     "The user does not allow send_email (--deny); it was not run."),
     (Permissions.of(confirm=lambda entry, call: "y"), True, None),
     (Permissions.of(confirm=lambda entry, call: "n"), False, "The user refused to run this call."),
 ])

@@ -13,7 +13,8 @@ pytest.importorskip("mcp")
 
 from mcp_fixtures.scripted import BROKEN, RECORDER, ScriptedModel  # noqa: E402
 
-from toolgrad_edge.assistant import Assistant, Permissions, ServerSpec, server_from_command, servers_from_config  # noqa: E402
+from toolgrad_edge.assistant import (  # noqa: E402
+    Assistant, Permissions, ServerSpec, server_from_command, servers_from_config)
 from toolgrad_edge.assistant.mcp_servers import unique_names  # noqa: E402
 from toolgrad_edge.assistant.toolbox import MAX_RESULT_CHARS  # noqa: E402
 from toolgrad_edge.errors import ToolSourceError  # noqa: E402
@@ -205,7 +206,8 @@ def test_colliding_names_become_server_dot_tool(tmp_path):
         assert "tool 'record' is offered by alpha, beta: renamed to alpha.record, beta.record." in assistant.notes
         entry = next(e for e in assistant.entries if e.name == "beta.lookup")
         assert entry.original_name == "lookup" and entry.spec["name"] == "beta.lookup"
-        records, _ = assistant.run_calls([ToolCall("beta.lookup", {"key": "z"}), ToolCall("python.lookup", {"key": "z"})])
+        records, _ = assistant.run_calls([ToolCall("beta.lookup", {"key": "z"}),
+                                          ToolCall("python.lookup", {"key": "z"})])
         assert [r.result for r in records] == ["value of z", "python"]
 
 

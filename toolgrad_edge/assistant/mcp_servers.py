@@ -91,7 +91,8 @@ def servers_from_config(path: str | os.PathLike) -> list[ServerSpec]:
         raise ToolSourceError(f"{where}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}.") from None
     servers = data.get("mcpServers") if isinstance(data, dict) else None
     if not isinstance(servers, dict):
-        raise ToolSourceError(f'{where}: expected an object {{"mcpServers": {{NAME: {{"command": ..., "args": [...]}}}}}}, '
+        raise ToolSourceError(f'{where}: expected an object '
+                              '{"mcpServers": {NAME: {"command": ..., "args": [...]}}}, '
                               f"found {type(data).__name__} without an mcpServers object.")
     specs = []
     for name, entry in servers.items():
@@ -249,7 +250,8 @@ class McpServer:
         except asyncio.TimeoutError:
             await self._stop_task()
             self.state = "gone"
-            raise ToolSourceError(self._start_failure(f"no answer to initialize within {self._start_timeout:g} s")) from None
+            reason = f"no answer to initialize within {self._start_timeout:g} s"
+            raise ToolSourceError(self._start_failure(reason)) from None
         except BaseException:
             await self._stop_task()
             raise

@@ -190,6 +190,8 @@ def ask(prompt, model, mcp_commands, mcp_config, function_refs, tool_files, tool
         click.echo(json.dumps(transcript.to_dict(), ensure_ascii=False))
     else:
         _print_transcript(transcript)
+    if transcript.stopped == "interrupted":
+        sys.exit(130)  # as for any Ctrl-C
 
 
 @click.command()
