@@ -255,3 +255,164 @@ def test_cli_unreachable_checker_env(tmp_path):
 def test_cli_help_has_examples():
     result = CliRunner().invoke(main, ["eval", "bfcl", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output and "--no-grammar" in result.output
+
+
+# --- forced-call mode (--tool-choice required) and --no-speculative ------------------------
+
+class RecordingRuntime(FakeRuntime):
+    """A FakeRuntime that records the tool_choice of every call, by category."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+        self.tool_choices: dict[str, set[str]] = {}
+        self.category = None
+
+    def call(self, messages, tools, **kwargs):
+        self.tool_choices.setdefault(self.category, set()).add(kwargs["tool_choice"])
+        return super().call(messages, tools, **kwargs)
+
+
+def _fake_checker(monkeypatch, tmp_path):
+    from toolgrad_edge.evaluate import checker_env
+
+    env = SimpleNamespace(python=Path("python"), root=tmp_path / "env", data_dir=DATA, version="test")
+    monkeypatch.setattr(checker_env, "ensure_checker_env", lambda *a, **k: env)
+    monkeypatch.setattr(bfcl, "score_results", lambda env_, data_dir, out_dir, categories: {
+        "bfcl_eval": "test", "categories": {
+            c: {"n": 1, "correct": 0, "accuracy": 0.0, "with_calls": 1, "valid_calls": 1} for c in categories}})
+
+
+def _tool_choices_per_category(monkeypatch, tmp_path, **kwargs):
+    rt = RecordingRuntime()
+    real_run_category = bfcl.run_category
+
+    def run_category_noting(runtime, entries, *args, **kw):
+        runtime.category = entries[0].category
+        return real_run_category(runtime, entries, *args, **kw)
+
+    monkeypatch.setattr(bfcl, "run_category", run_category_noting)
+    rep = bfcl.evaluate_bfcl(None, limit=1, out_dir=tmp_path / kwargs.get("tool_choice", "auto"),
+                             runtime_factory=lambda: rt, **kwargs)
+    return rt.tool_choices, rep
+
+
+def test_required_reaches_the_runtime_in_ast_categories_only(tmp_path, monkeypatch):
+    _fake_checker(monkeypatch, tmp_path)
+    seen, rep = _tool_choices_per_category(monkeypatch, tmp_path, tool_choice="required")
+    assert set(seen) == set(CATEGORIES)
+    relevance = {"irrelevance", "live_irrelevance", "live_relevance"}
+    assert {c for c, choices in seen.items() if choices == {"auto"}} == relevance
+    assert {c for c, choices in seen.items() if choices == {"required"}} == set(CATEGORIES) - relevance
+    assert rep["tool_choice"] == "required" and rep["speculative"] is True
+    assert "tool choice required (relevance categories: auto)" in report.format_table(rep)
+
+
+def test_auto_is_the_default_everywhere(tmp_path, monkeypatch):
+    _fake_checker(monkeypatch, tmp_path)
+    seen, rep = _tool_choices_per_category(monkeypatch, tmp_path)
+    assert all(choices == {"auto"} for choices in seen.values()) and len(seen) == len(CATEGORIES)
+    assert rep["tool_choice"] == "auto"
+
+
+def test_resume_key_separates_tool_choice_and_speculation(tmp_path, monkeypatch):
+    _fake_checker(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+
+    def run(**kwargs):
+        rt = RecordingRuntime()
+        bfcl.evaluate_bfcl(None, categories="simple_python", limit=1, out_dir=out, runtime_factory=lambda: rt,
+                           **kwargs)
+        return rt
+
+    assert len(run(tool_choice="required").asked) == 1
+    assert run(tool_choice="required").asked == []  # same mode: resumed, nothing to do
+    with pytest.raises(EvaluationError, match="holds results of another run"):
+        run(tool_choice="auto")
+    with pytest.raises(EvaluationError, match="'speculative': False"):
+        run(tool_choice="required", speculative=False)
+    assert json.loads((out / "run.json").read_text())["tool_choice"] == "required"
+    # The default folders differ too, so runs of different modes never meet.
+    names = {bfcl.default_run_name("m.gguf", grammar=True, syntax="python", tool_choice=t, speculative=s)
+             for t in ("auto", "required") for s in (True, False)}
+    assert names == {"m-grammar-python", "m-grammar-python-required", "m-grammar-python-stepwise",
+                     "m-grammar-python-required-stepwise"}
+
+
+def test_manifest_written_before_these_keys_resumes_as_auto_speculative(tmp_path):
+    old = {"model": "a.gguf", "grammar": True, "syntax": "python", "max_tokens": 512}
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    check_manifest(tmp_path, {**old, "tool_choice": "auto", "speculative": True})
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    with pytest.raises(EvaluationError, match="holds results of another run"):
+        check_manifest(tmp_path, {**old, "tool_choice": "required", "speculative": True})
+
+
+def test_required_needs_the_grammar(tmp_path):
+    with pytest.raises(EvaluationError, match="needs the grammar"):
+        bfcl.evaluate_bfcl(None, tool_choice="required", grammar=False, out_dir=tmp_path)
+    with pytest.raises(EvaluationError, match="Unknown tool choice 'none'"):
+        bfcl.evaluate_bfcl(None, tool_choice="none", out_dir=tmp_path)
+
+
+def test_no_speculative_reaches_the_runtime_only_when_it_has_the_option(tmp_path, monkeypatch):
+    import toolgrad_edge.runtime as runtime_module
+
+    _fake_checker(monkeypatch, tmp_path)
+    made = []
+
+    class SpeculativeRuntime(RecordingRuntime):
+        def __init__(self, model=None, n_ctx=None, n_threads=None, prefix_cache=True, speculative="not passed"):
+            super().__init__(speculative=speculative, prefix_cache=prefix_cache)
+            made.append(self)
+
+    class OlderRuntime(RecordingRuntime):
+        def __init__(self, model=None, n_ctx=None, n_threads=None, prefix_cache=True):
+            super().__init__(prefix_cache=prefix_cache)
+            made.append(self)
+
+    monkeypatch.setattr(runtime_module, "ToolRuntime", SpeculativeRuntime)
+    bfcl.evaluate_bfcl(None, categories="simple_python", limit=1, out_dir=tmp_path / "a", speculative=False)
+    bfcl.evaluate_bfcl(None, categories="simple_python", limit=1, out_dir=tmp_path / "b")
+    assert [rt.options for rt in made] == [{"speculative": False, "prefix_cache": False},
+                                           {"speculative": "not passed", "prefix_cache": False}]
+
+    monkeypatch.setattr(runtime_module, "ToolRuntime", OlderRuntime)
+    bfcl.evaluate_bfcl(None, categories="simple_python", limit=1, out_dir=tmp_path / "c")  # the default needs nothing
+    with pytest.raises(EvaluationError, match="no speculative decoding to turn off"):
+        bfcl.evaluate_bfcl(None, categories="simple_python", limit=1, out_dir=tmp_path / "d", speculative=False)
+
+
+def test_differing_results_compares_outputs_of_two_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, second in ((a, "[g(x=1)]"), (b, "[g(x=2)]")):
+        folder.mkdir()
+        result_file(folder, "simple_python").write_text(
+            json.dumps({"id": "s_0", "result": "[f()]"}) + "\n" + json.dumps({"id": "s_1", "result": second}) + "\n")
+    result_file(a, "multiple").write_text(json.dumps({"id": "m_0", "result": "[h()]"}) + "\n")
+    assert bfcl.differing_results(a, b, ["simple_python", "multiple"]) == {"simple_python": ["s_1"], "multiple": []}
+
+
+def test_cli_passes_tool_choice_and_speculation(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_evaluate(model, **kwargs):
+        seen.update(kwargs)
+        raise EvaluationError("stop here")
+
+    monkeypatch.setattr(bfcl, "evaluate_bfcl", fake_evaluate)
+    result = CliRunner().invoke(main, ["eval", "bfcl", "--tool-choice", "required", "--no-speculative"])
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert seen["tool_choice"] == "required" and seen["speculative"] is False
+    CliRunner().invoke(main, ["eval", "bfcl"])
+    assert seen["tool_choice"] == "auto" and seen["speculative"] is True
+
+
+def test_cli_required_without_grammar_is_one_clear_error(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    result = CliRunner().invoke(main, ["eval", "bfcl", "--model", str(model), "--tool-choice", "required",
+                                       "--no-grammar"])
+    assert result.exit_code == 1 and "needs the grammar" in result.output and "Traceback" not in result.output
+    help_text = CliRunner().invoke(main, ["eval", "bfcl", "--help"]).output
+    assert "--tool-choice" in help_text and "live_relevance, which keep auto" in " ".join(help_text.split())

@@ -37,11 +37,13 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="session")
-def bfcl_env():
+def env_candidates() -> list[Path]:
     explicit = os.environ.get(checker_env.ENV_CHECKER)
-    candidates = [Path(explicit)] if explicit else []
-    candidates.append(HERE.parent / "benchmarks" / "bfcl" / "env")
+    return ([Path(explicit)] if explicit else []) + [HERE.parent / "benchmarks" / "bfcl" / "env"]
+
+
+def find_env_or_skip(candidates: list[Path]):
+    """The first ready checker environment among ``candidates``; skip the test (never build one) if none."""
     for root in candidates:
         found = checker_env.find_checker_env(root)
         if found is not None:
@@ -49,6 +51,11 @@ def bfcl_env():
     pytest.skip(f"no BFCL checker environment (looked in {', '.join(map(str, candidates))}); building one needs "
                 "PyPI, which tests never use: build it once (`toolgrad-edge eval bfcl` does on first use), "
                 f"then point ${checker_env.ENV_CHECKER} at it")
+
+
+@pytest.fixture(scope="session")
+def bfcl_env():
+    return find_env_or_skip(env_candidates())
 
 
 @pytest.mark.slow
@@ -87,3 +94,15 @@ def test_default_env_dir_follows_cache(monkeypatch, tmp_path):
     assert checker_env.default_env_dir().name == "bfcl-env"
     monkeypatch.setenv(checker_env.ENV_CHECKER, str(tmp_path / "mine"))
     assert checker_env.default_env_dir() == tmp_path / "mine"
+
+
+def test_missing_checker_env_is_a_skip_not_a_build(tmp_path, monkeypatch):
+    """Without an environment the checker test skips, saying how to build one, and builds nothing."""
+    def no_build(*args, **kwargs):
+        raise AssertionError("a test must not build the checker environment (that needs PyPI)")
+
+    monkeypatch.setattr(checker_env, "create_checker_env", no_build)
+    (tmp_path / "partial" / "bin").mkdir(parents=True)  # an interrupted build: no ready marker
+    with pytest.raises(pytest.skip.Exception, match="toolgrad-edge eval bfcl"):
+        find_env_or_skip([tmp_path / "absent", tmp_path / "partial"])
+    assert not (tmp_path / "absent").exists()

@@ -32,9 +32,18 @@ def eval_group() -> None:
 @click.option("--grammar/--no-grammar", default=True, show_default=True,
               help="Constrain decoding with the tools' grammar, or decode freely.")
 @syntax_option
+@click.option(
+    "--tool-choice", type=click.Choice(["auto", "required"]), default="auto", show_default=True,
+    help="auto: the model may answer with text (BFCL's setting); required: the grammar forces a call list "
+    "in every category except irrelevance, live_irrelevance and live_relevance, which keep auto. "
+    "required makes a model that never starts a call under auto comparable. Needs --grammar.",
+)
+@click.option("--no-speculative", is_flag=True,
+              help="One token per forward pass (no jump-forward or drafts), to check that speculation "
+              "changes no answer. Results go to their own folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for BFCL_v4_{category}_result.json files (a rerun resumes from them). "
-              "Default: ./bfcl-results/<model>-<grammar|free>-<syntax>.")
+              "Default: ./bfcl-results/<model>-<grammar|free>-<syntax>[-required][-stepwise].")
 @click.option("--data-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="BFCL question data (default: bfcl_eval/data in the checker environment).")
 @click.option("--checker-env", type=click.Path(file_okay=False), default=None,
@@ -45,8 +54,8 @@ def eval_group() -> None:
 @n_ctx_option
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @json_option
-def bfcl(model, categories, limit, grammar, syntax, out_dir, data_dir, checker_env, no_create_env,
-         max_tokens, n_ctx, n_threads, as_json):
+def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative, out_dir, data_dir, checker_env,
+         no_create_env, max_tokens, n_ctx, n_threads, as_json):
     """BFCL v1+v2 single-turn accuracy, scored by BFCL's official AST checker.
 
     Entries run through the runtime in the ToolGrad prompt format; raw outputs
@@ -58,6 +67,8 @@ def bfcl(model, categories, limit, grammar, syntax, out_dir, data_dir, checker_e
       toolgrad-edge eval bfcl --model toolgrad-4b-Q4_K_M.gguf
       toolgrad-edge eval bfcl --categories simple_python,irrelevance --limit 20
       toolgrad-edge eval bfcl --limit 10 --no-grammar --out runs/free --json
+      toolgrad-edge eval bfcl --categories simple_python,multiple --limit 20 --tool-choice required
+      toolgrad-edge eval bfcl --categories simple_python --limit 20 --tool-choice required --no-speculative
     """
     from ..evaluate import report
     from ..evaluate.bfcl import evaluate_bfcl
@@ -78,7 +89,8 @@ def bfcl(model, categories, limit, grammar, syntax, out_dir, data_dir, checker_e
 
     try:
         result = evaluate_bfcl(
-            model, categories=categories, limit=limit, grammar=grammar, syntax=syntax, out_dir=out_dir,
+            model, categories=categories, limit=limit, grammar=grammar, syntax=syntax,
+            tool_choice=tool_choice, speculative=not no_speculative, out_dir=out_dir,
             data_dir=data_dir, checker_env_dir=checker_env, create_env=not no_create_env,
             max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads, progress=progress, log=log,
         )

@@ -12,6 +12,7 @@ official checker running in its own environment (checker_runner.py).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import subprocess
@@ -35,6 +36,12 @@ CATEGORIES = (
 )
 # Categories whose right answer is at least one call (the valid-call rate is taken over these).
 CALL_CATEGORIES = NON_LIVE + LIVE + ("live_relevance",)
+
+# --tool-choice: "auto" (calls or text, BFCL's setting) or "required" (the
+# grammar forces a call list). "required" applies to the AST categories only:
+# the relevance categories measure whether the model *decides* to call, so
+# they always run with "auto".
+TOOL_CHOICES = ("auto", "required")
 
 # BFCL's generation step appends this to every Python function's description
 # (bfcl_eval.utils._get_language_specific_hint); the model saw it in training.
@@ -71,6 +78,11 @@ def parse_categories(spec: str | Iterable[str] | None) -> list[str]:
             f"expected a comma-separated list of: {', '.join(CATEGORIES)} (or 'all')."
         )
     return [c for c in CATEGORIES if c in names]
+
+
+def category_tool_choice(category: str, tool_choice: str) -> str:
+    """The tool_choice an entry of ``category`` runs with under the run's ``tool_choice``."""
+    return "auto" if category in RELEVANCE_CATEGORIES else tool_choice
 
 
 def question_file(data_dir: Path, category: str) -> Path:
@@ -178,13 +190,14 @@ def _rewrite(path: Path, records: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
-def run_entry(runtime, entry: BfclEntry, *, constrained: bool, syntax: str, max_tokens: int) -> dict:
+def run_entry(runtime, entry: BfclEntry, *, constrained: bool, syntax: str, max_tokens: int,
+              tool_choice: str = "auto") -> dict:
     """One entry through the runtime -> one result-file record."""
     start = time.perf_counter()
     try:
         res = runtime.call(
-            entry.messages, entry.functions, tool_choice="auto", parallel=True, syntax=syntax,
-            max_tokens=max_tokens, temperature=0.0, constrained=constrained,
+            entry.messages, entry.functions, tool_choice=category_tool_choice(entry.category, tool_choice),
+            parallel=True, syntax=syntax, max_tokens=max_tokens, temperature=0.0, constrained=constrained,
         )
     except (ContextLengthError, SchemaError, GenerationError) as exc:
         # BFCL's generation step records a failed inference as text and scores it as such.
@@ -210,6 +223,7 @@ def run_category(
     constrained: bool,
     syntax: str,
     max_tokens: int,
+    tool_choice: str = "auto",
     on_entry: Callable[[BfclEntry, dict], None] | None = None,
 ) -> list[dict]:
     """Run the entries not yet in the category's result file; return all records in entry order.
@@ -230,7 +244,8 @@ def run_category(
                 if on_entry:
                     on_entry(entry, done[entry.id])
                 continue
-            record = run_entry(runtime, entry, constrained=constrained, syntax=syntax, max_tokens=max_tokens)
+            record = run_entry(runtime, entry, constrained=constrained, syntax=syntax, max_tokens=max_tokens,
+                               tool_choice=tool_choice)
             f.write(json.dumps(record) + "\n")
             f.flush()
             done[entry.id] = record
@@ -239,22 +254,41 @@ def run_category(
     return [done[e.id] for e in entries if e.id in wanted]
 
 
+# What makes two runs' outputs comparable: a folder's results are resumed only
+# by a run that agrees on all of these. A key missing from an older run.json
+# takes the value that older runs had.
+MANIFEST_KEYS = ("model", "grammar", "syntax", "max_tokens", "tool_choice", "speculative")
+MANIFEST_DEFAULTS = {"tool_choice": "auto", "speculative": True}
+
+
 def check_manifest(out_dir: Path, manifest: dict) -> None:
     """Refuse to resume into a folder holding another configuration's results."""
     out_dir = Path(out_dir)
     path = out_dir / RUN_MANIFEST
     if path.is_file():
         previous = json.loads(path.read_text())
-        keys = ("model", "grammar", "syntax", "max_tokens")
-        if any(previous.get(k) != manifest.get(k) for k in keys):
-            theirs = {k: previous.get(k) for k in keys}
-            ours = {k: manifest.get(k) for k in keys}
+        theirs = {k: previous.get(k, MANIFEST_DEFAULTS.get(k)) for k in MANIFEST_KEYS}
+        ours = {k: manifest.get(k, MANIFEST_DEFAULTS.get(k)) for k in MANIFEST_KEYS}
+        if theirs != ours:
             raise EvaluationError(
                 f"{out_dir} holds results of another run ({theirs}), not of this one ({ours}). "
                 "Choose another --out, or delete that folder to start over."
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def differing_results(out_a: Path, out_b: Path, categories: Iterable[str]) -> dict[str, list[str]]:
+    """Ids, per category, of the entries that both folders hold with different outputs.
+
+    Used to check that a decoding change (e.g. --no-speculative) changes no
+    answer: the "result" texts are compared exactly.
+    """
+    differing = {}
+    for c in categories:
+        a, b = read_results(result_file(out_a, c)), read_results(result_file(out_b, c))
+        differing[c] = [i for i in a if i in b and a[i]["result"] != b[i]["result"]]
+    return differing
 
 
 # --- scoring (in the checker environment) -------------------------------------------------
@@ -284,6 +318,17 @@ def score_results(checker_env, data_dir: Path, out_dir: Path, categories: list[s
 
 # --- the whole evaluation ------------------------------------------------------------------
 
+def default_run_name(model_path, *, grammar: bool, syntax: str, tool_choice: str = "auto",
+                     speculative: bool = True) -> str:
+    """``<model>-<grammar|free>-<syntax>[-required][-stepwise]``: one folder per configuration."""
+    name = f"{Path(model_path).stem}-{'grammar' if grammar else 'free'}-{syntax}"
+    if tool_choice != "auto":
+        name += f"-{tool_choice}"
+    if not speculative:
+        name += "-stepwise"
+    return name
+
+
 def evaluate_bfcl(
     model: str | os.PathLike | None = None,
     *,
@@ -291,6 +336,8 @@ def evaluate_bfcl(
     limit: int | None = None,
     grammar: bool = True,
     syntax: str = "python",
+    tool_choice: str = "auto",
+    speculative: bool = True,
     out_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
     checker_env_dir: str | os.PathLike | None = None,
@@ -304,15 +351,26 @@ def evaluate_bfcl(
 ) -> dict:
     """Run BFCL categories through the runtime and score them with BFCL's checker.
 
-    Returns the report: ``{"model", "grammar", "syntax", "limit", "out_dir",
-    "bfcl_eval", "categories": {name: {...}}, "summary": {...}}`` (see report.py).
-    Result files already in ``out_dir`` are reused (resume).
+    tool_choice="required" forces a call list in every category but the
+    relevance ones (see TOOL_CHOICES); speculative=False asks the runtime for
+    one token per forward pass (no jump-forward or drafts).
+
+    Returns the report: ``{"model", "grammar", "syntax", "tool_choice",
+    "speculative", "limit", "out_dir", "bfcl_eval", "categories": {name:
+    {...}}, "summary": {...}}`` (see report.py). Result files already in
+    ``out_dir`` are reused (resume).
     """
     from . import checker_env, report
 
     cats = parse_categories(categories)
     if syntax not in ("python", "json"):
         raise EvaluationError(f"Unknown call syntax {syntax!r}; expected 'python' or 'json'.")
+    if tool_choice not in TOOL_CHOICES:
+        raise EvaluationError(f"Unknown tool choice {tool_choice!r}; expected one of: {', '.join(TOOL_CHOICES)}.")
+    if tool_choice == "required" and not grammar:
+        raise EvaluationError(
+            "--tool-choice required needs the grammar: free decoding (--no-grammar) cannot force a call."
+        )
     if limit is not None and limit < 1:
         raise EvaluationError(f"--limit must be at least 1, got {limit}.")
     if model is not None and not Path(model).is_file():
@@ -329,17 +387,24 @@ def evaluate_bfcl(
     if runtime_factory is None:
         from ..runtime import ToolRuntime
 
+        options = {}
+        if not speculative:
+            if "speculative" not in inspect.signature(ToolRuntime).parameters:
+                raise EvaluationError("This runtime has no speculative decoding to turn off (--no-speculative).")
+            options["speculative"] = False
+
         def runtime_factory():
             # Every BFCL entry has its own tools: saving each prefix state would
             # only fill the user's prefix cache with entries never reused.
-            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False)
+            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False, **options)
 
     with runtime_factory() as runtime:
         model_path = str(getattr(runtime, "model_path", model))
-        mode = "grammar" if grammar else "free"
-        out = Path(out_dir) if out_dir else Path("bfcl-results") / f"{Path(model_path).stem}-{mode}-{syntax}"
+        out = Path(out_dir) if out_dir else Path("bfcl-results") / default_run_name(
+            model_path, grammar=grammar, syntax=syntax, tool_choice=tool_choice, speculative=speculative)
         check_manifest(out, {
             "model": model_path, "grammar": grammar, "syntax": syntax, "max_tokens": max_tokens,
+            "tool_choice": tool_choice, "speculative": speculative,
             "bfcl_eval": env.version, "data_dir": str(data),
         })
         records: dict[str, list[dict]] = {}
@@ -355,12 +420,13 @@ def evaluate_bfcl(
         for c in cats:
             records[c] = run_category(
                 runtime, entries[c], out, constrained=grammar, syntax=syntax,
-                max_tokens=max_tokens, on_entry=tick,
+                max_tokens=max_tokens, tool_choice=tool_choice, on_entry=tick,
             )
         wall_s = time.perf_counter() - started
 
     scores = score_results(env, data, out, cats)
     return report.build_report(
-        model=model_path, grammar=grammar, syntax=syntax, limit=limit, out_dir=str(out),
+        model=model_path, grammar=grammar, syntax=syntax, tool_choice=tool_choice, speculative=speculative,
+        limit=limit, out_dir=str(out),
         checker=scores, records=records, wall_s=wall_s,
     )

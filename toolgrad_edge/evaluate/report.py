@@ -72,6 +72,7 @@ def summarize(categories: dict[str, dict]) -> dict:
 def build_report(
     *, model: str, grammar: bool, syntax: str, limit: int | None, out_dir: str,
     checker: dict, records: dict[str, list[dict]], wall_s: float | None = None,
+    tool_choice: str = "auto", speculative: bool = True,
 ) -> dict:
     """Merge the checker's scores with the run's own records (latency, errors)."""
     categories = {}
@@ -96,6 +97,8 @@ def build_report(
         "model": model,
         "grammar": grammar,
         "syntax": syntax,
+        "tool_choice": tool_choice,
+        "speculative": speculative,
         "limit": limit,
         "out_dir": out_dir,
         "bfcl_eval": checker.get("bfcl_eval"),
@@ -108,6 +111,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
+def _tool_choice_text(tool_choice: str) -> str:
+    if tool_choice == "auto":
+        return "tool choice auto"
+    return f"tool choice {tool_choice} (relevance categories: auto)"
+
+
 def format_table(report: dict) -> str:
     """The seed's table (Non-live / Live: Simple, Multi, Par, MultiPar, Overall; Relevance, Irrelevance)."""
     s = report["summary"]
@@ -115,7 +124,9 @@ def format_table(report: dict) -> str:
     limit = f"first {report['limit']} per category" if report.get("limit") else "all entries"
     lines = [
         f"BFCL v1+v2 (bfcl-eval {report.get('bfcl_eval') or '?'} ast_checker), model {report['model']}",
-        f"grammar {'on' if report['grammar'] else 'off'}, syntax {report['syntax']}, {limit}",
+        f"grammar {'on' if report['grammar'] else 'off'}, syntax {report['syntax']}, "
+        f"{_tool_choice_text(report.get('tool_choice', 'auto'))}"
+        f"{'' if report.get('speculative', True) else ', speculative decoding off'}, {limit}",
         "",
         f"{'':10}" + "".join(f"{c:>10}" for c in COLUMNS),
     ]
