@@ -1,14 +1,26 @@
 """Speed measurements of one GGUF file, used by `toolgrad-edge bench`.
 
 Every figure is a median over `runs` timed runs after one warm-up, and every
-ratio compares two figures measured in the same process on the same prompt:
-free decoding, toolgrad-edge's constrained decoding, and llama-cpp-python's
-own grammar path (`create_completion(grammar=...)`, the baseline).
+ratio compares two figures measured in the same process on the same prompts:
+
+- free: plain decoding, no grammar, one token per forward pass;
+- constrained: the default engine (grammar engine as a sample-then-check
+  gate, jump-forward, prompt-lookup drafts, the draft model when given);
+- stepwise: the same grammar, one token per forward pass (speculative=False);
+- baseline: llama-cpp-python's own grammar path (`create_completion(grammar=...)`),
+  run after the runtime is closed, on its own `Llama` object.
+
+Decode speed counts the tokens after the prompt over the time after it.
+greedy_agreement is the fraction of the bench queries whose greedy output
+is the same text with and without speculation.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import platform
 import resource
 import statistics
@@ -16,7 +28,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 BENCH_PROMPT = "bench_prompt.json"
 
@@ -47,81 +59,156 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _baseline_decode(rt, prompt_tokens: list[int], grammar: str, max_tokens: int) -> tuple[float, int]:
-    """llama-cpp-python's grammar path on the same loaded model: tokens/s after the first token."""
-    from llama_cpp import LlamaGrammar
+def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, prompt_tokens: list[int],
+                     grammar: str, max_tokens: int, runs: int) -> tuple[float, int]:
+    """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
+    from llama_cpp import Llama, LlamaGrammar
 
-    llm = rt._llm
-    g = LlamaGrammar.from_string(grammar, verbose=False)
-    first = None
-    n = 0
-    for _ in llm.create_completion(prompt_tokens, max_tokens=max_tokens, temperature=0.0, grammar=g, stream=True):
-        n += 1
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    if n < 2 or first is None:
-        return float("nan"), n
-    return (n - 1) / (end - first), n
+    llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers, verbose=False)
+    try:
+        g = LlamaGrammar.from_string(grammar, verbose=False)
+        speeds, counts = [], []
+        for i in range(runs + 1):
+            first = None
+            n = 0
+            for _ in llm.create_completion(prompt_tokens, max_tokens=max_tokens, temperature=0.0, grammar=g,
+                                           stream=True):
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            if i and n >= 2 and first is not None:
+                speeds.append((n - 1) / (end - first))
+                counts.append(n)
+        return _median(speeds), int(_median(counts)) if counts else 0
+    finally:
+        llm.close()
+
+
+def _decode_tps(result) -> float | None:
+    if result.usage.completion_tokens < 2 or result.timings.decode_s <= 0:
+        return None
+    return result.usage.completion_tokens / result.timings.decode_s
+
+
+class _Series:
+    """Timed calls of one kind: speeds and summed step statistics."""
+
+    def __init__(self):
+        self.tps: list[float] = []
+        self.tokens: list[int] = []
+        self.passes = self.drafted = self.accepted = self.forced = self.completion = 0
+
+    def add(self, result) -> None:
+        tps = _decode_tps(result)
+        if tps is not None:
+            self.tps.append(tps)
+        self.tokens.append(result.usage.completion_tokens)
+        st = result.stats
+        self.passes += st.get("forward_passes") or 0
+        self.drafted += st.get("drafted_tokens") or 0
+        self.accepted += st.get("accepted_tokens") or 0
+        self.forced += st.get("forced_tokens") or 0
+        self.completion += result.usage.completion_tokens
+
+    def report(self, prefix: str = "") -> dict:
+        return {
+            f"{prefix}decode_tps": _median(self.tps),
+            f"{prefix}tokens": _median(self.tokens),
+            f"{prefix}tokens_per_forward": self.completion / self.passes if self.passes else None,
+            f"{prefix}draft_acceptance": self.accepted / self.drafted if self.drafted else None,
+            f"{prefix}forced_tokens": self.forced,
+        }
+
+
+def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
+              with_free: bool = False) -> dict:
+    """Timed free / constrained / stepwise calls on the bench queries, and greedy agreement on all of them."""
+    _, tool_dicts = bench_prompt(0)
+    n_queries = len(json.loads(resources.files("toolgrad_edge").joinpath("data", BENCH_PROMPT).read_text())["queries"])
+    free, spec, step = _Series(), _Series(), _Series()
+    kwargs = dict(tool_choice="required", syntax=syntax, max_tokens=max_tokens, parallel=True)
+    agree = 0
+    outputs = []
+    for i in range(max(runs + 1, n_queries)):
+        say(f"{label} run {i}")
+        messages, _ = bench_prompt(i)
+        if with_free and i <= runs:
+            f = rt.call(messages, tool_dicts, constrained=False, speculative=False, max_tokens=max_tokens)
+        c = rt.call(messages, tool_dicts, speculative=True, **kwargs)
+        s = rt.call(messages, tool_dicts, speculative=False, **kwargs)
+        if i < n_queries:
+            agree += c.raw_text == s.raw_text
+            if c.raw_text != s.raw_text:
+                outputs.append({"query": i, "speculative": c.raw_text, "stepwise": s.raw_text})
+        if 0 < i <= runs:  # run 0 is the warm-up
+            if with_free:
+                free.add(f)
+            spec.add(c)
+            step.add(s)
+    out = {
+        "decode_tps_constrained": _median(spec.tps),
+        "decode_tps_stepwise": _median(step.tps),
+        "tokens_per_forward": spec.completion / spec.passes if spec.passes else None,
+        "draft_acceptance": spec.accepted / spec.drafted if spec.drafted else None,
+        "forced_tokens_per_run": spec.forced / max(runs, 1),
+        "greedy_agreement": agree / n_queries,
+        "greedy_differences": outputs,
+        "constrained_tokens": _median(spec.tokens),
+        "stepwise_tokens": _median(step.tokens),
+    }
+    if with_free:
+        out["decode_tps_free"] = _median(free.tps)
+        out["free_tokens"] = _median(free.tokens)
+    return out
 
 
 def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu_layers="auto",
-                  max_tokens: int = 64, progress: Callable[[str], None] | None = None) -> dict:
+                  max_tokens: int = 64, progress: Callable[[str], None] | None = None,
+                  draft_model: str | os.PathLike | None = None, grammar_engine: str | None = None) -> dict:
     """Measure one model. Returns medians and same-run ratios (see module docstring)."""
     from .grammars import build_grammar, load_tools
+    from .prompt import render_prompt
     from .runtime import ToolRuntime
 
     say = progress or (lambda msg: None)
     messages, tool_dicts = bench_prompt(0)
     tools = load_tools(tool_dicts)
     grammar = build_grammar(tools, syntax="python", tool_choice="required")
-    samples: dict[str, list[float]] = {k: [] for k in (
-        "prefill_tps", "decode_tps_free", "decode_tps_constrained", "decode_tps_baseline",
-        "decode_tps_constrained_no_ff", "constrained_decode_s", "constrained_decode_s_no_ff",
-        "ttft_cold_s", "ttft_warm_s")}
-    counts = {"free_tokens": [], "constrained_tokens": [], "baseline_tokens": [], "forced_tokens": []}
+    prefill: list[float] = []
+    ttft_cold: list[float] = []
+    ttft_warm: list[float] = []
 
     with tempfile.TemporaryDirectory(prefix="toolgrad-bench-") as tmp:
         tmp = Path(tmp)
-        with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, prefix_cache=False) as rt:
+        with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, prefix_cache=False,
+                         grammar_engine=grammar_engine) as rt:
             info = {"model": str(rt.model_path), "model_name": rt.model_name, "quant": rt.info.file_type,
                     "file_size_bytes": rt.model_path.stat().st_size, "n_threads": rt.n_threads,
-                    "backend": rt.backend, "n_gpu_layers": rt.n_gpu_layers, "cpu": cpu_name()}
-            from .prompt import render_prompt
-
+                    "backend": rt.backend, "n_gpu_layers": rt.n_gpu_layers, "cpu": cpu_name(),
+                    "grammar_engine": rt.grammar_engine, "max_tokens": max_tokens}
+            n_ctx, n_gpu = rt.n_ctx, rt.n_gpu_layers
             parts = render_prompt(messages, tools)
             prompt_tokens = rt.tokenize_segments(parts.prefix) + rt.tokenize_segments(parts.rest)
             info["prompt_tokens"] = len(prompt_tokens)
             for i in range(runs + 1):
-                say(f"decode run {i}/{runs}")
-                # Cold prefill: nothing in the KV cache, no prefix cache.
-                rt._llm.n_tokens = 0
-                free = rt.call(messages, tools, constrained=False, max_tokens=max_tokens)
-                constrained = rt.call(messages, tools, tool_choice="required", max_tokens=max_tokens)
-                forced = rt.last_stats.get("forced_tokens", 0)
-                rt.fast_forward = False
-                no_ff = rt.call(messages, tools, tool_choice="required", max_tokens=max_tokens)
-                rt.fast_forward = True
-                base_tps, base_n = _baseline_decode(rt, prompt_tokens, grammar, max_tokens)
-                if i == 0:
-                    continue  # warm-up
-                samples["prefill_tps"].append(free.usage.prompt_tokens / free.timings.ttft_s)
-                if free.usage.completion_tokens > 1:
-                    samples["decode_tps_free"].append(free.usage.completion_tokens / free.timings.decode_s)
-                if constrained.usage.completion_tokens > 1:
-                    samples["decode_tps_constrained"].append(
-                        constrained.usage.completion_tokens / constrained.timings.decode_s)
-                samples["decode_tps_baseline"].append(base_tps)
-                if no_ff.usage.completion_tokens > 1:
-                    samples["decode_tps_constrained_no_ff"].append(
-                        no_ff.usage.completion_tokens / no_ff.timings.decode_s)
-                samples["constrained_decode_s"].append(constrained.timings.decode_s)
-                samples["constrained_decode_s_no_ff"].append(no_ff.timings.decode_s)
-                counts["forced_tokens"].append(forced)
-                counts["free_tokens"].append(free.usage.completion_tokens)
-                counts["constrained_tokens"].append(constrained.usage.completion_tokens)
-                counts["baseline_tokens"].append(base_n)
-            info["constrained_output"] = constrained.raw_text
+                say(f"prefill run {i}/{runs}")
+                rt.clear_kv_cache()  # cold prefill: nothing in the KV cache, no prefix cache
+                r = rt.call(messages, tool_dicts, constrained=False, speculative=False, max_tokens=1)
+                if i:
+                    prefill.append(r.usage.prompt_tokens / r.timings.ttft_s)
+            python = _workload(rt, "python", runs, max_tokens, say, "python", with_free=True)
+            js = _workload(rt, "json", runs, max_tokens, say, "json")
+            info["constrained_output"] = rt.call(messages, tool_dicts, tool_choice="required",
+                                                 max_tokens=max_tokens).raw_text
+        drafted = None
+        if draft_model is not None:
+            with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, prefix_cache=False,
+                             grammar_engine=grammar_engine, draft_model=draft_model) as rt:
+                drafted = {"draft_model": str(draft_model),
+                           "python": _workload(rt, "python", runs, max_tokens, say, "draft python"),
+                           "json": _workload(rt, "json", runs, max_tokens, say, "draft json")}
 
         # Time to first token: a new runtime (a new process, as far as the
         # cache can tell) with an empty prefix cache, then again with the
@@ -129,29 +216,122 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
         for i in range(runs + 1):
             say(f"ttft run {i}/{runs}")
             cache = tmp / f"prefix-{i}"
-            with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, cache_dir=cache) as rt:
+            with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, cache_dir=cache,
+                             grammar_engine=grammar_engine) as rt:
                 cold = rt.call(messages, tools, tool_choice="required", max_tokens=1)
-            with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, cache_dir=cache) as rt:
+            with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, cache_dir=cache,
+                             grammar_engine=grammar_engine) as rt:
                 warm_messages, _ = bench_prompt(1 + i)
                 warm = rt.call(warm_messages, tools, tool_choice="required", max_tokens=1)
                 hit = rt.prefix_cache.stats.disk_hits
             if i == 0:
                 continue
-            samples["ttft_cold_s"].append(cold.timings.ttft_s)
-            samples["ttft_warm_s"].append(warm.timings.ttft_s)
+            ttft_cold.append(cold.timings.ttft_s)
+            ttft_warm.append(warm.timings.ttft_s)
             info["warm_cached_tokens"] = warm.usage.cached_tokens
             info["warm_disk_hits"] = hit
 
-    result = {**info, **{k: _median(v) for k, v in samples.items()}}
-    result["tokens_per_run"] = {k: _median(v) for k, v in counts.items()}
+    say("baseline (llama-cpp-python's grammar path)")
+    base_tps, base_n = _baseline_decode(model_path, info["n_threads"], n_gpu, n_ctx, prompt_tokens, grammar,
+                                        max_tokens, runs)
+    result = {**info, "prefill_tps": _median(prefill), "ttft_cold_s": _median(ttft_cold),
+              "ttft_warm_s": _median(ttft_warm)}
+    result.update({k: v for k, v in python.items()})
+    result["decode_tps_baseline"] = base_tps
+    result["json"] = js
+    if drafted is not None:
+        result["with_draft_model"] = drafted
+    result["tokens_per_run"] = {"free_tokens": python["free_tokens"],
+                                "constrained_tokens": python["constrained_tokens"],
+                                "stepwise_tokens": python["stepwise_tokens"], "baseline_tokens": base_n}
     result["runs"] = runs
     result["peak_rss_bytes"] = _peak_rss_bytes()
+    free = result["decode_tps_free"]
     result["ratios"] = {
-        "constrained_vs_free": result["decode_tps_constrained"] / result["decode_tps_free"],
-        "baseline_vs_free": result["decode_tps_baseline"] / result["decode_tps_free"],
-        "constrained_vs_baseline": result["decode_tps_constrained"] / result["decode_tps_baseline"],
+        "constrained_vs_free": result["decode_tps_constrained"] / free,
+        "stepwise_vs_free": result["decode_tps_stepwise"] / free,
+        "json_constrained_vs_free": js["decode_tps_constrained"] / free,
+        "json_stepwise_vs_free": js["decode_tps_stepwise"] / free,
+        "baseline_vs_free": base_tps / free,
+        "constrained_vs_baseline": result["decode_tps_constrained"] / base_tps,
         "ttft_warm_vs_cold": result["ttft_warm_s"] / result["ttft_cold_s"],
-        # Same call with and without feeding forced tool-name tokens in a batch.
-        "fast_forward_decode_time": result["constrained_decode_s"] / result["constrained_decode_s_no_ff"],
     }
+    if drafted is not None:
+        result["ratios"]["draft_model_constrained_vs_free"] = drafted["python"]["decode_tps_constrained"] / free
     return result
+
+
+def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_engine: str | None = None):
+    """A `measure` for bench_compare.compare_models: measure_model in a fresh interpreter per file
+    (so each file's peak RSS is its own), with this module's options."""
+
+    def measure(path: Path, *, runs: int, n_threads: int | None, n_gpu_layers="auto", max_tokens: int = 64,
+                progress: Callable[[str, int], None] | None = None) -> dict:
+        from .errors import EvaluationError
+
+        cmd = [sys.executable, "-m", "toolgrad_edge.bench", str(path), "--runs", str(runs),
+               "--max-tokens", str(max_tokens), "--n-gpu-layers", str(n_gpu_layers)]
+        if n_threads:
+            cmd += ["--threads", str(n_threads)]
+        if draft_model:
+            cmd += ["--draft-model", str(draft_model)]
+        if grammar_engine:
+            cmd += ["--grammar-engine", grammar_engine]
+        say = progress or (lambda label, advance: None)
+        with tempfile.TemporaryFile(mode="w+") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+            tail: list[str] = []
+            for line in proc.stderr:
+                if line.startswith("PROGRESS "):
+                    say(f"{Path(path).name}: {line[9:].strip()}", 1)
+                else:
+                    tail = (tail + [line.rstrip()])[-10:]
+            proc.wait()
+            out.seek(0)
+            text = out.read()
+        if proc.returncode != 0:
+            raise EvaluationError(f"measuring {path} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        return json.loads(text.strip().splitlines()[-1])
+
+    return measure
+
+
+def steps_per_file(runs: int, draft_model: bool = False) -> int:
+    """Progress ticks measure_model reports per file."""
+    n_queries = len(json.loads(resources.files("toolgrad_edge").joinpath("data", BENCH_PROMPT).read_text())["queries"])
+    workloads = 4 if draft_model else 2
+    return (runs + 1) * 2 + workloads * max(runs + 1, n_queries) + 1
+
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+
+    from .errors import ToolgradEdgeError
+
+    parser = argparse.ArgumentParser(prog="python -m toolgrad_edge.bench")
+    parser.add_argument("model")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--n-gpu-layers", default="auto")
+    parser.add_argument("--draft-model", default=None)
+    parser.add_argument("--grammar-engine", default=None)
+    args = parser.parse_args(list(argv))
+    gpu = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
+
+    def progress(message: str) -> None:
+        print(f"PROGRESS {message}", file=sys.stderr, flush=True)
+
+    try:
+        result = measure_model(args.model, runs=args.runs, n_threads=args.threads, n_gpu_layers=gpu,
+                               max_tokens=args.max_tokens, progress=progress, draft_model=args.draft_model,
+                               grammar_engine=args.grammar_engine)
+    except ToolgradEdgeError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -87,28 +87,25 @@ def next_token_logits(model_path, prompts: list[QualityPrompt], *, n_threads: in
     distribution), then after each answer token, the last one predicting
     ``<end_of_turn>``.
     """
-    import llama_cpp
-
     from .grammars import load_tools
     from .prompt import END_OF_TURN, Segment, render_prompt
     from .runtime import ToolRuntime
 
     with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx,
                      prefix_cache=False) as rt:
-        llm, ctx = rt._llm, rt._llm._ctx.ctx
+        session = rt.session
         for i, prompt in enumerate(prompts):
             parts = render_prompt(prompt.messages, load_tools(prompt.functions), "python")
             tokens = rt.tokenize_segments(parts.prefix) + rt.tokenize_segments(parts.rest)
             answer = rt.tokenize_segments([Segment(prompt.answer), Segment(END_OF_TURN, True)])
             if len(tokens) + len(answer) > rt.n_ctx:
                 raise EvaluationError(f"quality prompt {prompt.id} needs {len(tokens) + len(answer)} tokens; n_ctx is {rt.n_ctx}.")
-            llm.reset()
-            llm.eval(tokens)
+            session.clear()
+            logits = session.decode(tokens, 1)[0]
             for token in [None, *answer[:-1]]:
                 if token is not None:
-                    llm.eval([token])
-                ptr = llama_cpp.llama_get_logits_ith(ctx, -1)
-                yield i, np.ctypeslib.as_array(ptr, shape=(rt.n_vocab,)).copy()
+                    logits = session.decode([token], 1)[0]
+                yield i, logits
 
 
 def compare_quality(reference: Path, others: list[Path], prompts: list[QualityPrompt] | None = None, *,

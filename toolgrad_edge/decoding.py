@@ -12,19 +12,14 @@ which is the constrained distribution.
 
 from __future__ import annotations
 
-import ctypes
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
 
-import llama_cpp
 import numpy as np
 
 from .errors import GenerationError
 
-# On a rejected greedy pick, the best candidates are checked in one small call
-# before falling back to masking the whole vocabulary: if any of them is
-# allowed, the best allowed one is the argmax of the fully masked logits.
-PROBE_CANDIDATES = 64
 # top_p is computed over this many best candidates (a full sort of 262k logits
 # per token would cost more than the forward pass of a small model).
 TOP_P_CANDIDATES = 1024
@@ -44,6 +39,9 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise GenerationError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}.")
 
     @property
     def greedy(self) -> bool:
@@ -55,7 +53,9 @@ class TokenChooser:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # Any 64-bit seed, negative ones too (OpenAI clients send -1): its two's-complement bits.
+        seed = None if params.seed is None else int(params.seed) & (2**64 - 1)
+        self.rng = np.random.default_rng(seed)
 
     def choose(self, logits: np.ndarray) -> int:
         if self.params.greedy:
@@ -87,83 +87,11 @@ class TokenChooser:
         return int(idx[pick]) if idx is not None else pick
 
 
-class GrammarGate:
-    """A llama.cpp grammar sampler used as a yes/no check on chosen tokens."""
+def choose_constrained(chooser: TokenChooser, logits: np.ndarray, gate) -> int:
+    """Pick a token; consult the full grammar mask only if the grammar rejects it.
 
-    def __init__(self, vocab, grammar: str, n_vocab: int):
-        self._smpl = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
-        if not self._smpl:
-            raise GenerationError("llama.cpp rejected the grammar (see its log above); this is a bug in the grammar compiler.")
-        self.n_vocab = n_vocab
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._one_array = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
-        self._full = None
-        self._probe = None
-        self.full_masks = 0  # how often the slow path ran (reported by benchmarks)
-
-    def allows(self, token: int) -> bool:
-        self._one[0].id = token
-        self._one[0].logit = 0.0
-        self._one[0].p = 0.0
-        self._one_array.size = 1
-        self._one_array.selected = -1
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._one_array))
-        return self._one[0].logit != -math.inf
-
-    def best_of(self, logits: np.ndarray, k: int = PROBE_CANDIDATES) -> int | None:
-        """The highest-logit allowed token among the k best, or None if none is allowed."""
-        if self._probe is None or len(self._probe) < k:
-            self._probe = (llama_cpp.llama_token_data * k)()
-            self._probe_view = np.ctypeslib.as_array(self._probe)
-            self._probe_array = llama_cpp.llama_token_data_array(data=self._probe, size=k, selected=-1, sorted=False)
-        top = np.argpartition(logits, -k)[-k:]
-        top = top[np.argsort(logits[top])[::-1]]
-        view = self._probe_view
-        view["id"][:k] = top
-        view["logit"][:k] = logits[top]
-        self._probe_array.size = k
-        self._probe_array.selected = -1
-        self._probe_array.sorted = False
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._probe_array))
-        allowed = np.isfinite(view["logit"][:k])
-        if not allowed.any():
-            return None
-        i = int(np.argmax(np.where(allowed, view["logit"][:k], -np.inf)))
-        return int(view["id"][i])
-
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """Return logits with every token the grammar rejects set to -inf."""
-        self.full_masks += 1
-        if self._full is None:
-            self._full = (llama_cpp.llama_token_data * self.n_vocab)()
-            self._full_view = np.ctypeslib.as_array(self._full)
-            self._full_array = llama_cpp.llama_token_data_array(data=self._full, size=self.n_vocab, selected=-1, sorted=False)
-            self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
-        view = self._full_view
-        view["id"] = self._all_ids
-        view["logit"] = logits[: self.n_vocab]
-        self._full_array.size = self.n_vocab
-        self._full_array.selected = -1
-        self._full_array.sorted = False
-        llama_cpp.llama_sampler_apply(self._smpl, ctypes.byref(self._full_array))
-        out = np.full_like(logits, -np.inf)
-        out[view["id"]] = view["logit"]
-        return out
-
-    def accept(self, token: int) -> None:
-        llama_cpp.llama_sampler_accept(self._smpl, token)
-
-    def close(self) -> None:
-        if self._smpl:
-            llama_cpp.llama_sampler_free(self._smpl)
-            self._smpl = None
-
-    def __del__(self):
-        self.close()
-
-
-def choose_constrained(chooser: TokenChooser, logits: np.ndarray, gate: GrammarGate | None) -> int:
-    """Pick a token; consult the full grammar mask only if the grammar rejects it."""
+    `gate` is a grammar_engines.GrammarMatcher (or None for free decoding).
+    """
     token = chooser.choose(logits)
     if gate is None or gate.allows(token):
         return token
@@ -175,3 +103,207 @@ def choose_constrained(chooser: TokenChooser, logits: np.ndarray, gate: GrammarG
     if not np.isfinite(masked).any():
         raise GenerationError("the grammar allows no token here; the grammar is unsatisfiable at this point.")
     return chooser.choose(masked)
+
+
+# -- several tokens per forward pass ------------------------------------------------------
+#
+# One step of the decode loop: choose the next token from the logits in hand,
+# append whatever the grammar forces after it (jump-forward), append a draft
+# the grammar accepts (prompt lookup or a draft model), run all of them in one
+# batch with logits only where a draft token must be checked, then keep the
+# draft tokens the target itself chooses, one position at a time, with the
+# same choice function as one-token decoding. The first refused position's
+# choice is emitted as well; the refused tail leaves the KV cache by rewind.
+# Greedy: every emitted token is the allowed argmax at its position.
+# Sampling: every emitted token is drawn from the target's constrained
+# distribution at its position (exact-match verification).
+
+MAX_DRAFT = 8
+
+
+class Session(Protocol):
+    """What StepDecoder needs from engines (see engines/base.py)."""
+
+    def decode(self, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray: ...
+
+    def rewind(self, n_keep: int) -> None: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+
+class Drafter(Protocol):
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens likely to follow `context` (the whole sequence so far)."""
+
+
+class PromptLookupDrafter:
+    """Drafts by n-gram match: the tokens that followed the latest earlier occurrence of the context's tail.
+
+    Tool calls copy the user's words ("Paris"), tool and parameter names and
+    enum values from the prompt, so the tail of the output often occurs there.
+    """
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+        self.ngram_max = ngram_max
+        self.ngram_min = ngram_min
+        self._indexed = 0  # n-grams ending before this position are in the index
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> position after its latest occurrence
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """The context only grows between calls (one request's tokens)."""
+        if k <= 0 or not context:
+            return []
+        # Index every n-gram whose next token is known, i.e. ending before the last position.
+        for end in range(max(self._indexed, 1), len(context)):
+            for n in range(self.ngram_min, min(self.ngram_max, end) + 1):
+                self._index[tuple(context[end - n:end])] = end
+        self._indexed = max(self._indexed, len(context))
+        for n in range(min(self.ngram_max, len(context)), self.ngram_min - 1, -1):
+            pos = self._index.get(tuple(context[-n:]))
+            if pos is not None:
+                return list(context[pos:pos + k])
+        return []
+
+
+@dataclass
+class DecodeStats:
+    forward_passes: int = 0   # batches run after the prompt
+    forced_tokens: int = 0    # jump-forward tokens (no choice involved)
+    drafted_tokens: int = 0   # draft tokens sent for verification
+    accepted_tokens: int = 0  # draft tokens the target chose too
+    full_masks: int = 0       # whole-vocabulary grammar masks
+
+    def to_dict(self, completion_tokens: int) -> dict:
+        d = {k: getattr(self, k) for k in ("forward_passes", "forced_tokens", "drafted_tokens",
+                                            "accepted_tokens", "full_masks")}
+        d["tokens_per_forward"] = (completion_tokens / self.forward_passes) if self.forward_passes else None
+        d["draft_acceptance"] = (self.accepted_tokens / self.drafted_tokens) if self.drafted_tokens else None
+        return d
+
+
+@dataclass
+class StepDecoder:
+    """The decode loop's state for one request: the logits in hand and the tokens in the KV cache.
+
+    `step(budget)` emits at most `budget` tokens and returns them; `done`
+    turns True at end of generation (the end token itself is not emitted).
+    `kv_tokens` is what the session's cache must hold for the next step
+    (callers restore it if someone else used the session in between).
+    """
+
+    session: Session
+    chooser: TokenChooser
+    gate: object | None          # a grammar_engines.GrammarMatcher
+    logits: np.ndarray           # predicts the token after kv_tokens
+    kv_tokens: list[int]
+    jump_forward: bool = True
+    drafter: Drafter | None = None
+    max_draft: int = MAX_DRAFT
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    done: bool = False
+    _pending: list[int] = field(default_factory=list)  # emitted, accepted by the grammar, not yet in the cache
+
+    def step(self, budget: int) -> list[int]:
+        if self.done or budget <= 0:
+            return []
+        gate = self.gate
+        emitted: list[int] = []
+        if not self._pending:
+            # Forced tokens are taken wherever the grammar forces them, whether the
+            # previous token was chosen or came from a draft, so speculation never
+            # changes which positions involve a choice (or a random draw).
+            forced = self._forced(budget)
+            if forced:
+                self._pending = forced
+                emitted += forced
+            else:
+                token = choose_constrained(self.chooser, self.logits, gate)
+                if self.session.is_eog(token):
+                    self.done = True
+                    return []
+                if gate is not None:
+                    gate.accept(token)
+                self._pending = [token]
+                emitted.append(token)
+        room = budget - len(emitted)
+        if room > 0:
+            forced = self._forced(room)
+            self._pending += forced
+            emitted += forced
+            room -= len(forced)
+        if gate is not None and gate.is_finished():
+            # Only the end token can follow: nothing left to compute.
+            self.done = True
+            return emitted
+        if room <= 0:
+            return emitted  # the budget ends here; no forward pass for tokens nobody will see
+        draft = self._draft(room)
+        rows = self.session.decode(self._pending + draft, len(draft) + 1)
+        self.stats.forward_passes += 1
+        self.kv_tokens += self._pending
+        self._pending = []
+        if not draft:
+            self.logits = rows[0]
+            return emitted
+        self.stats.drafted_tokens += len(draft)
+        for j, proposed in enumerate(draft):
+            forced = self._forced_here()
+            token = forced[0] if forced else choose_constrained(self.chooser, rows[j], gate)
+            if token == proposed:
+                if gate is not None:
+                    gate.accept(token)
+                self.kv_tokens.append(token)
+                emitted.append(token)
+                self.stats.accepted_tokens += 1
+                continue
+            self.session.rewind(len(self.kv_tokens))  # drop the refused tail draft[j:]
+            room = budget - len(emitted)
+            if forced:
+                self._pending = self._forced(room)
+                emitted += self._pending
+            elif self.session.is_eog(token):
+                self.done = True
+            else:
+                if gate is not None:
+                    gate.accept(token)
+                self._pending = [token]
+                emitted.append(token)
+            return emitted
+        self.logits = rows[-1]
+        return emitted
+
+    def _forced_here(self) -> list[int]:
+        """The tokens the grammar forces at this point (jump-forward only), up to an end token."""
+        if self.gate is None or not self.jump_forward:
+            return []
+        forced = []
+        for token in self.gate.forced_tokens():
+            if self.session.is_eog(token):
+                break
+            forced.append(token)
+        return forced
+
+    def _forced(self, room: int) -> list[int]:
+        """Accept and return the forced tokens from here (at most `room`)."""
+        forced: list[int] = []
+        while len(forced) < room:
+            more = self._forced_here()[: room - len(forced)]
+            if not more:
+                break
+            for token in more:
+                self.gate.accept(token)
+            forced += more
+        self.stats.forced_tokens += len(forced)
+        return forced
+
+    def _draft(self, room: int) -> list[int]:
+        if self.drafter is None:
+            return []
+        draft = self.drafter.propose(self.kv_tokens + self._pending, min(self.max_draft, room))
+        for i, token in enumerate(draft):
+            if self.session.is_eog(token):
+                draft = draft[:i]
+                break
+        if self.gate is not None and draft:
+            draft = draft[: self.gate.validate(draft)]
+        return draft

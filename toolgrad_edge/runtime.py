@@ -1,29 +1,31 @@
 """ToolRuntime: tool calls from a GGUF model on llama.cpp.
 
-One object owns one loaded model and its context. A call renders ToolGrad's
-prompt, restores the evaluated tool prefix from the PrefixCache when it can,
-decodes with the sample-then-check grammar gate (decoding.py), and parses the
-text into validated ToolCalls.
+One object owns one loaded model and its context (engines/inprocess.py). A
+call renders ToolGrad's prompt, restores the evaluated tool prefix from the
+PrefixCache when it can (or reuses the longest common prefix with what the
+KV cache already holds), decodes with the grammar engine as a sample-then-check
+gate and several tokens per forward pass where that is exact (decoding.py),
+and parses the text into validated ToolCalls.
 """
 
 from __future__ import annotations
 
 import codecs
-import ctypes
+import itertools
 import os
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoding import GrammarGate, SamplingParams, TokenChooser, choose_constrained
+from .decoding import DecodeStats, PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
+from .engines.inprocess import LlamaSession, common_prefix
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
+from .grammar_engines import LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, resolve_engine
 from .grammars import CallStreamParser, Tool, ToolCall, build_grammar, forced_name_suffix, load_tools, parse_calls
 from .model_resolution import backend_name, resolve_gpu_layers, resolve_model
 from .paths import prefix_cache_dir
@@ -57,50 +59,44 @@ class CallResult:
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     parse_error: str | None = None
+    # forward_passes, forced_tokens, drafted_tokens, accepted_tokens, full_masks,
+    # tokens_per_forward, draft_acceptance, grammar_engine, speculative
+    stats: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "tool_calls": [c.to_dict() for c in self.tool_calls],
             "content": self.content,
             "finish_reason": self.finish_reason,
             "usage": asdict(self.usage),
             "timings": asdict(self.timings),
+            "stats": dict(self.stats),
         }
-
-
-@contextmanager
-def _quiet_stderr(enabled: bool):
-    """Silence llama.cpp's C-level logging on fd 2 while loading (unless verbose)."""
-    if not enabled:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        if self.parse_error:
+            out["parse_error"] = self.parse_error
+        return out
 
 
 class ToolRuntime:
     """A loaded model that answers requests with tool calls.
 
     Use as a context manager, or call close(): the llama.cpp model and context
-    are freed then. Not thread-safe; calls are serialised by an internal lock.
+    are freed then. Calls may come from several threads; each step of the
+    decode loop holds an internal lock, but no lock is held while a stream's
+    consumer has the text, so a consumer may abandon a stream or call the
+    runtime again at any time (an interleaved call's KV cache is restored).
+
+    speculative=False turns off every multi-token step (jump-forward, prompt
+    lookup, the draft model) so that each forward pass yields one token.
+    grammar_engine: "llguidance" (default; falls back to "llama" with a note
+    when the package is missing) or "llama" (llama.cpp's GBNF sampler).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, n_gpu_layers: int | str = "auto",
                  n_threads: int | None = None, n_ctx: int | None = None,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
-                 prefix_cache: bool = True, fast_forward: bool = True):
+                 prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
+                 grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None):
         import llama_cpp
 
         self.model_path = resolve_model(model)
@@ -115,32 +111,34 @@ class ToolRuntime:
         if self.n_ctx < 64:
             raise ModelLoadError(f"n_ctx must be at least 64, got {self.n_ctx}.")
         self._lock = threading.Lock()
-        # Feed forced tool-name tokens in one batch instead of sampling them.
+        self._session = self._draft = self._llg_tokenizer = None
+        self._owner: object | None = None  # the request whose tokens the KV cache holds
+        # fast_forward=False keeps jump-forward off (kept for older callers);
+        # speculative=False turns off every multi-token step.
         self.fast_forward = fast_forward
-        self.last_stats: dict[str, int] = {}
-        with _quiet_stderr(not verbose):
-            try:
-                self._llm = llama_cpp.Llama(
-                    model_path=str(self.model_path), n_ctx=self.n_ctx, n_batch=512,
-                    n_gpu_layers=self.n_gpu_layers, n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads, logits_all=False,
-                    # The full-size sliding-window cache lets a saved prefix be
-                    # restored and extended; the default would drop old positions.
-                    swa_full=True, verbose=verbose,
-                )
-            except (ValueError, RuntimeError, OSError) as exc:
-                raise ModelLoadError(f"{self.model_path}: llama.cpp could not load the model ({exc}).") from None
-        self._ctx = self._llm._ctx.ctx
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm._model.model)
-        self.n_vocab = self._llm.n_vocab()
-        self._bos = self._llm.token_bos()
+        self.speculative = speculative
+        self.grammar_engine = resolve_engine(grammar_engine)
+        self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                     n_gpu_layers=self.n_gpu_layers, verbose=verbose)
+        self.n_vocab = self._session.n_vocab
+        self._bos = self._session.bos
         self._control = {
             "<bos>": self._bos,
             START_OF_TURN: self._single_token(START_OF_TURN),
             END_OF_TURN: self._single_token(END_OF_TURN),
         }
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._llg_tokenizer = None
+        if self.grammar_engine == "llguidance":
+            vocab = self._session.vocab
+            eos = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab), self._control[END_OF_TURN]}
+            self._llg_tokenizer = LlguidanceTokenizer(vocab, sorted(t for t in eos if t >= 0))
+        self._draft = None
+        if draft_model is not None:
+            try:
+                self._draft = DraftModel(draft_model, self, verbose=verbose)
+            except BaseException:
+                self.close()
+                raise
         self._model_id = model_identity(self.model_path)
         cache_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
         # prefix_cache=False keeps nothing between calls (the KV cache itself
@@ -151,10 +149,14 @@ class ToolRuntime:
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
-        llm = getattr(self, "_llm", None)
-        if llm is not None:
-            self._llm = None
-            llm.close()
+        with self._lock:
+            if self._llg_tokenizer is not None:
+                self._llg_tokenizer.close()  # it reads the vocabulary freed below
+            for owner in ("_draft", "_session"):
+                obj = getattr(self, owner, None)
+                if obj is not None:
+                    setattr(self, owner, None)
+                    obj.close()
 
     def __enter__(self) -> "ToolRuntime":
         return self
@@ -162,14 +164,25 @@ class ToolRuntime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _require_open(self):
-        if self._llm is None:
+    def _require_open(self) -> LlamaSession:
+        if self._session is None:
             raise GenerationError("this ToolRuntime is closed.")
-        return self._llm
+        return self._session
+
+    @property
+    def session(self) -> LlamaSession:
+        """The model session (tokens, decode with logits, rewind); for measurements such as bench_compare."""
+        return self._require_open()
+
+    def clear_kv_cache(self) -> None:
+        """Forget what the KV cache holds (the next call evaluates its whole prompt, bar the prefix cache)."""
+        with self._lock:
+            self._require_open().clear()
+            self._owner = None
 
     # -- tokens -------------------------------------------------------------
     def _single_token(self, text: str) -> int:
-        ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+        ids = self._session.tokenize(text, special=True)
         if len(ids) != 1:
             raise ModelLoadError(
                 f"{self.model_path}: the vocabulary has no single {text} token; "
@@ -178,28 +191,14 @@ class ToolRuntime:
         return ids[0]
 
     def tokenize_segments(self, segments: Iterable[Segment]) -> list[int]:
+        session = self._require_open()
         tokens: list[int] = []
         for seg in segments:
             if seg.control:
                 tokens.append(self._control[seg.text])
             elif seg.text:
-                tokens += self._llm.tokenize(seg.text.encode("utf-8"), add_bos=False, special=False)
+                tokens += session.tokenize(seg.text)
         return tokens
-
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            import llama_cpp
-
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-            piece = self._piece_buf.raw[:n] if n > 0 else b""
-            self._pieces[token] = piece
-        return piece
-
-    def _is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # -- requests -----------------------------------------------------------
     def _prepare(self, query_or_messages, tools, tool_choice, parallel, syntax, constrained, grammar):
@@ -230,13 +229,13 @@ class ToolRuntime:
              syntax: str = "python", max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
              constrained: bool = True, grammar: str | None = None,
-             should_stop: Callable[[], bool] | None = None) -> CallResult:
+             should_stop: Callable[[], bool] | None = None, speculative: bool | None = None) -> CallResult:
         """Answer one request with tool calls (or text). See stream() for the arguments."""
         result = None
         for item in self.stream(query_or_messages, tools, tool_choice=tool_choice, parallel=parallel,
                                 syntax=syntax, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop, constrained=constrained, grammar=grammar,
-                                should_stop=should_stop):
+                                should_stop=should_stop, speculative=speculative):
             if isinstance(item, CallResult):
                 result = item
         assert result is not None
@@ -246,7 +245,8 @@ class ToolRuntime:
                syntax: str = "python", max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
                constrained: bool = True, grammar: str | None = None,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[str | CallResult]:
+               should_stop: Callable[[], bool] | None = None,
+               speculative: bool | None = None) -> Iterator[str | CallResult]:
         """Yield text deltas as they are decoded, then the final CallResult.
 
         query_or_messages: a user query, or OpenAI-style messages.
@@ -254,7 +254,9 @@ class ToolRuntime:
         tool_choice: auto (calls or text), required, none, or a tool name.
         constrained=False decodes freely and parses the text leniently.
         grammar: a GBNF string that replaces the tool grammar (content only).
-        should_stop: polled every token; returning True cancels the request.
+        stop: strings that end a text answer; they never cut a tool call.
+        should_stop: polled before every step; returning True cancels the request.
+        speculative: override the runtime's setting for this request.
         """
         if max_tokens < 1:
             raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}.")
@@ -262,63 +264,58 @@ class ToolRuntime:
         grammar_override = grammar is not None
         tool_list, parts, grammar = self._prepare(query_or_messages, tools, tool_choice, parallel, syntax,
                                                   constrained, grammar)
-        with self._lock:
-            self._require_open()
-            yield from self._generate(parts, tool_list, grammar, grammar_override, params, max_tokens,
-                                      list(stop or []), should_stop, syntax, constrained)
+        spec = self.speculative if speculative is None else speculative
+        yield from self._generate(parts, tool_list, grammar, grammar_override, params, max_tokens,
+                              list(stop or []), should_stop, syntax, constrained, spec)
 
     # -- the decode loop -------------------------------------------------------
-    def _evaluate_prompt(self, prefix: list[int], prompt: list[int]) -> int:
-        """Bring the KV cache to hold `prompt`; return how many tokens were reused."""
-        import llama_cpp
-
-        llm = self._llm
-        have = llm.input_ids[: llm.n_tokens].tolist()
-        common = 0
-        for a, b in zip(have, prompt):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)  # evaluate at least one token for logits
+    def _evaluate_prompt(self, prefix: list[int], prompt: list[int]) -> tuple[int, np.ndarray]:
+        """Bring the KV cache to hold `prompt`; return (tokens reused, logits after the prompt)."""
+        session = self._session
+        # Evaluate at least one token, for its logits.
+        common = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         reused = common
-        if common < len(prefix):
+        if common < len(prefix) < len(prompt):
             key = prefix_key(self._model_id, prefix, self._cache_settings)
             state = self.prefix_cache.get(key)
-            restored = False
-            if state is not None:
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
-                buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-                if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), 0) == len(state):
-                    llm.input_ids[: len(prefix)] = prefix
-                    llm.n_tokens = len(prefix)
-                    reused = len(prefix)
-                    restored = True
-                else:
+            if state is not None and session.load_state(state, prefix):
+                reused = len(prefix)
+            else:
+                if state is not None:
                     self.prefix_cache.discard(key)
-                    llm.n_tokens = 0
-            if not restored:
-                llm.n_tokens = common
-                llm.eval(prefix[common:])
+                session.sync(prompt[:common])
+                session.decode(prefix[session.n_tokens:], 1)
                 if self.prefix_cache.enabled:
-                    size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-                    buf = (ctypes.c_uint8 * size)()
-                    n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0)
-                    if n > 0:
-                        self.prefix_cache.put(key, bytes(buf)[:n])
-        else:
-            llm.n_tokens = common
-        llm.eval(prompt[llm.n_tokens:])
-        return reused
+                    state = session.save_state()
+                    if state:
+                        self.prefix_cache.put(key, state)
+        session.sync(prompt[:reused])
+        logits = session.decode(prompt[reused:], 1)[0]
+        return reused, logits
 
-    def _logits(self) -> np.ndarray:
-        import llama_cpp
+    def _matcher(self, grammar: str, tools: list[Tool], syntax: str, grammar_override: bool):
+        session = self._session
+        if self.grammar_engine == "llguidance":
+            from .grammar_engines import _llg_grammar_from_gbnf
 
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            try:
+                llg_grammar = _llg_grammar_from_gbnf(grammar)
+            except ValueError as exc:
+                raise GenerationError(f"llguidance could not read the grammar ({exc}).") from None
+            return LlguidanceMatcher(self._llg_tokenizer.get(), llg_grammar, self.n_vocab)
+        forced_text = None
+        if tools and not grammar_override and syntax == "python":
+            names = [t.name for t in tools]
+
+            def forced_text(text: str) -> str:
+                return forced_name_suffix(text, names)
+
+        return LlamaGrammarMatcher(session.vocab, grammar, self.n_vocab, tokenize=session.tokenize,
+                                   piece=session.piece, forced_text=forced_text)
 
     def _generate(self, parts: PromptParts, tools: list[Tool], grammar: str | None, grammar_override: bool,
                   params: SamplingParams, max_tokens: int, stop: list[str],
-                  should_stop: Callable[[], bool] | None, syntax: str, constrained: bool):
+                  should_stop: Callable[[], bool] | None, syntax: str, constrained: bool, speculative: bool):
         t0 = time.perf_counter()
         prefix = self.tokenize_segments(parts.prefix)
         prompt = prefix + self.tokenize_segments(parts.rest)
@@ -328,108 +325,175 @@ class ToolRuntime:
                 f"which exceeds the context of {self.n_ctx} tokens; shorten the request, "
                 "lower max_tokens, or raise n_ctx."
             )
-        gate = GrammarGate(self._vocab, grammar, self.n_vocab) if grammar else None
-        chooser = TokenChooser(params)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        me = object()
+        gate = None
+        with self._lock:
+            session = self._require_open()
+            self._owner = me
+            reused, logits = self._evaluate_prompt(prefix, prompt)
+            if grammar:
+                gate = self._matcher(grammar, tools, syntax, grammar_override)
+        ttft = time.perf_counter() - t0
+        drafter = None
+        if speculative:
+            drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter()
+        decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(prompt),
+                              jump_forward=speculative and self.fast_forward, drafter=drafter)
+        # Stop strings end text answers only: inside a call list they would cut a call in half.
+        stops = [s for s in stop if s]
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
         emitted = 0
-        hold = max((len(s) for s in stop), default=1) - 1
-        names = ([t.name for t in tools] if gate is not None and self.fast_forward and not grammar_override
-                 and syntax == "python" else None)
-        n_forced = 0
+        n_generated = 0
         finish = "length"
         stop_hit = False
-        n_generated = 0
-        ttft = None
         try:
-            reused = self._evaluate_prompt(prefix, prompt)
             while n_generated < max_tokens:
                 if should_stop is not None and should_stop():
                     finish = "cancelled"
                     break
-                token = choose_constrained(chooser, self._logits(), gate)
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                if self._is_eog(token):
+                with self._lock:
+                    if self._session is None:
+                        raise GenerationError("this ToolRuntime was closed during the request.")
+                    if self._owner is not me:
+                        # Another request used the cache while our consumer held a delta.
+                        session.sync(decoder.kv_tokens)
+                        if self._draft is not None:
+                            self._draft.invalidate()
+                        self._owner = me
+                    tokens = decoder.step(max_tokens - n_generated)
+                n_generated += len(tokens)
+                for token in tokens:
+                    text += utf8.decode(session.piece(token))
+                if decoder.done:
                     finish = "stop"
-                    break
-                if gate is not None:
-                    gate.accept(token)
-                n_generated += 1
-                text += decoder.decode(self._piece(token))
-                batch = [token]
-                if names and n_generated < max_tokens:
-                    for forced in self._forced_tokens(text, names, gate, max_tokens - n_generated):
-                        batch.append(forced)
-                        n_generated += 1
-                        text += decoder.decode(self._piece(forced))
-                    n_forced += len(batch) - 1
-                cut = _find_stop(text, stop, emitted)
-                if cut is not None:
-                    text = text[:cut]
-                    finish = "stop"
-                    stop_hit = True
-                    break
-                safe = len(text) - hold if stop else len(text)
+                live_stops = stops if stops and not _in_call(text, tools, grammar_override) else None
+                if live_stops:
+                    cut = _find_stop(text, live_stops, emitted)
+                    if cut is not None:
+                        text = text[:cut]
+                        finish = "stop"
+                        stop_hit = True
+                        break
+                hold = max((len(s) for s in live_stops), default=1) - 1 if live_stops else 0
+                safe = len(text) - hold
                 if safe > emitted:
-                    yield text[emitted:safe]
+                    delta = text[emitted:safe]
                     emitted = safe
-                self._llm.eval(batch)
+                    yield delta  # no lock is held here
+                if decoder.done:
+                    break
             if not stop_hit:
-                text += decoder.decode(b"", final=True)
-        except GeneratorExit:
-            raise  # the consumer stopped at a yield: the KV cache is consistent
-        except BaseException:
-            # The KV cache may hold a half-evaluated batch: forget what it holds.
-            self._llm.n_tokens = 0
-            raise
+                text += utf8.decode(b"", final=True)
         finally:
-            self.last_stats = {"forced_tokens": n_forced, "full_masks": gate.full_masks if gate else 0}
             if gate is not None:
-                gate.close()
+                with self._lock:
+                    gate.close()
         if len(text) > emitted:
             yield text[emitted:]
         t_end = time.perf_counter()
-        ttft = ttft if ttft is not None else t_end - t0
-        result = self._finish(text, tools, grammar_override, constrained, finish, syntax)
+        result = result_from_text(text, tools, grammar_override, constrained, finish, syntax)
         result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_generated, cached_tokens=reused)
         result.timings = Timings(ttft_s=ttft, decode_s=t_end - t0 - ttft, total_s=t_end - t0)
+        stats = decoder.stats
+        if gate is not None:
+            stats.full_masks = gate.full_masks
+        result.stats = {**stats.to_dict(n_generated), "speculative": bool(speculative),
+                        "grammar_engine": self.grammar_engine if gate is not None else None}
         yield result
 
-    def _forced_tokens(self, text: str, names: list[str], gate: GrammarGate, budget: int) -> list[int]:
-        """Tokens of a tool name's forced remainder that the grammar accepts (accepted into it)."""
-        forced = forced_name_suffix(text, names)
-        if not forced:
-            return []
-        accepted = []
-        for token in self._llm.tokenize(forced.encode("utf-8"), add_bos=False, special=False)[:budget]:
-            if not gate.allows(token):
-                break
-            gate.accept(token)
-            accepted.append(token)
-        return accepted
+def result_from_text(text: str, tools: list[Tool], grammar_override: bool, constrained: bool,
+                     finish: str, syntax: str) -> CallResult:
+    """The CallResult for decoded text: validated calls, or the text (with parse_error when it is neither)."""
+    if grammar_override or not tools:
+        return CallResult([], text, text, finish)
+    try:
+        calls = parse_calls(text, tools, syntax=syntax)
+    except (ToolCallError, SchemaError) as exc:
+        if finish == "length":
+            # Cut at max_tokens in the middle of a call list: keep the calls that were complete.
+            try:
+                complete = CallStreamParser(tools, syntax).feed(text)
+            except (ToolCallError, SchemaError):
+                complete = []
+            if complete:
+                return CallResult(complete, None, text, finish, parse_error=str(exc))
+        # A keyword checked only after generation failed (e.g. a number out of
+        # bounds): the text comes back with the reason, as a normal finish.
+        return CallResult([], text if text.strip() else None, text, finish, parse_error=str(exc))
+    if calls:
+        return CallResult(calls, None, text, "tool_calls" if finish == "stop" else finish)
+    return CallResult([], text.strip() or None, text, finish)
 
-    def _finish(self, text: str, tools: list[Tool], grammar_override: bool, constrained: bool,
-                finish: str, syntax: str) -> CallResult:
-        if grammar_override or not tools:
-            return CallResult([], text, text, finish)
-        try:
-            calls = parse_calls(text, tools, syntax=syntax)
-        except (ToolCallError, SchemaError) as exc:
-            if constrained and finish == "stop":
-                raise GenerationError(f"constrained output failed to parse ({exc}); output was {text!r:.200}") from None
-            if finish == "length":
-                # Cut at max_tokens in the middle of a call list: keep the calls that were complete.
-                try:
-                    complete = CallStreamParser(tools, syntax).feed(text)
-                except (ToolCallError, SchemaError):
-                    complete = []
-                if complete:
-                    return CallResult(complete, None, text, finish, parse_error=str(exc))
-            return CallResult([], text if text.strip() else None, text, finish, parse_error=str(exc))
-        if calls:
-            return CallResult(calls, None, text, "tool_calls" if finish == "stop" else finish)
-        return CallResult([], text.strip() or None, text, finish)
+
+class DraftModel:
+    """A smaller model with the same vocabulary that drafts greedily for the target.
+
+    On real hardware the Gemma 3 270M drafting for ToolGrad 4B. Its drafts are
+    grammar-checked and verified by the target like any other (decoding.py),
+    so it changes speed, never the output.
+    """
+
+    MAX_DRAFT = 4
+
+    def __init__(self, path: str | os.PathLike, target: "ToolRuntime", verbose: bool = False):
+        self.path = resolve_model(path)
+        check_supported(read_gguf_info(self.path))
+        self.session = LlamaSession(self.path, n_ctx=target.n_ctx, n_threads=target.n_threads,
+                                    n_gpu_layers=target.n_gpu_layers, verbose=verbose)
+        target_session = target._session
+        mismatch = None
+        if self.session.n_vocab != target_session.n_vocab:
+            mismatch = f"{self.session.n_vocab} tokens against {target_session.n_vocab}"
+        else:
+            for token in itertools.chain(range(0, min(4096, target_session.n_vocab)),
+                                         range(4096, target_session.n_vocab, 509)):
+                if self.session.piece(token) != target_session.piece(token):
+                    mismatch = f"token {token} is {self.session.piece(token)!r} against {target_session.piece(token)!r}"
+                    break
+        if mismatch:
+            self.session.close()
+            raise ModelLoadError(f"draft model {self.path} does not share the vocabulary of {target.model_path} "
+                                 f"({mismatch}); a draft model must use the same tokenizer.")
+
+    def drafter(self) -> "_DraftModelDrafter":
+        return _DraftModelDrafter(self.session, self.MAX_DRAFT)
+
+    def invalidate(self) -> None:
+        pass  # each proposal re-syncs the draft cache with the target's tokens
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class _DraftModelDrafter:
+    def __init__(self, session: LlamaSession, max_draft: int):
+        self.session = session
+        self.max_draft = max_draft
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        k = min(k, self.max_draft)
+        if k <= 0 or not context:
+            return []
+        session = self.session
+        common = min(common_prefix(session.tokens, context), len(context) - 1)
+        session.rewind(common)
+        logits = session.decode(context[common:], 1)[0]
+        draft = []
+        while True:
+            token = int(np.argmax(logits))
+            if session.is_eog(token):
+                break
+            draft.append(token)
+            if len(draft) >= k:
+                break
+            logits = session.decode([token], 1)[0]
+        return draft
+
+
+def _in_call(text: str, tools: list[Tool], grammar_override: bool) -> bool:
+    """Whether the output so far is a call list (both syntaxes open one with '[')."""
+    return bool(tools) and not grammar_override and text.lstrip()[:1] == "["
 
 
 def _find_stop(text: str, stop: list[str], emitted: int) -> int | None:

@@ -21,17 +21,25 @@ import click
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-tokens", type=click.IntRange(min=2), default=64, show_default=True,
               help="Tokens decoded per timed run.")
+@click.option("--draft-model", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Also measure with this GGUF drafting (same vocabulary, e.g. the 270M for a 4B).")
+@click.option("--grammar-engine", type=click.Choice(["llguidance", "llama"]), default=None,
+              help="Grammar engine of the constrained runs (default: llguidance when installed).")
 @click.option("--no-quality", is_flag=True, help="Skip the top-1 / KL comparison with the reference file.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also save a bar chart (needs the 'bench' extra: matplotlib).")
-def bench(models, quants, source, runs, n_threads, max_tokens, no_quality, as_json, markdown, plot_file):
+def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, grammar_engine, no_quality, as_json,
+          markdown, plot_file):
     """Measure prefill/decode speed, TTFT, memory and quality of GGUF files.
 
-    Each file: size, peak RSS, prefill tokens/s, decode tokens/s free and
-    grammar-constrained, llama-cpp-python's own grammar path on the same file
-    (the baseline), time to first token cold and warm; with several files,
+    Each file: size, peak RSS, prefill tokens/s, decode tokens/s free (one
+    token per pass), constrained (the default engine: jump-forward and
+    drafts), stepwise (constrained, one token per pass) in both call
+    syntaxes, tokens per forward pass, draft acceptance, greedy agreement
+    between constrained and stepwise, llama-cpp-python's own grammar path on
+    the same file (the baseline), time to first token cold and warm; with several files,
     top-1 agreement and mean KL of next-token distributions against the
     highest-precision one. Medians after a warm-up.
 
@@ -41,8 +49,9 @@ def bench(models, quants, source, runs, n_threads, max_tokens, no_quality, as_js
       toolgrad-edge bench -m toolgrad-4b-BF16.gguf -m toolgrad-4b-Q8_0.gguf -m toolgrad-4b-Q4_K_M.gguf
       toolgrad-edge bench --from toolgrad-4b-BF16.gguf --quant Q8_0 --quant Q4_K_M --markdown
       toolgrad-edge bench -m a.gguf -m b.gguf --runs 3 --json --plot speed.png
+      toolgrad-edge bench -m toolgrad-4b-Q4_K_M.gguf --draft-model gemma-3-270m-Q4_K_M.gguf --json
     """
-    from .. import bench_compare
+    from .. import bench, bench_compare
     from ..errors import EvaluationError
 
     if quants and not source:
@@ -64,7 +73,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, no_quality, as_js
             raise EvaluationError(f"model file(s) not found: {', '.join(missing)}; pass existing GGUF paths.")
 
         quality = not no_quality and len(paths) > 1
-        total = len(paths) * bench_compare.steps_per_file(runs)
+        total = len(paths) * bench.steps_per_file(runs, draft_model is not None)
         if quality:
             total += len(paths) * len(bench_compare.quality_prompts())
         with click.progressbar(length=total, label="bench", file=sys.stderr,
@@ -74,7 +83,8 @@ def bench(models, quants, source, runs, n_threads, max_tokens, no_quality, as_js
                 bar.update(advance)
 
             report = bench_compare.compare_models(paths, runs=runs, n_threads=n_threads, max_tokens=max_tokens,
-                                                  quality=quality, progress=progress)
+                                                  quality=quality, progress=progress,
+                                                  measure=bench.measure_in_subprocess(draft_model, grammar_engine))
 
     if plot_file:
         bench_compare.plot(report, plot_file)

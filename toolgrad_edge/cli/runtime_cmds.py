@@ -87,21 +87,34 @@ def _apply(options):
 @parallel_option
 @syntax_option
 @click.option("--stream", is_flag=True, help="Print text as it is decoded.")
+@click.option("--no-speculative", is_flag=True,
+              help="One token per forward pass (no jump-forward, prompt lookup or draft model), for comparison.")
+@click.option("--grammar-engine", type=click.Choice(["llguidance", "llama"]), default=None,
+              help="llguidance (default when installed) or llama.cpp's GBNF sampler.")
+@click.option("--draft-model", type=click.Path(dir_okay=False), default=None,
+              help="A smaller GGUF with the same vocabulary that drafts tokens for the model.")
 @json_option
 @_apply(generation_options)
 @_apply(runtime_options)
-def call(query, tools_file, model, tool_choice, parallel, syntax, stream, as_json, max_tokens, temperature, seed,
-         no_grammar, n_threads, n_ctx, verbose):
+def call(query, tools_file, model, tool_choice, parallel, syntax, stream, no_speculative, grammar_engine, draft_model,
+         as_json, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx, verbose):
     """Turn one request into tool calls.
+
+    With --json the result carries `stats`: forward passes, forced (jump-forward),
+    drafted and accepted tokens, tokens per forward pass, full grammar masks.
 
     \b
     Examples:
       toolgrad-edge call "Weather in Paris in celsius?" --tools examples/tools.json
       toolgrad-edge call "What time is it in Tokyo?" -t examples/tools.json --tool-choice get_time --json
       toolgrad-edge call "Hi!" -t examples/tools.json --stream
+      toolgrad-edge call "Weather in Paris?" -t examples/tools.json --no-speculative --json
     """
+    from ..runtime import ToolRuntime
+
     tools = _load_tools_file(tools_file)
-    with _open_runtime(model, n_threads, n_ctx, verbose) as rt:
+    with ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose, speculative=not no_speculative,
+                     grammar_engine=grammar_engine, draft_model=draft_model) as rt:
         kwargs = dict(tool_choice=tool_choice, parallel=parallel, syntax=syntax, max_tokens=max_tokens,
                       temperature=temperature, seed=seed, constrained=not no_grammar)
         if stream and not as_json:
