@@ -24,6 +24,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["XDG_CACHE_HOME"] = str(_SESSION_CACHES / "xdg")
 os.environ["TOOLGRAD_EDGE_CACHE"] = str(_SESSION_CACHES / "toolgrad-edge")
 os.environ.pop("TOOLGRAD_EDGE_MODEL", None)
+os.environ.pop("TOOLGRAD_EDGE_ENGINE", None)  # a remote engine in the environment would bypass the model
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +35,7 @@ def isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TOOLGRAD_EDGE_CACHE", str(root / "toolgrad-edge"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("TOOLGRAD_EDGE_MODEL", raising=False)
+    monkeypatch.delenv("TOOLGRAD_EDGE_ENGINE", raising=False)
     return root
 
 

@@ -96,9 +96,18 @@ class ToolRuntime:
                  n_threads: int | None = None, n_ctx: int | None = None,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
                  prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
-                 grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None):
+                 grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
+                 engine=None):
         import llama_cpp
 
+        from .engines.llama_server import remote_engine
+
+        # engine="http://HOST:PORT" (or $TOOLGRAD_EDGE_ENGINE when no model is named): decode on a
+        # llama-server; the prompt, grammar and parsing stay here and no model file is loaded.
+        self._remote = remote_engine(engine, model)
+        if self._remote is not None:
+            self._init_remote(self._remote)
+            return
         self.model_path = resolve_model(model)
         self.info = read_gguf_info(self.model_path)
         check_supported(self.info)
@@ -146,6 +155,19 @@ class ToolRuntime:
         self.prefix_cache = (PrefixCache(cache_root) if prefix_cache
                              else PrefixCache(None, ram_entries=0))
         self._cache_settings = f"ctx={self.n_ctx};swa_full=1;llama_cpp={llama_cpp.__version__}"
+
+    def _init_remote(self, remote) -> None:
+        info = remote.info
+        self.model_path = Path(info.model or "llama-server")
+        self.model_name = self.model_path.stem
+        self.backend = f"llama-server at {info.url}"
+        self.engine_info = info
+        self.n_ctx = info.n_ctx
+        self.n_threads = self.n_gpu_layers = 0
+        self.speculative = self.fast_forward = False
+        self.grammar_engine = "llama-server"
+        self._lock = threading.Lock()
+        self._session = self._draft = self._llg_tokenizer = None
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
@@ -264,6 +286,12 @@ class ToolRuntime:
         grammar_override = grammar is not None
         tool_list, parts, grammar = self._prepare(query_or_messages, tools, tool_choice, parallel, syntax,
                                                   constrained, grammar)
+        if self._remote is not None:  # no lock: llama-server's slots run requests side by side
+            from .engines.llama_server import remote_stream
+
+            yield from remote_stream(self._remote, parts, tool_list, grammar, grammar_override, params,
+                                     max_tokens, list(stop or []), should_stop, syntax, constrained)
+            return
         spec = self.speculative if speculative is None else speculative
         yield from self._generate(parts, tool_list, grammar, grammar_override, params, max_tokens,
                               list(stop or []), should_stop, syntax, constrained, spec)

@@ -494,7 +494,7 @@ def _http_error(url: str, path: str, status: int, raw: bytes) -> GenerationError
     return GenerationError(f"llama-server at {url}{path} answered HTTP {status}: {message}")
 
 
-def remote_stream(runtime, engine: LlamaServerEngine, parts, tools, grammar: str | None, grammar_override: bool,
+def remote_stream(engine: LlamaServerEngine, parts, tools, grammar: str | None, grammar_override: bool,
                   params: "SamplingParams", max_tokens: int, stop: Sequence[str],
                   should_stop: Callable[[], bool] | None, syntax: str, constrained: bool):
     """ToolRuntime.stream over llama-server: text deltas, then the same CallResult as in-process decoding.
@@ -502,7 +502,7 @@ def remote_stream(runtime, engine: LlamaServerEngine, parts, tools, grammar: str
     Stop strings follow the in-process rules (they end text answers, never a
     call list), so they are matched here; a hit closes the request.
     """
-    from ..runtime import Timings, Usage, _find_stop, _in_call
+    from ..runtime import Timings, Usage, _find_stop, _in_call, result_from_text
 
     t0 = time.perf_counter()
     prompt = engine.tokenize_segments(tuple(parts.prefix) + tuple(parts.rest))
@@ -535,7 +535,7 @@ def remote_stream(runtime, engine: LlamaServerEngine, parts, tools, grammar: str
     if len(text) > emitted:
         yield text[emitted:]
     finish = "stop" if stop_hit else completion.finish_reason
-    result = runtime._finish(text, tools, grammar_override, constrained, finish, syntax)
+    result = result_from_text(text, tools, grammar_override, constrained, finish, syntax)
     result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion.completion_tokens,
                          cached_tokens=completion.cached_tokens)
     total = time.perf_counter() - t0

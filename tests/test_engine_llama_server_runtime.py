@@ -1,0 +1,76 @@
+"""ToolRuntime(engine="http://HOST:PORT"): the public API over a (stand-in) llama-server.
+
+No model file is loaded: the prompt is rendered and tokenized through the
+server, the grammar sent with the request, and the answer parsed here into
+the same CallResult as in-process decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_engine_llama_server import ANSWER, StandIn
+from toolgrad_edge.engines.llama_server import ENV_ENGINE, LlamaServerEngine
+from toolgrad_edge.errors import GenerationError
+from toolgrad_edge.grammars import build_grammar, load_tools
+from toolgrad_edge.runtime import CallResult, ToolRuntime
+
+TOOLS = str(Path(__file__).resolve().parents[1] / "examples" / "tools.json")
+
+
+@pytest.fixture
+def stand_in():
+    server = StandIn()
+    yield server
+    server.stop()
+
+
+def test_call_parses_the_remote_answer_into_tool_calls(stand_in):
+    with ToolRuntime(engine=stand_in.url) as rt:
+        assert rt.backend == f"llama-server at {stand_in.url}" and rt.n_ctx == 4096
+        result = rt.call("Weather in Paris?", TOOLS, tool_choice="required", max_tokens=64)
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    assert result.finish_reason == "tool_calls" and result.parse_error is None
+    assert result.usage.cached_tokens == 7 and result.usage.prompt_tokens > 100
+    body = stand_in.completions()[-1]
+    assert body["grammar"] == build_grammar(load_tools(TOOLS), tool_choice="required")
+    assert body["stream"] is True and body["n_predict"] == 64 and body["prompt"][:2] == [2, 105]
+
+
+def test_stream_yields_deltas_then_the_call_result(stand_in):
+    rt = ToolRuntime(engine=stand_in.url)
+    items = list(rt.stream("Weather in Paris?", TOOLS))
+    assert "".join(i for i in items if isinstance(i, str)) == ANSWER
+    assert isinstance(items[-1], CallResult) and items[-1].tool_calls[0].name == "get_weather"
+
+
+def test_output_that_ignores_the_grammar_is_a_parse_error(stand_in):
+    stand_in.answer = '[get_weather(town="Paris")]'
+    result = ToolRuntime(engine=stand_in.url).call("Weather in Paris?", TOOLS, tool_choice="required")
+    assert result.tool_calls == [] and result.parse_error
+    assert result.raw_text == stand_in.answer
+
+
+def test_stop_strings_end_a_text_answer_here(stand_in):
+    stand_in.answer = "Hello there. General Kenobi."
+    result = ToolRuntime(engine=stand_in.url).call("Say hello", None, stop=["General"])
+    assert result.content == "Hello there. " and result.finish_reason == "stop"
+
+
+def test_the_environment_selects_the_engine_and_timeouts_are_configurable(stand_in, monkeypatch):
+    monkeypatch.setenv(ENV_ENGINE, stand_in.url)
+    assert ToolRuntime().backend.startswith("llama-server at")
+    stand_in.mode = "hang"
+    rt = ToolRuntime(engine=LlamaServerEngine(stand_in.url, read_timeout=0.5))
+    with pytest.raises(GenerationError, match=r"no answer for 0.5 s"):
+        rt.call("Weather in Paris?", TOOLS)
+
+
+def test_an_unreachable_engine_is_one_line_naming_the_url():
+    server = StandIn()
+    url = server.url
+    server.stop()
+    with pytest.raises(GenerationError, match=f"cannot reach llama-server at {url}"):
+        ToolRuntime(engine=url)
