@@ -339,3 +339,15 @@ def test_importing_the_assistant_loads_no_optional_dependency():
             "print(sorted(m for m in ('mcp', 'pydantic', 'docstring_parser', 'llama_cpp') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_call_list_cut_at_max_tokens_is_neither_answer_nor_call():
+    from toolgrad_edge.runtime import CallResult, Usage
+
+    cut = CallResult([], "[get_weather(city='Par", "[get_weather(city='Par", "length", Usage(100, 64, 0),
+                     parse_error="unterminated string")
+    model, assistant = make(cut, tool_choice="required")
+    with assistant:
+        transcript = assistant.ask("?")
+    assert transcript.answer is None and transcript.stopped == "length" and transcript.rounds == []
+    assert CALLS == []

@@ -35,6 +35,8 @@ class ScriptedModel:
         if not self.answers:
             raise AssertionError("the scripted model ran out of answers")
         answer = self.answers.pop(0)
+        if isinstance(answer, CallResult):
+            return answer
         if isinstance(answer, str):
             return CallResult([], answer, answer, "stop", Usage(100, 5, 0))
         calls = [ToolCall(name, dict(arguments)) for name, arguments in answer]

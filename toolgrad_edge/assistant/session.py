@@ -209,6 +209,12 @@ class Assistant:
             transcript.turns.append(usage)
             self.on_event("model", result)
             if not result.tool_calls:
+                if result.finish_reason == "length" and getattr(result, "parse_error", None):
+                    # A call list cut at max_tokens before any call was complete: no answer, no call.
+                    self.history.append({"role": "assistant", "content": result.raw_text,
+                                         "raw_text": result.raw_text})
+                    transcript.stopped = "length"
+                    return transcript
                 transcript.answer = result.content
                 self.history.append({"role": "assistant", "content": result.content or "",
                                      "raw_text": result.raw_text,

@@ -148,7 +148,8 @@ def _print_transcript(transcript) -> None:
     elif transcript.stopped == "interrupted":
         click.echo("(tool call abandoned)", err=True)
     if transcript.stopped == "length":
-        click.echo("warning: the answer was cut at --max-tokens.", err=True)
+        what = "answer" if transcript.answer is not None else "call list (no call was complete, none ran)"
+        click.echo(f"warning: the {what} was cut at --max-tokens.", err=True)
     u = transcript.usage
     click.echo(click.style(
         f"[{u['model_turns']} model turns: {u['prompt_tokens']} prompt tokens ({u['cached_tokens']} cached), "
