@@ -74,3 +74,20 @@ def test_an_unreachable_engine_is_one_line_naming_the_url():
     server.stop()
     with pytest.raises(GenerationError, match=f"cannot reach llama-server at {url}"):
         ToolRuntime(engine=url)
+
+
+def test_cli_engine_option_runs_call_on_the_server(stand_in, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from toolgrad_edge.cli import main
+
+    monkeypatch.setenv(ENV_ENGINE, "")  # restored after the test: --engine sets it for the runtime
+    result = CliRunner().invoke(main, ["call", "Weather in Paris?", "--tools", TOOLS, "--engine", stand_in.url,
+                                       "--tool-choice", "required", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tool_calls"][0]["name"] == "get_weather"
+    assert stand_in.completions(), "the request did not reach the server"
+    bad = CliRunner().invoke(main, ["call", "hi", "--tools", TOOLS, "--engine", "gpu-box:8080"])
+    assert bad.exit_code == 2 and "expected http://HOST:PORT" in bad.output

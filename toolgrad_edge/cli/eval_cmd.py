@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import json_option, model_option, n_ctx_option, syntax_option
+from .options import engine_option, json_option, model_option, n_ctx_option, syntax_option
 
 
 @click.group("eval")
@@ -22,6 +22,7 @@ def eval_group() -> None:
 
 @eval_group.command("bfcl")
 @model_option
+@engine_option
 @click.option(
     "--categories", default="all", show_default=True, metavar="LIST",
     help="Comma-separated BFCL categories: simple_python, multiple, parallel, parallel_multiple, "

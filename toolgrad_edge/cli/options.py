@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 model_option = click.option(
@@ -25,6 +27,23 @@ syntax_option = click.option(
     help="Call syntax the model writes: ToolGrad's python call list, or JSON.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def _use_engine(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # Handed to ToolRuntime through $TOOLGRAD_EDGE_ENGINE, which every command's runtime reads.
+    if value is not None:
+        from ..engines.llama_server import ENV_ENGINE, is_engine_url
+
+        if not is_engine_url(value):
+            raise click.BadParameter(f"expected http://HOST:PORT of a llama-server, got {value!r}.")
+        os.environ[ENV_ENGINE] = value
+
+
+engine_option = click.option(
+    "--engine", metavar="URL", default=None, expose_value=False, callback=_use_engine,
+    help="Decode on the llama-server at URL (http://HOST:PORT) instead of a local model "
+         "(or set $TOOLGRAD_EDGE_ENGINE). A --model given too wins.",
+)
 
 
 class _QuietAliasOption(click.Option):

@@ -7,8 +7,8 @@ import json
 import click
 
 from .options import (
-    PROMPT_TEXT, json_option, model_option, n_ctx_option, parallel_option, seed_option, syntax_option,
-    tool_choice_option, tools_option,
+    PROMPT_TEXT, engine_option, json_option, model_option, n_ctx_option, parallel_option, seed_option,
+    syntax_option, tool_choice_option, tools_option,
 )
 
 
@@ -59,6 +59,7 @@ def _open_runtime(model, n_threads, n_ctx, verbose):
 
 
 runtime_options = [
+    engine_option,
     click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all cores)."),
     n_ctx_option,
     click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ToolgradEdgeError
-from .options import model_option, n_ctx_option, syntax_option
+from .options import engine_option, model_option, n_ctx_option, syntax_option
 
 
 
@@ -17,6 +17,7 @@ def _default(name: str):
 
 @click.command("serve")
 @model_option
+@engine_option
 @click.option("--host", default=_default("host"), show_default=True,
               help="Address to bind. The default is loopback: only this machine can connect.")
 @click.option("--port", default=_default("port"), show_default=True, type=click.IntRange(0, 65535))
