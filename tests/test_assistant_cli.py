@@ -204,3 +204,8 @@ def test_ctrl_c_while_a_tool_runs(scripted, tmp_path, monkeypatch):
     assert result.exit_code == 130
     (call,) = json.loads(result.stdout)["rounds"][0]["tool_calls"]
     assert call["result"] == "Abandoned: the user interrupted the call (Ctrl-C)." and call["is_error"]
+
+
+def test_a_prompt_that_is_not_utf8_is_refused(scripted):
+    result = run("ask", "caf\udce9")
+    assert result.exit_code == 2 and "is not valid UTF-8 text" in result.output

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .options import json_option, model_option, tool_choice_option
+from .options import PROMPT_TEXT, json_option, model_option, tool_choice_option
 from .runtime_cmds import _apply, _open_runtime, generation_options, runtime_options
 
 RESULT_PREVIEW_CHARS = 200
@@ -158,7 +158,7 @@ def _print_transcript(transcript) -> None:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", type=PROMPT_TEXT)
 @model_option
 @_apply(tool_source_options)
 @json_option
