@@ -100,7 +100,7 @@ def _run(assistant, model, *calls):
 def test_tools_come_from_list_tools_with_annotations(recorder):
     assistant, _, _ = recorder
     by_name = {e.name: e for e in assistant.entries}
-    assert set(by_name) == {"record", "lookup", "fail", "slow", "huge", "die"}
+    assert set(by_name) == {"record", "lookup", "fail", "slow", "huge", "freeze", "die"}
     assert by_name["lookup"].read_only and not by_name["record"].read_only
     assert by_name["record"].source == "rec" and by_name["record"].kind == "mcp"
     unit = by_name["record"].spec["parameters"]["properties"]["unit"]
@@ -254,3 +254,18 @@ def test_a_streamable_http_server_from_a_url_entry(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_server_that_hangs_during_a_call_is_ended(monkeypatch):
+    monkeypatch.setattr("toolgrad_edge.assistant.mcp_servers.PING_TIMEOUT_S", 1.0)
+    model = ScriptedModel()
+    with Assistant(model, mcp=[RECORDER], timeout=1.0) as assistant:
+        (pid,) = _run(assistant, model, ("lookup", {"key": "pid"}))
+        t0 = time.perf_counter()
+        (frozen,) = _run(assistant, model, ("freeze", {}))
+        assert time.perf_counter() - t0 < 20
+        assert frozen.is_error and frozen.result == (
+            "freeze timed out after 1 s (MCP server 'recorder_server'); the server stopped answering and was ended.")
+        (later,) = _run(assistant, model, ("lookup", {"key": "k"}))
+        assert later.result.startswith("MCP server 'recorder_server' is gone (it stopped answering")
+        assert not _alive(int(pid.result))

@@ -8,6 +8,7 @@ Run as ``python tests/mcp_fixtures/recorder_server.py`` (stdio), or with
 * ``fail``: raises, so the call comes back with isError.
 * ``slow``: sleeps, to run past a caller's timeout.
 * ``huge``: returns a result of the requested size.
+* ``freeze``: the process stops (SIGSTOP) in the middle of the call: a hung server.
 * ``die``: the process exits in the middle of the call.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Literal
@@ -67,6 +69,13 @@ def slow(seconds: float) -> str:
 def huge(size: int) -> str:
     """Return a text of `size` characters."""
     return "x" * size
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def freeze() -> str:
+    """Stop the whole server process (SIGSTOP): it hangs and answers nothing, pings included."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return "thawed"
 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))

@@ -28,6 +28,8 @@ from ..errors import ToolSourceError
 MISSING_EXTRA = "MCP servers need the MCP SDK: pip install 'toolgrad-edge[mcp]'"
 
 START_TIMEOUT_S = 30.0
+# After a call times out, a server that does not answer a ping within this long is hung: it is ended.
+PING_TIMEOUT_S = 5.0
 STDERR_TAIL_LINES = 5
 # Interpreters and launchers whose first argument names the server better than they do.
 LAUNCHERS = {"python", "python3", "node", "deno", "bun", "uv", "uvx", "npx", "pipx", "bash", "sh"}
@@ -326,14 +328,15 @@ class McpServer:
             return ToolOutcome(f"MCP server {self.name!r} is gone ({reason}); its tools cannot run.", True)
         import mcp
 
+        session = self._session
         try:
             result = await asyncio.wait_for(
-                self._session.call_tool(name, arguments, read_timeout_seconds=timeout), timeout + 2)
+                session.call_tool(name, arguments, read_timeout_seconds=timeout), timeout + 2)
         except asyncio.TimeoutError:
-            return ToolOutcome(f"{name} timed out after {timeout:g} s (MCP server {self.name!r}).", True)
+            return await self._timed_out(session, name, timeout)
         except mcp.MCPError as exc:
             if "timed out" in exc.message:
-                return ToolOutcome(f"{name} timed out after {timeout:g} s (MCP server {self.name!r}).", True)
+                return await self._timed_out(session, name, timeout)
             if exc.code == -32000:  # CONNECTION_CLOSED: the server exited or closed its pipes
                 self._mark_gone("it exited during a call")
                 return ToolOutcome(f"MCP server {self.name!r} died during the call to {name} "
@@ -343,6 +346,20 @@ class McpServer:
             self._mark_gone(f"its connection failed ({_describe(exc)})")
             return ToolOutcome(f"MCP server {self.name!r} failed during the call to {name} ({_describe(exc)}).", True)
         return outcome_from_result(result)
+
+    async def _timed_out(self, session, name: str, timeout: float) -> ToolOutcome:
+        """A call ran past its timeout: the server stays if it still answers a ping, else it is ended."""
+        message = f"{name} timed out after {timeout:g} s (MCP server {self.name!r})"
+        try:
+            await asyncio.wait_for(session.send_ping(), PING_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # noqa: BLE001 - no answer, or an answer that is not one: the server is hung
+            if self.state == "running":
+                self._mark_gone(f"it stopped answering (no reply to a ping after {name} timed out)")
+                await self._stop_task()  # ends the process; later calls say the server is gone
+            return ToolOutcome(f"{message}; the server stopped answering and was ended.", True)
+        return ToolOutcome(f"{message}.", True)
 
     # -- close --------------------------------------------------------------------
     async def aclose(self) -> None:
