@@ -129,3 +129,17 @@ def test_cancelling_stops_the_remote_generation(server_url):
     while _slots_busy(server_url) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _slots_busy(server_url) in (False, None)
+
+
+def test_tool_runtime_over_the_server_gives_valid_calls(server_url):
+    from toolgrad_edge.runtime import ToolRuntime
+
+    with ToolRuntime(engine=server_url) as rt:
+        result = rt.call("What is the weather in Paris in celsius?", str(TOOLS), tool_choice="get_weather",
+                         max_tokens=48)
+        streamed = list(rt.stream("What time is it in Tokyo?", str(TOOLS), tool_choice="required", max_tokens=48))
+    assert result.parse_error is None and [c.name for c in result.tool_calls] == ["get_weather"]
+    assert result.usage.cached_tokens > 0 or result.usage.prompt_tokens > 0
+    final = streamed[-1]
+    assert final.tool_calls and final.parse_error is None
+    assert "".join(i for i in streamed[:-1]) == final.raw_text
