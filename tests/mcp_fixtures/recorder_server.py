@@ -10,6 +10,8 @@ Run as ``python tests/mcp_fixtures/recorder_server.py`` (stdio), or with
 * ``huge``: returns a result of the requested size.
 * ``freeze``: the process stops (SIGSTOP) in the middle of the call: a hung server.
 * ``die``: the process exits in the middle of the call.
+
+Every call is also logged (tool and arguments, as received) to $CALL_LOG when it is set.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from mcp.types import ToolAnnotations
 server = MCPServer(os.environ.get("FIXTURE_SERVER_NAME", "recorder"))
 
 
+def _log(tool: str, **arguments) -> None:
+    """Every call's tool name and arguments, as received, go to $CALL_LOG when it is set."""
+    if os.environ.get("CALL_LOG"):
+        with open(os.environ["CALL_LOG"], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"tool": tool, "arguments": arguments}) + "\n")
+
+
 @server.tool()
 def record(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int = 1) -> str:
     """Record a forecast request.
@@ -37,6 +46,7 @@ def record(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: 
         unit: Temperature unit.
         days: How many days.
     """
+    _log("record", city=city, unit=unit, days=days)
     with open(os.environ["RECORD_FILE"], "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"city": city, "unit": unit, "days": days}) + "\n")
     return f"recorded {city}"
@@ -45,6 +55,7 @@ def record(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 def lookup(key: str) -> str:
     """Look up a value; keys starting with env: read an environment variable; pid is the server's."""
+    _log("lookup", key=key)
     if key == "pid":
         return str(os.getpid())
     if key.startswith("env:"):
@@ -55,12 +66,14 @@ def lookup(key: str) -> str:
 @server.tool()
 def fail(reason: str) -> str:
     """Always fails."""
+    _log("fail", reason=reason)
     raise ToolError(f"failed on purpose: {reason}")
 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 def slow(seconds: float) -> str:
     """Sleep, then answer."""
+    _log("slow", seconds=seconds)
     time.sleep(seconds)
     return "slept"
 
@@ -68,12 +81,14 @@ def slow(seconds: float) -> str:
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 def huge(size: int) -> str:
     """Return a text of `size` characters."""
+    _log("huge", size=size)
     return "x" * size
 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 def freeze() -> str:
     """Stop the whole server process (SIGSTOP): it hangs and answers nothing, pings included."""
+    _log("freeze")
     os.kill(os.getpid(), signal.SIGSTOP)
     return "thawed"
 
@@ -81,6 +96,7 @@ def freeze() -> str:
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 def die() -> str:
     """Exit the server process in the middle of the call."""
+    _log("die")
     sys.stderr.write("recorder: dying on request\n")
     sys.stderr.flush()
     os._exit(7)
