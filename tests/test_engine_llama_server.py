@@ -180,7 +180,8 @@ def test_request_body_carries_token_ids_grammar_and_settings(stand_in):
     assert body["grammar"] == grammar
     assert body["cache_prompt"] is True and body["stream"] is False
     assert body["n_predict"] == 64 and body["stop"] == ["\n\n"]
-    assert body["temperature"] == 0.0 and body["min_p"] == 0.0 and body["repeat_penalty"] == 1.0
+    assert body["temperature"] == 0.0 and body["top_k"] == 1  # greedy
+    assert body["min_p"] == 0.0 and body["repeat_penalty"] == 1.0
     assert body["seed"] == -1
 
 

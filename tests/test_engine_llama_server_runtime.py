@@ -91,3 +91,23 @@ def test_cli_engine_option_runs_call_on_the_server(stand_in, monkeypatch):
     assert stand_in.completions(), "the request did not reach the server"
     bad = CliRunner().invoke(main, ["call", "hi", "--tools", TOOLS, "--engine", "gpu-box:8080"])
     assert bad.exit_code == 2 and "expected http://HOST:PORT" in bad.output
+
+
+def test_the_openai_server_serves_calls_decoded_on_llama_server(stand_in):
+    import json
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from toolgrad_edge.server import create_app
+
+    tools = json.loads(Path(TOOLS).read_text())
+    with TestClient(create_app(ToolRuntime(engine=stand_in.url))) as client:
+        models = client.get("/v1/models").json()
+        reply = client.post("/v1/chat/completions", json={
+            "model": models["data"][0]["id"], "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": tools, "tool_choice": "required"})
+    assert reply.status_code == 200, reply.text
+    call = reply.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris", "unit": "celsius"}
+    assert models["data"][0]["id"] == "stand-in"

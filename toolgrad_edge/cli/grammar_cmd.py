@@ -26,7 +26,7 @@ def request_body(engine: str, prompt_text: str, grammar: str, max_tokens: int, s
     prompt = prompt_text[len("<bos>"):] if prompt_text.startswith("<bos>") else prompt_text
     if engine == "llama-server":  # POST /completion
         return {"prompt": prompt, "grammar": grammar, "n_predict": max_tokens, "temperature": 0.0,
-                "top_k": 0, "top_p": 1.0, **NEUTRAL_SAMPLING, "cache_prompt": True,
+                "top_k": 1, "top_p": 1.0, **NEUTRAL_SAMPLING, "cache_prompt": True,
                 "stop": ["<end_of_turn>"], "stream": False}
     # vLLM >= 0.12, POST /v1/completions (OpenAI-compatible; structured_outputs replaced guided_grammar)
     return {"model": served_model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,

@@ -209,14 +209,16 @@ class LlamaServerEngine:
     # -- generation ---------------------------------------------------------------
     def request_body(self, prompt: list[int], grammar: str | None, params: "SamplingParams | None",
                      max_tokens: int, stop: Sequence[str] = (), stream: bool = False) -> dict:
+        temperature = float(params.temperature) if params else 0.0
         body: dict = {
             "prompt": list(prompt),
             "n_predict": int(max_tokens),
             "cache_prompt": True,
             "stream": bool(stream),
             "stop": list(stop),
-            "temperature": float(params.temperature) if params else 0.0,
-            "top_k": int(params.top_k) if params else 0,
+            "temperature": temperature,
+            # Greedy either way; top_k 1 spares the server a softmax over 262k candidates per token.
+            "top_k": 1 if temperature == 0 else int(params.top_k),
             "top_p": float(params.top_p) if params else 1.0,
             "seed": params.seed if params is not None and params.seed is not None else -1,
             **NEUTRAL_SAMPLING,
