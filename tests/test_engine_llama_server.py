@@ -36,6 +36,7 @@ class StandIn:
 
     def __init__(self):
         self.requests: list[tuple[str, dict | None]] = []
+        self.api_key: str | None = None  # when set, every request must carry it as a Bearer token
         self.control = dict(GEMMA3_CONTROL_IDS)
         self.n_vocab = 262144
         self.n_ctx = 4096
@@ -49,8 +50,16 @@ class StandIn:
             def log_message(self, *args):
                 pass
 
+            def _authorized(self) -> bool:
+                if stand_in.api_key and self.headers.get("Authorization") != f"Bearer {stand_in.api_key}":
+                    self._json({"error": {"code": 401, "message": "Invalid API Key"}}, 401)
+                    return False
+                return True
+
             def do_GET(self):
                 stand_in.requests.append((self.path, None))
+                if not self._authorized():
+                    return
                 if self.path == "/props":
                     self._json({"default_generation_settings": {"n_ctx": stand_in.n_ctx}, "total_slots": 2,
                                 "model_path": "/models/stand-in.gguf", "build_info": "b0-standin"})
@@ -62,6 +71,8 @@ class StandIn:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stand_in.requests.append((self.path, body))
+                if not self._authorized():
+                    return
                 if self.path == "/tokenize":
                     text = body["content"]
                     if body.get("parse_special") and text in stand_in.control:
@@ -336,3 +347,17 @@ def test_remote_engine_choice_follows_argument_then_environment(stand_in, monkey
     assert remote_engine(None, model="/models/x.gguf") is None  # a named model file wins over the environment
     with pytest.raises(GenerationError, match="expected http://HOST:PORT"):
         remote_engine("gpu-box:8080")
+
+
+def test_an_api_key_is_sent_as_a_bearer_token(stand_in, monkeypatch):
+    from toolgrad_edge.engines.llama_server import ENV_API_KEY
+
+    stand_in.api_key = "s3cret"
+    monkeypatch.delenv(ENV_API_KEY, raising=False)
+    with pytest.raises(GenerationError, match="HTTP 401: Invalid API Key"):
+        LlamaServerEngine(stand_in.url)
+    engine = LlamaServerEngine(stand_in.url, api_key="s3cret")
+    _, final = _collect(list(engine.generate([2, 105], None, max_tokens=16, stream=True)))
+    assert final.text
+    monkeypatch.setenv(ENV_API_KEY, "s3cret")
+    assert LlamaServerEngine(stand_in.url).info is not None

@@ -39,6 +39,7 @@ DEFAULT_TIMEOUT_S = 10.0  # connecting, /props, /tokenize: a dead server is repo
 DEFAULT_READ_TIMEOUT_S = 120.0  # longest silence while a request waits for a slot, prefills or decodes
 POLL_S = 0.05  # how often should_stop is polled while waiting
 ENV_ENGINE = "TOOLGRAD_EDGE_ENGINE"
+ENV_API_KEY = "TOOLGRAD_EDGE_ENGINE_API_KEY"  # for a llama-server started with --api-key
 
 # Gemma 3's control tokens, by the ids every Gemma 3 vocabulary gives them.
 GEMMA3_CONTROL_IDS = {"<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106}
@@ -108,8 +109,10 @@ class LlamaServerEngine:
     """A client of one llama-server; safe to share between threads (one connection per request)."""
 
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT_S, read_timeout: float = DEFAULT_READ_TIMEOUT_S,
-                 connect: bool = True):
+                 connect: bool = True, api_key: str | None = None):
         self.url = _normalize_url(url)
+        api_key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         parts = urlsplit(self.url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -312,7 +315,7 @@ class LlamaServerEngine:
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(method, self._base_path + path, body=payload, headers=headers)
+            conn.request(method, self._base_path + path, body=payload, headers={**headers, **self._auth})
             response = conn.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -352,7 +355,7 @@ class _Exchange:
             # The helper's reads give up a little after the caller would.
             self._sock.settimeout(engine.read_timeout + 5.0)
             self._conn.request("POST", engine._base_path + path, body=json.dumps(body).encode(),
-                               headers={"Content-Type": "application/json",
+                               headers={**engine._auth, "Content-Type": "application/json",
                                         "Accept": "text/event-stream" if stream else "application/json"})
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
