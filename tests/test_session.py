@@ -15,7 +15,7 @@ import pytest
 
 from toolgrad_edge import ToolRuntime, load_tools
 from toolgrad_edge.engines.inprocess import LlamaSession
-from toolgrad_edge.errors import GenerationError, ModelLoadError
+from toolgrad_edge.errors import ContextLengthError, GenerationError, ModelLoadError
 from toolgrad_edge.grammar_engines import llguidance_available
 from toolgrad_edge.runtime import result_from_text
 
@@ -231,6 +231,31 @@ def test_draft_model_changes_speed_not_output(gemma_270m_gguf, tools, runtime):
         result = rt.call(QUERY, tools, tool_choice="required", max_tokens=48)
     assert result.stats["drafted_tokens"] > 0
     assert result.raw_text == runtime.call(QUERY, tools, tool_choice="required", max_tokens=48).raw_text
+
+
+@pytest.mark.slow
+def test_a_thousand_tools(runtime):
+    from toolgrad_edge.grammar_engines import LarkGrammar
+    from toolgrad_edge.grammars import build_llg_grammar
+
+    if runtime.grammar_engine != "llguidance":
+        pytest.skip("llguidance is not installed")
+    specs = [{"name": f"tool_{i}", "description": "", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["x"]}} for i in range(1000)]
+    tools = load_tools(specs)
+    grammar = LarkGrammar(build_llg_grammar(tools, tool_choice="required"))
+    matcher = runtime._matcher(grammar, tools, "python", False)
+    good = runtime.session.tokenize("[tool_999(x=7)]")
+    bad = runtime.session.tokenize("[tool_999(x=12)]")
+    assert matcher.validate(good) == len(good)
+    assert matcher.validate(bad) < len(bad)  # the bound holds while decoding
+    for token in runtime.session.tokenize("[tool_99"):
+        matcher.accept(token)
+    assert matcher.forced_tokens() == []  # tool_99, tool_990 ... tool_999 still fit
+    # The context length is the only limit left, and the error says so.
+    with pytest.raises(ContextLengthError, match="context"):
+        runtime.call("Use tool 999 with x=7.", specs, tool_choice="required", max_tokens=8)
 
 
 # -- model-free ---------------------------------------------------------------------

@@ -131,7 +131,7 @@ def run(params, grammar=True, jump_forward=False, drafter=None, max_tokens=40, s
 
 def test_greedy_speculation_equals_stepwise():
     stepwise, _, s0 = run(SamplingParams())
-    spec, dec, s1 = run(SamplingParams(), jump_forward=True, drafter=PromptLookupDrafter())
+    spec, dec, s1 = run(SamplingParams(), jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1))
     assert spec == stepwise
     assert dec.stats.accepted_tokens > 0 and dec.stats.forced_tokens > 0
     assert s1.passes < s0.passes
@@ -145,7 +145,7 @@ def test_sampled_speculation_equals_stepwise_for_many_seeds(grammar):
         # Jump-forward tokens take no random draw, so both sides use it or neither.
         for jump in (False, True):
             stepwise, _, _ = run(params, grammar=grammar, jump_forward=jump)
-            spec, dec, _ = run(params, grammar=grammar, jump_forward=jump, drafter=PromptLookupDrafter())
+            spec, dec, _ = run(params, grammar=grammar, jump_forward=jump, drafter=PromptLookupDrafter(ngram_min=1))
             assert spec == stepwise, (seed, jump)
             accepted += dec.stats.accepted_tokens
             drafted += dec.stats.drafted_tokens
@@ -155,13 +155,13 @@ def test_sampled_speculation_equals_stepwise_for_many_seeds(grammar):
 def test_top_k_top_p_sampling_is_exact_too():
     for seed in range(20):
         params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=seed)
-        assert run(params, drafter=PromptLookupDrafter())[0] == run(params)[0]
+        assert run(params, drafter=PromptLookupDrafter(ngram_min=1))[0] == run(params)[0]
 
 
 def test_output_obeys_the_grammar_and_budget():
     for seed in range(20):
         out, dec, _ = run(SamplingParams(temperature=1.0, seed=seed), jump_forward=True,
-                          drafter=PromptLookupDrafter(), max_tokens=17)
+                          drafter=PromptLookupDrafter(ngram_min=1), max_tokens=17)
         assert len(out) <= 17
         check = ToyGrammar()
         for token in out:
@@ -169,7 +169,7 @@ def test_output_obeys_the_grammar_and_budget():
 
 
 def test_cache_holds_exactly_the_decoded_tokens_after_rejections():
-    out, dec, session = run(SamplingParams(temperature=1.0, seed=3), drafter=PromptLookupDrafter())
+    out, dec, session = run(SamplingParams(temperature=1.0, seed=3), drafter=PromptLookupDrafter(ngram_min=1))
     assert dec.stats.drafted_tokens > dec.stats.accepted_tokens  # some drafts were refused
     assert session.tokens == dec.kv_tokens
     # The logits in hand are those a fresh evaluation of the same tokens gives.
@@ -181,7 +181,7 @@ def test_a_failed_decode_mid_draft_leaves_the_cache_consistent():
     session = FakeSession()
     session.fail_at_pass = 4
     with pytest.raises(GenerationError):
-        run(SamplingParams(), drafter=PromptLookupDrafter(), session=session)
+        run(SamplingParams(), drafter=PromptLookupDrafter(ngram_min=1), session=session)
     assert session.tokens[: len(PROMPT)] == PROMPT
     # Whatever was decoded before the failure is a prefix of the uninterrupted run.
     full, _, _ = run(SamplingParams())
@@ -189,17 +189,20 @@ def test_a_failed_decode_mid_draft_leaves_the_cache_consistent():
 
 
 def test_stop_after_the_grammar_finishes_without_another_pass():
-    out, dec, session = run(SamplingParams(), max_tokens=60, jump_forward=True, drafter=PromptLookupDrafter())
+    out, dec, session = run(SamplingParams(), max_tokens=60, jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1))
     if len(out) == 30:
         assert dec.done and session.tokens == dec.kv_tokens
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
-    drafter = PromptLookupDrafter()
+    drafter = PromptLookupDrafter(ngram_min=1)
     context = [9, 1, 2, 3, 4, 5, 9, 1, 2, 7, 8, 1, 2]
     assert drafter.propose(context, 3) == [7, 8, 1]  # latest "1 2" was followed by 7 8
     assert drafter.propose(context + [3], 2) == [4, 5]  # "1 2 3" only at the start
     assert drafter.propose([5, 6], 4) == []
+    # By default a match needs two tokens: one is right too rarely to pay for its logits row.
+    assert PromptLookupDrafter().propose([1, 2, 3, 1], 2) == []
+    assert PromptLookupDrafter().propose([1, 2, 3, 1, 2], 2) == [3, 1]
 
 
 @pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1, 0])

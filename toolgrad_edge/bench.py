@@ -122,6 +122,31 @@ class _Series:
         }
 
 
+def _divergence(rt, messages, tool_dicts, syntax: str, spec, step) -> dict:
+    """Where two greedy outputs part, and by how much the model preferred the stepwise token there.
+
+    The logits at the first differing token are recomputed one token at a
+    time; a gap smaller than the batched-versus-one-token noise (up to about
+    0.9 on this back-end) is a near-tie, not a bug.
+    """
+    from .engines.inprocess import common_prefix
+    from .grammars import load_tools
+    from .prompt import render_prompt
+
+    a, b = spec.token_ids, step.token_ids
+    k = common_prefix(a, b)
+    if k >= min(len(a), len(b)):
+        return {"first_difference_token": k, "logit_gap": None}
+    parts = render_prompt(messages, load_tools(tool_dicts), syntax)
+    tokens = rt.tokenize_segments(parts.prefix) + rt.tokenize_segments(parts.rest) + b[:k]
+    session = rt.session
+    session.sync(tokens[:-1])
+    logits = session.decode(tokens[-1:], 1)[0]
+    return {"first_difference_token": k, "logit_gap": float(logits[b[k]] - logits[a[k]]),
+            "speculative_token": session.piece(a[k]).decode("utf-8", "replace"),
+            "stepwise_token": session.piece(b[k]).decode("utf-8", "replace")}
+
+
 def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
               with_free: bool = False) -> dict:
     """Timed free / constrained / stepwise calls on the bench queries, and greedy agreement on all of them."""
@@ -141,7 +166,8 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
         if i < n_queries:
             agree += c.raw_text == s.raw_text
             if c.raw_text != s.raw_text:
-                outputs.append({"query": i, "speculative": c.raw_text, "stepwise": s.raw_text})
+                outputs.append({"query": i, "speculative": c.raw_text, "stepwise": s.raw_text,
+                                **_divergence(rt, messages, tool_dicts, syntax, c, s)})
         if 0 < i <= runs:  # run 0 is the warm-up
             if with_free:
                 free.add(f)
@@ -155,6 +181,8 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
         "forced_tokens_per_run": spec.forced / max(runs, 1),
         "greedy_agreement": agree / n_queries,
         "greedy_differences": outputs,
+        "max_logit_gap_of_differences": max((abs(d["logit_gap"]) for d in outputs if d["logit_gap"] is not None),
+                                            default=None),
         "constrained_tokens": _median(spec.tokens),
         "stepwise_tokens": _median(step.tokens),
     }

@@ -143,7 +143,10 @@ class PromptLookupDrafter:
     enum values from the prompt, so the tail of the output often occurs there.
     """
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+    # A one-token match was right about 15 % of the time on the bench's tool
+    # calls (two tokens or more: about 40 %); a refused draft token still costs a
+    # logits row, so matches start at two tokens.
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 2):
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
         self._indexed = 0  # n-grams ending before this position are in the index

@@ -146,11 +146,23 @@ def _lltokenizer(vocab, eos_tokens: list[int], cancel: threading.Event | None = 
     return LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=fptr, eos_token=eos_tokens)
 
 
+class LarkGrammar(str):
+    """Grammar text in llguidance's Lark dialect (grammars.build_llg_grammar); plain str is GBNF."""
+
+
+def llg_grammar(grammar: str) -> str:
+    """llguidance's grammar definition for Lark text (LarkGrammar) or GBNF (converted, e.g. a user's grammar)."""
+    try:
+        return _llg_grammar(str(grammar), isinstance(grammar, LarkGrammar))
+    except ValueError as exc:
+        raise GenerationError(f"llguidance could not read the grammar ({exc}).") from None
+
+
 @functools.lru_cache(maxsize=64)
-def _llg_grammar_from_gbnf(gbnf: str) -> str:
+def _llg_grammar(text: str, lark: bool) -> str:
     import llguidance
 
-    return llguidance.grammar_from("gbnf", gbnf)
+    return llguidance.LLMatcher.grammar_from_lark(text) if lark else llguidance.grammar_from("gbnf", text)
 
 
 class LlguidanceMatcher:

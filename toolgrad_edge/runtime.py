@@ -25,8 +25,10 @@ from .decoding import DecodeStats, PromptLookupDrafter, SamplingParams, StepDeco
 from .engines.inprocess import LlamaSession, common_prefix
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
-from .grammar_engines import LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, resolve_engine
-from .grammars import CallStreamParser, Tool, ToolCall, build_grammar, forced_name_suffix, load_tools, parse_calls
+from .grammar_engines import (LarkGrammar, LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, llg_grammar,
+                              resolve_engine)
+from .grammars import (CallStreamParser, Tool, ToolCall, build_grammar, build_llg_grammar, forced_name_suffix,
+                       load_tools, parse_calls)
 from .model_resolution import backend_name, resolve_gpu_layers, resolve_model
 from .paths import prefix_cache_dir
 from .prefix_cache import PrefixCache, model_identity, prefix_key
@@ -62,6 +64,7 @@ class CallResult:
     # forward_passes, forced_tokens, drafted_tokens, accepted_tokens, full_masks,
     # tokens_per_forward, draft_acceptance, grammar_engine, speculative
     stats: dict = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the generated tokens
 
     def to_dict(self) -> dict:
         out = {
@@ -238,7 +241,12 @@ class ToolRuntime:
             raise SchemaError(f"tool_choice {tool_choice!r} needs at least one tool.")
         parts = render_prompt(query_or_messages, tool_list, syntax)
         if grammar is None and constrained and tool_list:
-            grammar = build_grammar(tool_list, syntax=syntax, tool_choice=tool_choice, parallel=parallel)
+            if self._remote is None and self.grammar_engine == "llguidance":
+                # Enforces pattern, bounds, lengths and item counts while decoding; any number of tools.
+                grammar = LarkGrammar(build_llg_grammar(tool_list, syntax=syntax, tool_choice=tool_choice,
+                                                        parallel=parallel))
+            else:
+                grammar = build_grammar(tool_list, syntax=syntax, tool_choice=tool_choice, parallel=parallel)
         return tool_list, parts, grammar
 
     def count_prompt_tokens(self, query_or_messages, tools=None, syntax: str = "python") -> int:
@@ -324,13 +332,7 @@ class ToolRuntime:
     def _matcher(self, grammar: str, tools: list[Tool], syntax: str, grammar_override: bool):
         session = self._session
         if self.grammar_engine == "llguidance":
-            from .grammar_engines import _llg_grammar_from_gbnf
-
-            try:
-                llg_grammar = _llg_grammar_from_gbnf(grammar)
-            except ValueError as exc:
-                raise GenerationError(f"llguidance could not read the grammar ({exc}).") from None
-            return LlguidanceMatcher(self._llg_tokenizer.get(), llg_grammar, self.n_vocab)
+            return LlguidanceMatcher(self._llg_tokenizer.get(), llg_grammar(grammar), self.n_vocab)
         forced_text = None
         if tools and not grammar_override and syntax == "python":
             names = [t.name for t in tools]
@@ -373,6 +375,7 @@ class ToolRuntime:
         text = ""
         emitted = 0
         n_generated = 0
+        generated: list[int] = []
         finish = "length"
         stop_hit = False
         try:
@@ -391,6 +394,7 @@ class ToolRuntime:
                         self._owner = me
                     tokens = decoder.step(max_tokens - n_generated)
                 n_generated += len(tokens)
+                generated += tokens
                 for token in tokens:
                     text += utf8.decode(session.piece(token))
                 if decoder.done:
@@ -421,6 +425,7 @@ class ToolRuntime:
             yield text[emitted:]
         t_end = time.perf_counter()
         result = result_from_text(text, tools, grammar_override, constrained, finish, syntax)
+        result.token_ids = generated
         result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=n_generated, cached_tokens=reused)
         result.timings = Timings(ttft_s=ttft, decode_s=t_end - t0 - ttft, total_s=t_end - t0)
         stats = decoder.stats
