@@ -222,3 +222,16 @@ def test_negative_seed_is_its_twos_complement():
 def test_seed_out_of_range_names_the_field(seed):
     with pytest.raises(GenerationError, match="seed"):
         SamplingParams(seed=seed)
+
+
+def test_llguidance_token_cache_round_trip_and_rejects_a_bad_file(tmp_path):
+    from toolgrad_edge.grammar_engines import _read_token_cache, _write_token_cache
+
+    tokens = [b"", b"a", b"\xff<start_of_turn>", "é".encode(), b" " * 31]
+    path = tmp_path / "vocab.tokens"
+    _write_token_cache(path, tokens)
+    assert _read_token_cache(path, len(tokens)) == tokens
+    assert _read_token_cache(path, len(tokens) + 1) is None  # another vocabulary size
+    path.write_bytes(path.read_bytes()[:-1])  # truncated
+    assert _read_token_cache(path, len(tokens)) is None
+    assert _read_token_cache(tmp_path / "missing", 3) is None

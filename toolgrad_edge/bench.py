@@ -11,8 +11,8 @@ ratio compares two figures measured in the same process on the same prompts:
   run after the runtime is closed, on its own `Llama` object.
 
 Decode speed counts the tokens after the prompt over the time after it.
-greedy_agreement is the fraction of the bench queries whose greedy output
-is the same text with and without speculation.
+greedy_agreement is the fraction of the bench queries of the run (one per run,
+warm-up included) whose greedy output is the same text with and without speculation.
 """
 
 from __future__ import annotations
@@ -149,26 +149,24 @@ def _divergence(rt, messages, tool_dicts, syntax: str, spec, step) -> dict:
 
 def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
               with_free: bool = False) -> dict:
-    """Timed free / constrained / stepwise calls on the bench queries, and greedy agreement on all of them."""
+    """Timed free / constrained / stepwise calls, one bench query per run, and their greedy agreement."""
     _, tool_dicts = bench_prompt(0)
-    n_queries = len(json.loads(resources.files("toolgrad_edge").joinpath("data", BENCH_PROMPT).read_text())["queries"])
     free, spec, step = _Series(), _Series(), _Series()
     kwargs = dict(tool_choice="required", syntax=syntax, max_tokens=max_tokens, parallel=True)
     agree = 0
     outputs = []
-    for i in range(max(runs + 1, n_queries)):
-        say(f"{label} run {i}")
+    for i in range(runs + 1):
+        say(f"{label} run {i}/{runs}")
         messages, _ = bench_prompt(i)
-        if with_free and i <= runs:
+        if with_free:
             f = rt.call(messages, tool_dicts, constrained=False, speculative=False, max_tokens=max_tokens)
         c = rt.call(messages, tool_dicts, speculative=True, **kwargs)
         s = rt.call(messages, tool_dicts, speculative=False, **kwargs)
-        if i < n_queries:
-            agree += c.raw_text == s.raw_text
-            if c.raw_text != s.raw_text:
-                outputs.append({"query": i, "speculative": c.raw_text, "stepwise": s.raw_text,
-                                **_divergence(rt, messages, tool_dicts, syntax, c, s)})
-        if 0 < i <= runs:  # run 0 is the warm-up
+        agree += c.raw_text == s.raw_text
+        if c.raw_text != s.raw_text:
+            outputs.append({"query": i, "speculative": c.raw_text, "stepwise": s.raw_text,
+                            **_divergence(rt, messages, tool_dicts, syntax, c, s)})
+        if i:  # run 0 is the warm-up
             if with_free:
                 free.add(f)
             spec.add(c)
@@ -179,7 +177,8 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
         "tokens_per_forward": spec.completion / spec.passes if spec.passes else None,
         "draft_acceptance": spec.accepted / spec.drafted if spec.drafted else None,
         "forced_tokens_per_run": spec.forced / max(runs, 1),
-        "greedy_agreement": agree / n_queries,
+        "greedy_agreement": agree / (runs + 1),
+        "greedy_prompts": runs + 1,
         "greedy_differences": outputs,
         "max_logit_gap_of_differences": max((abs(d["logit_gap"]) for d in outputs if d["logit_gap"] is not None),
                                             default=None),
@@ -326,9 +325,8 @@ def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_
 
 def steps_per_file(runs: int, draft_model: bool = False) -> int:
     """Progress ticks measure_model reports per file."""
-    n_queries = len(json.loads(resources.files("toolgrad_edge").joinpath("data", BENCH_PROMPT).read_text())["queries"])
     workloads = 4 if draft_model else 2
-    return (runs + 1) * 2 + workloads * max(runs + 1, n_queries) + 1
+    return (runs + 1) * (3 + workloads) + 1
 
 
 def _main(argv: Sequence[str]) -> int:

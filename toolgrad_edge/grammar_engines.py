@@ -20,8 +20,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
+import struct
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -81,8 +85,9 @@ class LlguidanceTokenizer:
     and a request waits for it only if it needs a grammar before it is ready.
     """
 
-    def __init__(self, vocab, eos_tokens: list[int]):
+    def __init__(self, vocab, eos_tokens: list[int], cache_file: Path | None = None):
         self._vocab = vocab
+        self._cache_file = cache_file
         self._eos = eos_tokens
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -93,7 +98,7 @@ class LlguidanceTokenizer:
 
     def _build(self) -> None:
         try:
-            self._value = _lltokenizer(self._vocab, self._eos, self._cancel)
+            self._value = _lltokenizer(self._vocab, self._eos, self._cancel, self._cache_file)
         except BaseException as exc:  # reported to the first request that needs it
             self._error = exc
         finally:
@@ -112,16 +117,31 @@ class LlguidanceTokenizer:
         return self._value
 
 
-def _lltokenizer(vocab, eos_tokens: list[int], cancel: threading.Event | None = None):
-    """llguidance.llamacpp.lltokenizer_from_vocab, reading attributes with the non-deprecated call.
+def _lltokenizer(vocab, eos_tokens: list[int], cancel: threading.Event | None = None,
+                 cache_file: Path | None = None):
+    """llguidance.llamacpp.lltokenizer_from_vocab, with the token bytes kept in a cache file.
 
-    (The packaged helper calls llama_token_get_attr, which warns once per token:
-    262,144 DeprecationWarnings on Gemma's vocabulary.)
+    Reading 262,144 token pieces through ctypes is about half of the cost; the
+    cache file (keyed by the model file) skips it in later processes. The
+    packaged helper also calls llama_token_get_attr, which warns once per token.
     """
     import llama_cpp
     from llguidance import LLTokenizer
 
     n_tokens = llama_cpp.llama_vocab_n_tokens(vocab)
+    tokens = _read_token_cache(cache_file, n_tokens) if cache_file is not None else None
+    if tokens is None:
+        tokens = _token_bytes(vocab, n_tokens, cancel)
+        if cache_file is not None:
+            _write_token_cache(cache_file, tokens)
+    # llguidance tokenizes forced text with llama.cpp's own tokenizer, through its C entry point.
+    fptr = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=fptr, eos_token=eos_tokens)
+
+
+def _token_bytes(vocab, n_tokens: int, cancel: threading.Event | None) -> list[bytes]:
+    import llama_cpp
+
     buf_len = 16 * 1024
     buf = ctypes.create_string_buffer(buf_len + 1)
     control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
@@ -135,15 +155,52 @@ def _lltokenizer(vocab, eos_tokens: list[int], cancel: threading.Event | None = 
         n = token_to_piece(vocab, token, buf, buf_len, 0, True)
         if n < 0:
             raise GenerationError(f"token {token} does not fit in {buf_len} bytes.")
-        piece = buf.raw[:n]
+        piece = buf[:n]
         attr = get_attr(vocab, token)
         # Control tokens (and user-defined ones spelled like them) are special to llguidance.
         if attr & control or (attr & user_defined and piece.startswith(b"<") and piece.endswith(b">")):
             piece = b"\xff" + piece
         tokens.append(piece)
-    # llguidance tokenizes forced text with llama.cpp's own tokenizer, through its C entry point.
-    fptr = ctypes.cast(llama_cpp.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
-    return LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=vocab, tokenize_fptr=fptr, eos_token=eos_tokens)
+    return tokens
+
+
+TOKEN_CACHE_MAGIC = b"TGELLGT1"
+
+
+def _read_token_cache(path: Path, n_tokens: int) -> list[bytes] | None:
+    """The cached token bytes, or None when missing or not matching (never trusted blindly)."""
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    head = len(TOKEN_CACHE_MAGIC) + 4
+    if not blob.startswith(TOKEN_CACHE_MAGIC) or len(blob) < head + 4 * n_tokens:
+        return None
+    (n,) = struct.unpack_from("<I", blob, len(TOKEN_CACHE_MAGIC))
+    if n != n_tokens:
+        return None
+    lengths = np.frombuffer(blob, dtype="<u4", count=n, offset=head)
+    if head + 4 * n + int(lengths.sum()) != len(blob):
+        return None
+    ends = np.cumsum(lengths) + head + 4 * n
+    starts = ends - lengths
+    return [blob[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _write_token_cache(path: Path, tokens: list[bytes]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lengths = np.array([len(t) for t in tokens], dtype="<u4")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(TOKEN_CACHE_MAGIC + struct.pack("<I", len(tokens)) + lengths.tobytes() + b"".join(tokens))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass  # a read-only cache costs time, never correctness
 
 
 class LarkGrammar(str):

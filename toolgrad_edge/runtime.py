@@ -30,7 +30,7 @@ from .grammar_engines import (LarkGrammar, LlamaGrammarMatcher, LlguidanceMatche
 from .grammars import (CallStreamParser, Tool, ToolCall, build_grammar, build_llg_grammar, forced_name_suffix,
                        load_tools, parse_calls)
 from .model_resolution import backend_name, resolve_gpu_layers, resolve_model
-from .paths import prefix_cache_dir
+from .paths import cache_root, prefix_cache_dir
 from .prefix_cache import PrefixCache, model_identity, prefix_key
 from .prompt import END_OF_TURN, START_OF_TURN, PromptParts, Segment, render_prompt
 
@@ -139,11 +139,13 @@ class ToolRuntime:
             START_OF_TURN: self._single_token(START_OF_TURN),
             END_OF_TURN: self._single_token(END_OF_TURN),
         }
+        self._model_id = model_identity(self.model_path)
         self._llg_tokenizer = None
         if self.grammar_engine == "llguidance":
             vocab = self._session.vocab
             eos = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab), self._control[END_OF_TURN]}
-            self._llg_tokenizer = LlguidanceTokenizer(vocab, sorted(t for t in eos if t >= 0))
+            token_file = cache_root() / "llguidance" / f"{self._model_id[:32]}-{llama_cpp.__version__}.tokens"
+            self._llg_tokenizer = LlguidanceTokenizer(vocab, sorted(t for t in eos if t >= 0), token_file)
         self._draft = None
         if draft_model is not None:
             try:
@@ -151,11 +153,10 @@ class ToolRuntime:
             except BaseException:
                 self.close()
                 raise
-        self._model_id = model_identity(self.model_path)
-        cache_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
+        prefix_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
         # prefix_cache=False keeps nothing between calls (the KV cache itself
         # still serves a repeated prefix within this object).
-        self.prefix_cache = (PrefixCache(cache_root) if prefix_cache
+        self.prefix_cache = (PrefixCache(prefix_root) if prefix_cache
                              else PrefixCache(None, ram_entries=0))
         self._cache_settings = f"ctx={self.n_ctx};swa_full=1;llama_cpp={llama_cpp.__version__}"
 

@@ -157,7 +157,7 @@ class LlamaSession:
         piece = self._pieces.get(token)
         if piece is None:
             n = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-            piece = self._piece_buf.raw[:n] if n > 0 else b""
+            piece = self._piece_buf[:n] if n > 0 else b""
             self._pieces[token] = piece
         return piece
 
