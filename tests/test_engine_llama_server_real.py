@@ -124,11 +124,12 @@ def test_cancelling_stops_the_remote_generation(server_url):
         if isinstance(item, str):
             seen.append(item)
         else:
-            assert item.finish_reason == "cancelled"
-    deadline = time.monotonic() + 5
+            assert item.finish_reason == "cancelled", f"finished ({item.finish_reason}) before it was cancelled"
+    # 1500 tokens take a minute or more here: a slot idle well before that was cancelled, not finished.
+    deadline = time.monotonic() + 20
     while _slots_busy(server_url) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _slots_busy(server_url) in (False, None)
+    assert _slots_busy(server_url) in (False, None), "the slot kept generating after the client left"
 
 
 def test_tool_runtime_over_the_server_gives_valid_calls(server_url):
