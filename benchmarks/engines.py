@@ -104,7 +104,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 300) -> None
 
 def start_llama_server(binary: Path, model: Path, slots: int, ctx_per_slot: int, threads: int):
     port = free_port()
-    # --swa-full: Gemma 3's sliding-window cache would otherwise forbid reusing a cached tool prefix.
+    # --swa-full: the full-size sliding-window cache, as the in-process runtime keeps it.
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
            "--ctx-size", str(slots * ctx_per_slot), "--threads", str(threads), "--swa-full", "--no-webui"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
