@@ -8,7 +8,7 @@ ratio compares two figures measured in the same process on the same prompts:
   gate, jump-forward, prompt-lookup drafts, the draft model when given);
 - stepwise: the same grammar, one token per forward pass (speculative=False);
 - baseline: llama-cpp-python's own grammar path (`create_completion(grammar=...)`),
-  run after the runtime is closed, on its own `Llama` object.
+  on its own `Llama` object in a child process (so that peak_rss_bytes is the runtime's).
 
 Decode speed counts the tokens after the prompt over the time after it.
 greedy_agreement is the fraction of the bench queries of the run (one per run,
@@ -64,8 +64,11 @@ def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, 
     """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
     from llama_cpp import Llama, LlamaGrammar
 
-    llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                n_gpu_layers=n_gpu_layers, verbose=False)
+    from .engines.inprocess import quiet_stderr
+
+    with quiet_stderr(True):
+        llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                    n_gpu_layers=n_gpu_layers, verbose=False)
     try:
         g = LlamaGrammar.from_string(grammar, verbose=False)
         speeds, counts = [], []
@@ -259,8 +262,13 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
             info["warm_disk_hits"] = hit
 
     say("baseline (llama-cpp-python's grammar path)")
-    base_tps, base_n = _baseline_decode(model_path, info["n_threads"], n_gpu, n_ctx, prompt_tokens, grammar,
-                                        max_tokens, runs)
+    # In a process of its own: its Llama object's memory is not the runtime's peak RSS.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        base_tps, base_n = pool.submit(_baseline_decode, str(model_path), info["n_threads"], n_gpu, n_ctx,
+                                       prompt_tokens, grammar, max_tokens, runs).result()
     result = {**info, "prefill_tps": _median(prefill), "ttft_cold_s": _median(ttft_cold),
               "ttft_warm_s": _median(ttft_warm)}
     result.update({k: v for k, v in python.items()})

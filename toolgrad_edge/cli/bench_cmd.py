@@ -82,9 +82,10 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
                 bar.label = label[:48].ljust(48)
                 bar.update(advance)
 
+            measure = (bench.measure_in_subprocess(draft_model, grammar_engine) if draft_model or grammar_engine
+                       else None)  # None: bench_compare's own child process
             report = bench_compare.compare_models(paths, runs=runs, n_threads=n_threads, max_tokens=max_tokens,
-                                                  quality=quality, progress=progress,
-                                                  measure=bench.measure_in_subprocess(draft_model, grammar_engine))
+                                                  quality=quality, progress=progress, measure=measure)
 
     if plot_file:
         bench_compare.plot(report, plot_file)
