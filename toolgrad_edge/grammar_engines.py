@@ -69,12 +69,9 @@ class GrammarMatcher(Protocol):
 # -- llguidance ------------------------------------------------------------------
 
 def llguidance_available() -> bool:
-    try:
-        import llguidance  # noqa: F401
-        import llguidance.llamacpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("llguidance") is not None
 
 
 class LlguidanceTokenizer:

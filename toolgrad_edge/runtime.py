@@ -11,6 +11,7 @@ and parses the text into validated ToolCalls.
 from __future__ import annotations
 
 import codecs
+import functools
 import itertools
 import os
 import threading
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoding import DecodeStats, PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
+from .decoding import PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
 from .engines.inprocess import LlamaSession, common_prefix
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
@@ -337,10 +338,7 @@ class ToolRuntime:
         forced_text = None
         if tools and not grammar_override and syntax == "python":
             names = [t.name for t in tools]
-
-            def forced_text(text: str) -> str:
-                return forced_name_suffix(text, names)
-
+            forced_text = functools.partial(_forced_name_text, names=names)
         return LlamaGrammarMatcher(session.vocab, grammar, self.n_vocab, tokenize=session.tokenize,
                                    piece=session.piece, forced_text=forced_text)
 
@@ -523,6 +521,10 @@ class _DraftModelDrafter:
                 break
             logits = session.decode([token], 1)[0]
         return draft
+
+
+def _forced_name_text(text: str, names: list[str]) -> str:
+    return forced_name_suffix(text, names)
 
 
 def _in_call(text: str, tools: list[Tool], grammar_override: bool) -> bool:
