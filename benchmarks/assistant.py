@@ -12,10 +12,10 @@ and reports medians per round:
 * cold: every round on a fresh ToolRuntime with prefix_cache=False, so each
   round evaluates its whole prompt (the "without" baseline).
 
-Where the runtime's CallResult carries ``raw_tokens`` (the answer's token
-ids), the history holds them and round 2 reuses all of round 1's answer; with
-text only, the reuse stops where the decoded tokens differ from the canonical
-tokenization of the same text (``raw_tokens`` in the output says which).
+The runtime's CallResult carries ``token_ids`` (the answer's tokens as
+decoded); the history holds them and round 2 reuses all of round 1's answer.
+Rendered from text alone, the reuse would stop where the decoded tokens differ
+from the canonical tokenization of the same text.
 
 Per round: prompt tokens, tokens evaluated (prompt minus cached), seconds in
 the model, seconds in tools.
@@ -33,7 +33,7 @@ import sys
 import time
 
 from toolgrad_edge.assistant import Assistant
-from toolgrad_edge.runtime import CallResult, ToolRuntime
+from toolgrad_edge.runtime import ToolRuntime
 
 QUESTION = "What time is it in Tokyo?"
 TIME_SERVER = f"{sys.executable} -m mcp_server_time --local-timezone UTC"
@@ -100,9 +100,6 @@ def main() -> None:
     with ToolRuntime(**load) as rt:
         results.append(measure("reuse", rt, args.repeats, args.max_tokens))
     results.append(measure("cold", ColdRuntime(**load), args.repeats, args.max_tokens))
-    raw_tokens = "raw_tokens" in getattr(CallResult, "__dataclass_fields__", {})
-    for result in results:
-        result["raw_tokens"] = raw_tokens
 
     if args.json:
         print(json.dumps(results, indent=2))
@@ -116,7 +113,6 @@ def main() -> None:
                   f"{r['model_s']:>8.2f} "
                   f"{r['tools_s']:>8.3f}")
     print("round-1 calls:", json.dumps(results[0]["calls"]))
-    print(f"raw_tokens in CallResult: {'yes' if raw_tokens else 'no (history rendered from text)'}")
 
 
 if __name__ == "__main__":

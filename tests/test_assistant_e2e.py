@@ -43,3 +43,6 @@ def test_two_rounds_reuse_the_kv_cache_with_mixed_sources(gemma_270m_gguf, tmp_p
     # Round 2 starts from round 1's KV cache: all of round 1's prompt is reused, and only the
     # tokens after it (round 1's answer, the tool results) are evaluated.
     assert second.cached_tokens >= first.prompt_tokens
+    # The history carries round 1's answer as the tokens it was decoded as (not a re-tokenization
+    # of its text), so the reuse reaches through the answer: all but its last sampled token.
+    assert second.cached_tokens >= first.prompt_tokens + first.completion_tokens - 1

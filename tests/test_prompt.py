@@ -76,12 +76,12 @@ def test_bad_messages(messages, fragment):
 
 
 def test_calls_cut_at_max_tokens_keep_the_complete_ones():
-    from toolgrad_edge.runtime import ToolRuntime
+    from toolgrad_edge.runtime import result_from_text
 
     text = "[math.factorial(n=5), math.factorial(n=6), math.fact"
-    result = ToolRuntime._finish(None, text, TOOLS, False, True, "length", "python")
+    result = result_from_text(text, TOOLS, False, True, "length", "python")
     assert result.finish_reason == "length"
     assert [c.arguments for c in result.tool_calls] == [{"n": 5}, {"n": 6}]
     assert result.parse_error
-    text_only = ToolRuntime._finish(None, "I think the answer", TOOLS, False, True, "length", "python")
+    text_only = result_from_text("I think the answer", TOOLS, False, True, "length", "python")
     assert text_only.tool_calls == [] and text_only.content == "I think the answer"

@@ -223,9 +223,22 @@ class ToolRuntime:
         for seg in segments:
             if seg.control:
                 tokens.append(self._control[seg.text])
+            elif seg.tokens and self._spells(seg.tokens, seg.text):
+                # A model answer as it was decoded: its own tokens re-create the KV cache exactly.
+                tokens += seg.tokens
             elif seg.text:
                 tokens += session.tokenize(seg.text)
         return tokens
+
+    def _spells(self, tokens: Sequence[int], text: str) -> bool:
+        """Whether these token ids decode to exactly this text (ids from elsewhere are checked, not trusted)."""
+        session = self._require_open()
+        if not all(0 <= t < self.n_vocab for t in tokens):
+            return False
+        try:
+            return b"".join(session.piece(t) for t in tokens).decode("utf-8") == text
+        except UnicodeDecodeError:
+            return False
 
     # -- requests -----------------------------------------------------------
     def _prepare(self, query_or_messages, tools, tool_choice, parallel, syntax, constrained, grammar):

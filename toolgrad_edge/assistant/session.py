@@ -218,7 +218,7 @@ class Assistant:
                 transcript.answer = result.content
                 self.history.append({"role": "assistant", "content": result.content or "",
                                      "raw_text": result.raw_text,
-                                     "raw_tokens": list(getattr(result, "raw_tokens", None) or [])})
+                                     "raw_tokens": list(getattr(result, "token_ids", None) or [])})
                 if result.finish_reason == "length":
                     transcript.stopped = "length"
                 return transcript
@@ -226,7 +226,7 @@ class Assistant:
             # prompt so that its tokens match the KV cache through the end of this answer.
             self.history.append({
                 "role": "assistant", "content": None, "raw_text": result.raw_text,
-                "raw_tokens": list(getattr(result, "raw_tokens", None) or []),
+                "raw_tokens": list(getattr(result, "token_ids", None) or []),
                 "tool_calls": [{"id": f"call_{len(self.history)}_{i}", "type": "function",
                                 "function": {"name": c.name, "arguments": c.arguments}}
                                for i, c in enumerate(result.tool_calls)],
