@@ -629,3 +629,41 @@ def test_cancelling_a_running_job_stops_it_at_the_next_token():
     finally:
         queue.stop()
         loop.close()
+
+
+def test_a_runtime_serving_several_requests_at_once_gets_that_many_workers():
+    # A runtime over llama-server reports its slots as `concurrency`; the queue then runs that
+    # many jobs side by side (in arrival order), and one worker otherwise.
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    both_running = threading.Barrier(2, timeout=5)
+
+    def work(rt, should_stop):
+        both_running.wait()  # passes only when two jobs run at the same time
+        yield "ok"
+
+    class TwoSlots:
+        concurrency = 2
+
+        def call(self, *a, **k):
+            raise AssertionError("not used")
+
+    queue = RequestQueue(TwoSlots(), max_queue=4)
+    queue.start()
+    try:
+        assert queue.ready.wait(5)
+        jobs = [Job(work, loop) for _ in range(2)]
+        for job in jobs:
+            queue.submit(job)
+        assert wait_for(lambda: queue.stats()["served"] == 2)
+        assert queue.stats()["workers"] == 2 and queue.stats()["failed"] == 0
+    finally:
+        queue.stop()
+        loop.close()
+    single = RequestQueue(object.__new__(FakeRuntime), max_queue=1)
+    single.start()
+    try:
+        assert single.ready.wait(5) and single.stats()["workers"] == 1
+    finally:
+        single.stop()

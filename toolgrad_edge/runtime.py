@@ -197,6 +197,13 @@ class ToolRuntime:
         return self._session
 
     @property
+    def concurrency(self) -> int:
+        """How many requests this runtime serves at once: llama-server's slots, or 1 in process."""
+        if self._remote is not None:
+            return max(1, int(self.engine_info.total_slots or 1))
+        return 1
+
+    @property
     def session(self) -> LlamaSession:
         """The model session (tokens, decode with logits, rewind); for measurements such as bench_compare."""
         return self._require_open()

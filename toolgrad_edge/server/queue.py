@@ -3,7 +3,9 @@
 A ``ToolRuntime`` is not thread-safe and a model decodes one request at a
 time anyway, so a single worker thread owns the runtime and runs jobs in the
 order they arrived, each to completion: no request's tokens interleave with
-another's. The event loop never blocks on the model; the worker hands each
+another's. A runtime that says it serves several requests at once (one over
+llama-server, whose slots batch requests together: ``runtime.concurrency``)
+gets that many workers, still taking jobs in arrival order. The event loop never blocks on the model; the worker hands each
 job's output back to the loop through the job's ``asyncio.Queue``.
 
 A full queue refuses new work at once (the server answers 429 with a
@@ -75,10 +77,10 @@ class RequestQueue:
         self.load_error: BaseException | None = None
         self.max_queue = max_queue
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.ready = threading.Event()
         self._service_s = 0.0  # moving average of one job's time, for Retry-After
         self.counts = {"served": 0, "failed": 0, "cancelled": 0, "rejected": 0}
@@ -86,22 +88,27 @@ class RequestQueue:
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._worker, name="toolgrad-edge-worker", daemon=True)
-        self._thread.start()
+        self._start_worker(self._first_worker)
+
+    def _start_worker(self, target) -> None:
+        thread = threading.Thread(target=target, name=f"toolgrad-edge-worker-{len(self._threads)}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
             pending = list(self._waiting)
             self._waiting.clear()
-            if self._running is not None:
-                self._running._cancelled.set()
+            for job in self._running:
+                job._cancelled.set()
             self._cond.notify_all()
         for job in pending:
             job._cancelled.set()
             job._emit(DONE)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- requests ---------------------------------------------------------
 
@@ -133,7 +140,8 @@ class RequestQueue:
         with self._cond:
             return {
                 "waiting": len(self._waiting),
-                "running": self._running is not None,
+                "running": len(self._running),
+                "workers": len(self._threads),
                 "max_queue": self.max_queue,
                 **self.counts,
             }
@@ -145,31 +153,40 @@ class RequestQueue:
 
     # -- worker thread ----------------------------------------------------
 
-    def _worker(self) -> None:
+    def _first_worker(self) -> None:
+        """Load the runtime (when given a factory), start any further workers, then serve; close it last."""
         if self.runtime is None:
             try:
                 self.runtime = self._runtime_or_factory()
             except BaseException as exc:  # reported to every request and by /health
                 self.load_error = exc
                 log.error("could not load the model: %s", exc)
+        extra = max(1, int(getattr(self.runtime, "concurrency", 1) or 1)) - 1 if self.load_error is None else 0
+        for _ in range(extra):
+            self._start_worker(self._serve)
         self.ready.set()
         try:
-            while True:
-                with self._cond:
-                    while not self._waiting and not self._stopping:
-                        self._cond.wait(timeout=1.0)
-                    if self._stopping:
-                        return
-                    job = self._waiting.popleft()
-                    self._running = job
-                try:
-                    self._run(job)
-                finally:
-                    with self._cond:
-                        self._running = None
+            self._serve()
         finally:
+            for thread in self._threads[1:]:
+                thread.join(10.0)
             if self._owns_runtime and self.runtime is not None and hasattr(self.runtime, "close"):
                 self.runtime.close()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                job = self._waiting.popleft()
+                self._running.add(job)
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running.discard(job)
 
     def _run(self, job: Job) -> None:
         if self.load_error is not None:
