@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import platform
 import resource
@@ -302,7 +301,7 @@ def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_
 
     def measure(path: Path, *, runs: int, n_threads: int | None, n_gpu_layers="auto", max_tokens: int = 64,
                 progress: Callable[[str, int], None] | None = None) -> dict:
-        from .errors import EvaluationError
+        from .bench_compare import run_measure_child
 
         cmd = [sys.executable, "-m", "toolgrad_edge.bench", str(path), "--runs", str(runs),
                "--max-tokens", str(max_tokens), "--n-gpu-layers", str(n_gpu_layers)]
@@ -312,21 +311,7 @@ def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_
             cmd += ["--draft-model", str(draft_model)]
         if grammar_engine:
             cmd += ["--grammar-engine", grammar_engine]
-        say = progress or (lambda label, advance: None)
-        with tempfile.TemporaryFile(mode="w+") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
-            tail: list[str] = []
-            for line in proc.stderr:
-                if line.startswith("PROGRESS "):
-                    say(f"{Path(path).name}: {line[9:].strip()}", 1)
-                else:
-                    tail = (tail + [line.rstrip()])[-10:]
-            proc.wait()
-            out.seek(0)
-            text = out.read()
-        if proc.returncode != 0:
-            raise EvaluationError(f"measuring {path} failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        return json.loads(text.strip().splitlines()[-1])
+        return run_measure_child(cmd, path, progress)
 
     return measure
 

@@ -186,6 +186,11 @@ def measure_in_subprocess(path: Path, *, runs: int, n_threads: int | None, n_gpu
            "--max-tokens", str(max_tokens), "--n-gpu-layers", str(n_gpu_layers)]
     if n_threads:
         cmd += ["--threads", str(n_threads)]
+    return run_measure_child(cmd, path, progress)
+
+
+def run_measure_child(cmd: list[str], path: Path, progress: Callable[[str, int], None] | None = None) -> dict:
+    """Run a measuring child process: its PROGRESS lines on stderr tick `progress`, its last stdout line is the JSON result."""
     say = progress or (lambda label, advance: None)
     with tempfile.TemporaryFile(mode="w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
