@@ -279,17 +279,22 @@ class Assistant:
             for record in records:
                 self.on_event("result", record)
             return records, False
-        futures = [self.loop.submit(self._execute(entry, call)) for _, entry, call in jobs]
+        futures: list[concurrent.futures.Future] = []
         interrupted = False
         try:
+            # Submitted inside the try: a tool may already be running (and Ctrl-C pressed)
+            # before the last one is submitted.
+            for _, entry, call in jobs:
+                futures.append(self.loop.submit(self._execute(entry, call)))
             concurrent.futures.wait(futures)
         except KeyboardInterrupt:
             # Cancel what still runs on the loop; a sync function's thread is abandoned (a daemon).
             interrupted = True
             for future in futures:
                 future.cancel()
-        for (record, _, _), future in zip(jobs, futures):
-            if future.done() and not future.cancelled():
+        for i, (record, _, _) in enumerate(jobs):
+            future = futures[i] if i < len(futures) else None
+            if future is not None and future.done() and not future.cancelled():
                 outcome, record.seconds = future.result()
             else:
                 outcome = ToolOutcome(INTERRUPTED, True)
