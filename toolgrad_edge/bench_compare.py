@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .convert.quantize import BITS_PER_WEIGHT
-from .errors import EvaluationError, ToolgradEdgeError
+from .errors import EvaluationError
 
 QUALITY_PROMPTS = "quality_prompts.json"
 
@@ -182,7 +182,7 @@ def describe_file(path: Path) -> dict:
 def measure_in_subprocess(path: Path, *, runs: int, n_threads: int | None, n_gpu_layers="auto",
                           max_tokens: int = 64, progress: Callable[[str, int], None] | None = None) -> dict:
     """bench.measure_model in a fresh interpreter, so its peak RSS belongs to this file alone."""
-    cmd = [sys.executable, "-m", "toolgrad_edge.bench_compare", "measure", str(path), "--runs", str(runs),
+    cmd = [sys.executable, "-m", "toolgrad_edge.bench", str(path), "--runs", str(runs),
            "--max-tokens", str(max_tokens), "--n-gpu-layers", str(n_gpu_layers)]
     if n_threads:
         cmd += ["--threads", str(n_threads)]
@@ -206,11 +206,6 @@ def run_measure_child(cmd: list[str], path: Path, progress: Callable[[str, int],
     if proc.returncode != 0:
         raise EvaluationError(f"measuring {path} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     return json.loads(text.strip().splitlines()[-1])
-
-
-def steps_per_file(runs: int) -> int:
-    """Progress ticks measure_model reports per file (decode and TTFT runs, each with a warm-up)."""
-    return 2 * (runs + 1)
 
 
 def compare_models(paths: Iterable[str | os.PathLike], *, runs: int = 5, n_threads: int | None = None,
@@ -379,38 +374,3 @@ def files_from_source(source: str, quants: list[str], workdir: Path, *, progress
             out.append(quantize_gguf(src, workdir / f"{src.stem}-{q.upper()}.gguf", q.upper()))
         return out
     return convert_checkpoint(source, outdir=workdir, quants=quants, progress=progress)
-
-
-# --- child process entry point -----------------------------------------------------------
-
-def _child(argv: list[str]) -> int:
-    import argparse
-
-    from .bench import measure_model
-
-    parser = argparse.ArgumentParser(prog="python -m toolgrad_edge.bench_compare")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("measure")
-    m.add_argument("model")
-    m.add_argument("--runs", type=int, default=5)
-    m.add_argument("--threads", type=int, default=None)
-    m.add_argument("--max-tokens", type=int, default=64)
-    m.add_argument("--n-gpu-layers", default="auto")
-    args = parser.parse_args(argv)
-    gpu = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
-
-    def progress(message: str) -> None:
-        print(f"PROGRESS {message}", file=sys.stderr, flush=True)
-
-    try:
-        result = measure_model(args.model, runs=args.runs, n_threads=args.threads, n_gpu_layers=gpu,
-                               max_tokens=args.max_tokens, progress=progress)
-    except ToolgradEdgeError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
