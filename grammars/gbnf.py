@@ -81,9 +81,10 @@ def _text_rule(also: str) -> str:
             '| "``" ([^`\\x00] [^\\x00]*)?')
 
 
-def _class_char(ch: str) -> str:
+def _class_char(ch: str, special: str = "[]^-\\") -> str:
+    """One character inside a [...] class: the class's special characters escaped, non-ASCII as hex."""
     code = ord(ch)
-    if ch in "[]^-\\":
+    if ch in special:
         return "\\" + ch
     if 0x20 < code < 0x7F:
         return ch

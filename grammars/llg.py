@@ -30,6 +30,7 @@ from typing import Any, Iterable
 from .calls import SYNTAXES, TEXT_START_EXCLUDED
 from .gbnf import (ORDER_STATES, _compile, _Compiler, _Context, _int_range, _integer_bounds, _num,
                    _tool_choice)
+from .gbnf import _class_char as _gbnf_class_char  # same rule, plus "/" (Lark's regex delimiter)
 from .tools import Tool, as_tools
 
 # One regex per lexeme; llguidance matches them with derivatives, so
@@ -50,12 +51,8 @@ _JSON_STRING_ESCAPES = "\"\\bfnrt"
 
 
 def _class_char(ch: str) -> str:
-    code = ord(ch)
-    if ch in "[]^-\\/":
-        return "\\" + ch
-    if 0x20 < code < 0x7F:
-        return ch
-    return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}"
+    # A Lark regex is delimited by "/", which a class must escape too.
+    return _gbnf_class_char(ch, special="[]^-\\/")
 
 
 def _text_regex(also: str) -> str:
