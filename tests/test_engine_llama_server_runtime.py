@@ -111,3 +111,22 @@ def test_the_openai_server_serves_calls_decoded_on_llama_server(stand_in):
     call = reply.json()["choices"][0]["message"]["tool_calls"][0]["function"]
     assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris", "unit": "celsius"}
     assert models["data"][0]["id"] == "stand-in"
+
+
+def test_a_closed_remote_runtime_refuses_calls_like_a_closed_local_one(stand_in):
+    rt = ToolRuntime(engine=stand_in.url)
+    assert rt.call("Weather in Paris?", TOOLS, tool_choice="required").tool_calls
+    sent = len(stand_in.completions())
+    rt.close()
+    with pytest.raises(GenerationError, match=rf"this ToolRuntime \(over llama-server at {stand_in.url}\) is closed"):
+        rt.call("Weather in Paris?", TOOLS, tool_choice="required")
+    with pytest.raises(GenerationError, match="is closed"):
+        next(iter(rt.stream("Weather in Paris?", TOOLS)))
+    assert len(stand_in.completions()) == sent  # nothing reached the server after close()
+    rt.close()  # closing twice is harmless
+
+
+def test_an_open_remote_runtime_says_it_has_no_local_session(stand_in):
+    with ToolRuntime(engine=stand_in.url) as rt:
+        with pytest.raises(GenerationError, match=f"decodes on llama-server at {stand_in.url}: it holds no local"):
+            rt.session

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoding import PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
+from .decoding import MAX_DRAFT, DraftPolicy, PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
 from .engines.inprocess import LlamaSession, common_prefix
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
@@ -154,6 +154,8 @@ class ToolRuntime:
             except BaseException:
                 self.close()
                 raise
+        # What drafting pays on this model and machine, learned from this runtime's passes.
+        self._draft_policy = DraftPolicy(self._draft.MAX_DRAFT if self._draft is not None else MAX_DRAFT)
         prefix_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
         # prefix_cache=False keeps nothing between calls (the KV cache itself
         # still serves a repeated prefix within this object).
@@ -173,10 +175,12 @@ class ToolRuntime:
         self.grammar_engine = "llama-server"
         self._lock = threading.Lock()
         self._session = self._draft = self._llg_tokenizer = None
+        self._closed = False  # _session is always None here, so close() records itself in this flag
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._llg_tokenizer is not None:
                 self._llg_tokenizer.close()  # it reads the vocabulary freed below
             for owner in ("_draft", "_session"):
@@ -192,9 +196,18 @@ class ToolRuntime:
         self.close()
 
     def _require_open(self) -> LlamaSession:
+        if self._remote is not None:
+            self._require_remote_open()
+            raise GenerationError(f"this ToolRuntime decodes on llama-server at {self.engine_info.url}: "
+                                  "it holds no local model session (tokens, KV cache).")
         if self._session is None:
             raise GenerationError("this ToolRuntime is closed.")
         return self._session
+
+    def _require_remote_open(self) -> None:
+        if self._closed:
+            raise GenerationError(f"this ToolRuntime (over llama-server at {self.engine_info.url}) is closed; "
+                                  "open a new one to make more calls.")
 
     @property
     def concurrency(self) -> int:
@@ -317,6 +330,7 @@ class ToolRuntime:
         tool_list, parts, grammar = self._prepare(query_or_messages, tools, tool_choice, parallel, syntax,
                                                   constrained, grammar)
         if self._remote is not None:  # no lock: llama-server's slots run requests side by side
+            self._require_remote_open()
             from .engines.llama_server import remote_stream
 
             yield from remote_stream(self._remote, parts, tool_list, grammar, grammar_override, params,
@@ -387,7 +401,8 @@ class ToolRuntime:
         if speculative:
             drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter()
         decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(prompt),
-                              jump_forward=speculative and self.fast_forward, drafter=drafter)
+                              jump_forward=speculative and self.fast_forward, drafter=drafter,
+                              policy=self._draft_policy)
         # Stop strings end text answers only: inside a call list they would cut a call in half.
         stops = [s for s in stop if s]
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
