@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import click
 
 model_option = click.option(
     "--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
-    help="GGUF file. Default: $TOOLGRAD_EDGE_MODEL, a ToolGrad GGUF in the cache, else Gemma 3 270M.",
+    help="GGUF file. Default: $TOOLGRAD_EDGE_MODEL, a ToolGrad GGUF in the cache, else Gemma 3 270M. "
+         "Given here, it is decoded in this process even when $TOOLGRAD_EDGE_ENGINE is set.",
 )
 tools_option = click.option(
     "--tools", "-t", "tools_file", type=click.Path(dir_okay=False), required=True,
@@ -29,21 +32,56 @@ syntax_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def _use_engine(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    # Handed to ToolRuntime through $TOOLGRAD_EDGE_ENGINE, which every command's runtime reads.
+ENGINE_AND_MODEL = ("--model and --engine both given: --engine runs on a remote llama-server, which uses its "
+                    "own model; drop one of them.")
+
+
+def _engine_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
-        from ..engines.llama_server import ENV_ENGINE, is_engine_url
+        from ..engines.llama_server import is_engine_url
 
         if not is_engine_url(value):
             raise click.BadParameter(f"expected http://HOST:PORT of a llama-server, got {value!r}.")
-        os.environ[ENV_ENGINE] = value
+    return value
 
 
-engine_option = click.option(
-    "--engine", metavar="URL", default=None, expose_value=False, callback=_use_engine,
-    help="Decode on the llama-server at URL (http://HOST:PORT) instead of a local model "
-         "(or set $TOOLGRAD_EDGE_ENGINE). A --model given too wins.",
-)
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def engine_option(command):
+    """--engine URL: decode on a llama-server. Refused together with --model.
+
+    The URL reaches ToolRuntime as $TOOLGRAD_EDGE_ENGINE, set only while the
+    command runs, so every runtime a command opens (eval's included) uses it.
+    """
+
+    @functools.wraps(command)
+    def run(*args, engine: str | None = None, **kwargs):
+        if engine is None:
+            return command(*args, **kwargs)
+        if kwargs.get("model") is not None:
+            raise click.UsageError(ENGINE_AND_MODEL, click.get_current_context())
+        from ..engines.llama_server import ENV_ENGINE
+
+        with _environ(ENV_ENGINE, engine):
+            return command(*args, **kwargs)
+
+    return click.option(
+        "--engine", "engine", metavar="URL", default=None, callback=_engine_url,
+        help="Decode on the llama-server at URL (http://HOST:PORT) instead of a local model; "
+             "$TOOLGRAD_EDGE_ENGINE sets a default, which a --model given here overrides. "
+             "--engine and --model together are an error.",
+    )(run)
 
 
 class _QuietAliasOption(click.Option):

@@ -66,7 +66,8 @@ def remote_engine(engine, model=None) -> "LlamaServerEngine | None":
     ``engine`` is a URL, a LlamaServerEngine (to set its timeouts), "inprocess",
     or None: then $TOOLGRAD_EDGE_ENGINE applies, unless a model file was named.
     """
-    if engine is None and model is None:
+    from_env = engine is None and model is None
+    if from_env:
         engine = os.environ.get(ENV_ENGINE) or None
     if engine is None or engine == "inprocess":
         return None
@@ -76,7 +77,8 @@ def remote_engine(engine, model=None) -> "LlamaServerEngine | None":
         return engine
     if is_engine_url(engine):
         return LlamaServerEngine(engine)
-    raise GenerationError(f"engine {engine!r}: expected http://HOST:PORT of a llama-server, or 'inprocess'.")
+    where = f"${ENV_ENGINE}={engine!r}" if from_env else f"engine {engine!r}"
+    raise GenerationError(f"{where}: expected http://HOST:PORT of a llama-server, or 'inprocess'.")
 
 
 @dataclass
