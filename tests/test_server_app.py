@@ -403,6 +403,107 @@ def test_any_64_bit_seed_is_accepted_modulo_2_64(client, runtime, seed, expected
     assert runtime.requests[-1]["seed"] == expected
 
 
+# -- the tool limit follows the runtime's grammar engine -------------------------------
+
+def numbered_tools(n: int) -> list[dict]:
+    return [dict(WEATHER, function=dict(WEATHER["function"], name=f"tool_{i}")) for i in range(n)]
+
+
+def serve_tools(grammar_engine, tools, **body):
+    """One request with ``tools`` to a server whose runtime uses ``grammar_engine`` (None: has no such attribute)."""
+    runtime = FakeRuntime()
+    if grammar_engine is not None:
+        runtime.grammar_engine = grammar_engine
+    with TestClient(create_app(runtime, ServerSettings(max_tools=2000))) as client:
+        return chat(client, tools=tools, **body), runtime
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "tool_999"}}])
+def test_llguidance_runtime_takes_a_thousand_tools(tool_choice):
+    r, runtime = serve_tools("llguidance", numbered_tools(1000), tool_choice=tool_choice)
+    assert r.status_code == 200, r.text
+    (request,) = runtime.requests
+    assert len(request["tools"]) == 1000 and request["tools"][-1]["function"]["name"] == "tool_999"
+
+
+@pytest.mark.parametrize("grammar_engine, engine_words, instead", [
+    ("llama", "llama.cpp's grammar sampler (the llama grammar engine)", "pip install 'toolgrad-edge[llguidance]'"),
+    (None, "this runtime's GBNF grammar", "llguidance grammar engine"),
+])
+def test_gbnf_runtime_refuses_over_256_tools_and_names_llguidance(grammar_engine, engine_words, instead):
+    r, runtime = serve_tools(grammar_engine, numbered_tools(1000))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "too_many_tools" and error["param"] == "tools"
+    assert error["message"].startswith(f"1000 tools; the limit is 256 with {engine_words}. ")
+    assert instead in error["message"] and "no tool limit" in error["message"]
+    assert runtime.requests == [], "a refused request never reaches the model"
+    # 256 is still allowed.
+    r, runtime = serve_tools(grammar_engine, numbered_tools(256))
+    assert r.status_code == 200, r.text
+    assert len(runtime.requests[0]["tools"]) == 256
+
+
+@pytest.mark.parametrize("grammar_engine", ["llguidance", "llama"])
+def test_bad_schema_is_still_a_precise_400_with_either_engine(grammar_engine):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "required": ["a"],
+        "properties": {"a": {"type": "integer", "minimum": 1.2, "maximum": 1.8}}}}}
+    r, runtime = serve_tools(grammar_engine, [*numbered_tools(300 if grammar_engine == "llguidance" else 3), bad])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_tools"
+    assert "tool 'f': no integer lies between minimum 1.2 and maximum 1.8 (at /properties/a)" in error["message"]
+    assert runtime.requests == []
+
+
+def test_max_tools_still_caps_an_llguidance_runtime():
+    runtime = FakeRuntime()
+    runtime.grammar_engine = "llguidance"
+    with TestClient(create_app(runtime, ServerSettings(max_tools=500))) as client:
+        r = chat(client, tools=numbered_tools(501))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_tools"
+    assert "501 tools; the limit is 500 (serve --max-tools raises it)" in r.json()["error"]["message"]
+
+
+def test_over_llama_server_the_gbnf_limit_is_named(tmp_path):
+    from test_engine_llama_server import StandIn
+
+    from toolgrad_edge.runtime import ToolRuntime
+
+    stand_in = StandIn()
+    try:
+        with ToolRuntime(engine=stand_in.url) as rt, \
+                TestClient(create_app(rt, ServerSettings(max_tools=2000))) as client:
+            assert rt.grammar_engine == "llama-server"
+            r = chat(client, tools=numbered_tools(257))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "too_many_tools"
+        assert error["message"].startswith(
+            "257 tools; the limit is 256 with llama-server (--engine), which takes a GBNF grammar. ")
+        assert "serve a local model (no --engine) with the llguidance grammar engine" in error["message"]
+        assert stand_in.completions() == [], "a refused request never reaches llama-server"
+    finally:
+        stand_in.stop()
+
+
+def test_a_loading_runtime_is_waited_for_before_its_engine_decides():
+    release = threading.Event()
+
+    def factory():
+        release.wait(10)
+        runtime = FakeRuntime()
+        runtime.grammar_engine = "llama"
+        return runtime
+
+    with TestClient(create_app(factory, ServerSettings(max_tools=2000))) as client:
+        assert client.get("/health").json()["status"] == "loading"
+        threading.Timer(0.2, release.set).start()
+        r = chat(client, tools=numbered_tools(300))
+    assert r.status_code == 400 and "limit is 256 with llama.cpp's grammar sampler" in r.json()["error"]["message"]
+
+
 WEATHER_DAYS = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "required": ["city"], "properties": {
         "city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}

@@ -354,6 +354,28 @@ def test_openai_client_sees_typed_errors(client):
         create(bad)
 
 
+def test_a_thousand_tools_pass_the_llguidance_check_and_meet_the_context(gemma_270m_gguf, tmp_path):
+    """With llguidance there is no tool limit: the context is the limit, and the 400 gives the counts."""
+    import re
+
+    pytest.importorskip("llguidance")
+    from fastapi.testclient import TestClient
+
+    from toolgrad_edge.runtime import ToolRuntime
+
+    tools = [dict(TOOLS[0], function=dict(TOOLS[0]["function"], name=f"tool_{i}")) for i in range(1000)]
+    with ToolRuntime(gemma_270m_gguf, n_ctx=2048, cache_dir=tmp_path) as runtime, \
+            TestClient(create_app(runtime, ServerSettings(max_tools=1000))) as http:
+        assert runtime.grammar_engine == "llguidance"
+        r = http.post("/v1/chat/completions", json={"messages": QUESTION, "tools": tools, "max_tokens": 16})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    found = re.fullmatch(r"the prompt is (\d+) tokens and max_tokens is 16, which exceeds the context of 2048 "
+                         r"tokens; shorten the request, lower max_tokens, or raise n_ctx\.", error["message"])
+    assert found and int(found[1]) > 20_000, error["message"]  # the tools' JSON, about 30 tokens a tool
+
+
 # -- disconnects ----------------------------------------------------------------------
 
 

@@ -137,7 +137,13 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         check_api_key(request)
         body = await read_body(request, settings.max_body_bytes)
-        plan = parse_chat_request(body, settings)
+        try:
+            engine = await grammar_engine(request)
+        except _ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody reads it
+        # Off the event loop: a thousand tools take a few tenths of a second to
+        # check and compile, while the loop streams other requests' answers.
+        plan = await asyncio.to_thread(parse_chat_request, body, settings, engine)
         job = Job(make_work(plan, settings.syntax), asyncio.get_running_loop())
         try:
             queue.submit(job)
@@ -174,6 +180,16 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
             sse_events(job, first, stream), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def grammar_engine(request: Request) -> str | None:
+        """The runtime's grammar engine, which decides the tool grammar (and so how many tools a
+        request may carry); waits for a runtime still loading. None when it failed to load: the
+        queue then answers with the load error, as for any request."""
+        while queue.runtime is None and not queue.ready.is_set():
+            if await request.is_disconnected():
+                raise _ClientGone()
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        return getattr(queue.runtime, "grammar_engine", None)
 
     async def next_event(job: Job, request: Request) -> tuple[str, Any]:
         """The job's next event; drops the job if the client leaves while it waits."""

@@ -5,6 +5,11 @@ refused); ``parse_chat_request`` then checks what a shape cannot say (limits,
 tool_choice against the tools, tool results against earlier calls) and
 returns a ``ChatPlan``: everything the worker needs, in the runtime's terms.
 Every refusal is an ``OpenAIError`` with status 400 or 413 naming the field.
+
+The call grammar is compiled here too, by the compiler of the runtime's
+grammar engine (``ToolRuntime.grammar_engine``): llguidance's has no limit
+on the number of tools (the context is then the limit, checked by the
+runtime), GBNF's (llama.cpp's sampler, llama-server) stops at 256.
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ from .errors import OpenAIError
 from .settings import ServerSettings
 
 MAX_STOP_SEQUENCES = 4  # as in OpenAI's API
+
+# Runtimes whose call grammar is GBNF (tool limit grammars.gbnf.MAX_TOOLS), by
+# ToolRuntime.grammar_engine: what the refusal calls the engine, and what to do
+# instead. Any other engine name but "llguidance" is treated as GBNF.
+GBNF_ENGINES = {
+    "llama": ("llama.cpp's grammar sampler (the llama grammar engine)",
+              "use the llguidance grammar engine (the default once installed: "
+              "pip install 'toolgrad-edge[llguidance]'), which has no tool limit"),
+    "llama-server": ("llama-server (--engine), which takes a GBNF grammar",
+                     "serve a local model (no --engine) with the llguidance grammar engine, "
+                     "which has no tool limit"),
+    None: ("this runtime's GBNF grammar",
+           "serve with the llguidance grammar engine, which has no tool limit"),
+}
 
 # Seeds: any 64-bit integer, signed or not (clients send -1 for "random"), taken modulo 2**64.
 SEED_MIN, SEED_END = -(2**63), 2**64
@@ -215,8 +234,13 @@ class ChatPlan:
         }
 
 
-def parse_chat_request(body: bytes, settings: ServerSettings) -> ChatPlan:
-    """Raw request body -> ChatPlan, or an OpenAIError saying what is wrong and where."""
+def parse_chat_request(body: bytes, settings: ServerSettings, grammar_engine: str | None = None) -> ChatPlan:
+    """Raw request body -> ChatPlan, or an OpenAIError saying what is wrong and where.
+
+    ``grammar_engine`` is the runtime's (``ToolRuntime.grammar_engine``):
+    "llguidance" compiles the tools' Lark grammar (no tool limit); anything
+    else, None included, compiles GBNF, as llama.cpp's sampler and llama-server take.
+    """
     if len(body) > settings.max_body_bytes:
         raise OpenAIError(
             413,
@@ -241,10 +265,10 @@ def parse_chat_request(body: bytes, settings: ServerSettings) -> ChatPlan:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    return _plan(request, settings)
+    return _plan(request, settings, grammar_engine)
 
 
-def _plan(req: ChatCompletionRequest, settings: ServerSettings) -> ChatPlan:
+def _plan(req: ChatCompletionRequest, settings: ServerSettings, grammar_engine: str | None) -> ChatPlan:
     if not req.messages:
         raise OpenAIError(400, "messages is empty; send at least one message", param="messages")
     if len(req.messages) > settings.max_messages:
@@ -261,7 +285,7 @@ def _plan(req: ChatCompletionRequest, settings: ServerSettings) -> ChatPlan:
         )
     tool_schemas = _load_tools(tools)
     tool_choice = _tool_choice(req, tool_schemas)
-    _check_grammar(tools, settings.syntax, tool_choice, req.parallel_tool_calls is not False)
+    _check_grammar(tools, settings.syntax, tool_choice, req.parallel_tool_calls is not False, grammar_engine)
     max_tokens = _max_tokens(req, settings)
     stop = _stop(req.stop)
     grammar, json_schema = _response_format(req, tool_choice, bool(tools))
@@ -310,16 +334,28 @@ def _load_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {t["name"]: t.get("parameters") or {"type": "object", "properties": {}} for t in tools}
 
 
-def _check_grammar(tools: list[dict[str, Any]], syntax: str, tool_choice: str, parallel: bool) -> None:
-    """Compile the call grammar now (it is cached, so the runtime's own build is free):
-    a schema feature the compiler cannot express is the caller's 400, found before queueing."""
+def _check_grammar(tools: list[dict[str, Any]], syntax: str, tool_choice: str, parallel: bool,
+                   grammar_engine: str | None) -> None:
+    """Compile the call grammar the runtime will use, now (it is cached, so the runtime's own build
+    is free): too many tools, or a schema feature the compiler cannot express, is the caller's 400,
+    found before queueing."""
     if not tools or tool_choice == "none":
         return
-    from ..grammars import build_grammar
+    from ..grammars import build_grammar, build_llg_grammar
+    from ..grammars.gbnf import MAX_TOOLS
 
+    lark = grammar_engine == "llguidance"
+    if not lark and len(tools) > MAX_TOOLS:
+        engine, instead = GBNF_ENGINES.get(grammar_engine, GBNF_ENGINES[None])
+        raise OpenAIError(
+            400, f"{len(tools)} tools; the limit is {MAX_TOOLS} with {engine}. Send only the tools "
+            f"relevant to the request, or {instead}.",
+            param="tools", code="too_many_tools",
+        )
+    build = build_llg_grammar if lark else build_grammar
     try:
-        build_grammar([{"type": "function", "function": t} for t in tools], syntax=syntax,
-                      tool_choice=tool_choice, parallel=parallel)
+        build([{"type": "function", "function": t} for t in tools], syntax=syntax,
+              tool_choice=tool_choice, parallel=parallel)
     except SchemaError as exc:
         raise OpenAIError(400, f"Invalid tools: {exc}", param="tools", code="invalid_tools") from None
 
