@@ -78,6 +78,12 @@ def test_calls_to_python_is_what_bfcl_decodes():
 
 # --- result files and resume ------------------------------------------------------------------
 
+# As CallResult.stats: 8 tokens in 4 forward passes, 3 of 4 drafted tokens accepted.
+STATS = {"forward_passes": 4, "forced_tokens": 2, "drafted_tokens": 4, "accepted_tokens": 3, "full_masks": 0,
+         "tokens_per_forward": 2.0, "draft_acceptance": 0.75, "grammar_engine": "llguidance", "speculative": True}
+TOKEN_IDS = [236840, 46285, 236779, 10884, 236769, 236749, 236770, 236842]
+
+
 class FakeRuntime:
     """Answers with a fixed call; records which entries it was asked."""
 
@@ -100,7 +106,7 @@ class FakeRuntime:
         return SimpleNamespace(
             tool_calls=[call], raw_text=f"[{tools[0]['name']}(n=1)]", finish_reason="tool_calls",
             usage=SimpleNamespace(prompt_tokens=100, completion_tokens=8),
-            timings=SimpleNamespace(total_s=0.25),
+            timings=SimpleNamespace(total_s=0.25), stats=dict(STATS), token_ids=list(TOKEN_IDS),
         )
 
 
@@ -114,6 +120,32 @@ def test_run_category_writes_bfcl_result_lines(tmp_path):
     assert first["result"] == "[calculate_triangle_area(n=1)]"
     assert first["latency"] == 0.25 and first["input_token_count"] == 100
     assert len(records) == 3
+
+
+def test_records_keep_decoding_stats_and_token_ids(tmp_path):
+    entries = load_entries(DATA, "simple_python", limit=1)
+    run_category(FakeRuntime(), entries, tmp_path, constrained=True, syntax="python", max_tokens=64)
+    (record,) = read_results(result_file(tmp_path, "simple_python")).values()
+    assert record["stats"] == STATS and record["token_ids"] == TOKEN_IDS
+    assert record["output_token_count"] == len(TOKEN_IDS)  # the completion token count
+    # What BFCL's checker reads is unchanged.
+    assert record["id"] == "simple_python_0" and record["result"] == "[calculate_triangle_area(n=1)]"
+
+
+class RemoteLikeRuntime(FakeRuntime):
+    """As ToolRuntime over llama-server: no decoding stats, no token ids, yet a completion count."""
+
+    def call(self, messages, tools, **kwargs):
+        res = super().call(messages, tools, **kwargs)
+        res.stats, res.token_ids = {}, []
+        return res
+
+
+def test_records_leave_out_stats_and_token_ids_the_runtime_does_not_have(tmp_path):
+    entries = load_entries(DATA, "simple_python", limit=1)
+    (record,) = run_category(RemoteLikeRuntime(), entries, tmp_path, constrained=True, syntax="python",
+                             max_tokens=64)
+    assert "stats" not in record and "token_ids" not in record and record["output_token_count"] == 8
 
 
 def test_json_syntax_results_are_rewritten_as_python_calls(tmp_path):
@@ -179,7 +211,9 @@ def test_evaluate_bfcl_runs_then_scores(tmp_path, monkeypatch):
     assert out["categories"]["simple_python"] == {
         "accuracy": 1.0, "n": 1, "correct": 1, "valid_call_rate": 1.0, "valid_calls": 1, "with_calls": 1,
         "mean_latency_s": 0.25, "latency_total_s": 0.25, "inference_errors": 0,
+        "tokens_per_forward": 2.0, "draft_acceptance": 0.75,
     }
+    assert out["summary"]["tokens_per_forward"] == 2.0 and out["summary"]["draft_acceptance"] == 0.75
     assert out["summary"]["non_live"]["overall"] is None  # only one of the four non-live categories ran
     assert json.loads((tmp_path / "out" / "run.json").read_text())["model"] == "fake.gguf"
 
@@ -211,6 +245,79 @@ def test_irrelevance_is_unweighted_mean_and_latency_is_per_entry():
     assert s["relevance"] == 1.0
     assert s["valid_call_rate"] == 1.0  # only live_relevance expects calls here
     assert s["mean_latency_s"] == 1.0 and s["n_entries"] == 240 + 882 + 16
+
+
+def _record(i, tokens, passes, drafted, accepted):
+    return {"id": f"simple_python_{i}", "result": "[f()]", "output_token_count": tokens,
+            "stats": {"forward_passes": passes, "drafted_tokens": drafted, "accepted_tokens": accepted}}
+
+
+def _checker_scores(categories):
+    return {"bfcl_eval": "test", "categories": {
+        c: {"n": n, "correct": 0, "accuracy": 0.0, "with_calls": n, "valid_calls": n} for c, n in categories.items()}}
+
+
+def test_report_sums_decoding_figures_over_the_records():
+    records = {
+        "simple_python": [_record(0, 10, 4, 6, 6), _record(1, 2, 2, 0, 0)],
+        "multiple": [{**_record(0, 30, 10, 10, 2), "id": "multiple_0"}],
+    }
+    rep = report.build_report(model="m", grammar=True, syntax="python", limit=None, out_dir="o",
+                              checker=_checker_scores({"simple_python": 2, "multiple": 1}), records=records)
+    simple = rep["categories"]["simple_python"]
+    assert simple["tokens_per_forward"] == 2.0 and simple["draft_acceptance"] == 1.0  # 12 / 6, 6 / 6
+    assert rep["summary"]["tokens_per_forward"] == 42 / 16 and rep["summary"]["draft_acceptance"] == 8 / 16
+    assert "decoding: 2.62 tokens per forward pass, draft acceptance 50.0 %" in report.format_table(rep)
+
+
+def test_older_result_files_without_stats_still_resume_and_report(tmp_path):
+    """Result files written before stats and token_ids were recorded: read, resumed, reported as n/a."""
+    entries = load_entries(DATA, "simple_python")
+    old = [{"id": e.id, "result": "[f()]", "latency": 1.0, "input_token_count": 90, "output_token_count": 3,
+            "finish_reason": "tool_calls"} for e in entries[:2]]
+    result_file(tmp_path, "simple_python").write_text("".join(json.dumps(r) + "\n" for r in old))
+    rt = FakeRuntime()
+    records = run_category(rt, entries, tmp_path, constrained=True, syntax="python", max_tokens=64)
+    assert len(rt.asked) == 1 and records[:2] == old and records[2]["stats"] == STATS
+    # Only the new record has stats: the figures are its own.
+    assert report.decoding_figures(records) == {"tokens_per_forward": 2.0, "draft_acceptance": 0.75}
+    rep = report.build_report(model="m", grammar=True, syntax="python", limit=None, out_dir="o",
+                              checker=_checker_scores({"simple_python": 3}), records={"simple_python": old})
+    assert rep["summary"]["tokens_per_forward"] is None and rep["summary"]["draft_acceptance"] is None
+    assert "decoding:" not in report.format_table(rep)
+
+
+def test_first_token_differences_compares_two_runs_token_by_token(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    runs = {a: [("s_0", [1, 2, 3]), ("s_1", [1, 2, 3]), ("s_2", [5, 6]), ("s_3", None)],
+            b: [("s_0", [1, 2, 3]), ("s_1", [1, 9, 3]), ("s_2", [5, 6, 7]), ("s_3", [4])]}
+    for folder, records in runs.items():
+        folder.mkdir()
+        lines = [{"id": i, "result": "[f()]", **({"token_ids": t} if t is not None else {})} for i, t in records]
+        result_file(folder, "simple_python").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    # Same text, other tokens (s_1) is found; a longer output parts where the shorter ends (s_2);
+    # an entry without token_ids on one side (an older file) is left out (s_3).
+    assert bfcl.first_token_differences(a, b, ["simple_python"]) == {"simple_python": {"s_1": 1, "s_2": 2}}
+    assert bfcl.differing_results(a, b, ["simple_python"]) == {"simple_python": []}
+
+
+@pytest.mark.slow
+def test_bfcl_checker_scores_records_with_the_new_fields_as_before(tmp_path):
+    from test_eval_checker import env_candidates, find_env_or_skip
+
+    env = find_env_or_skip(env_candidates())
+    entries = load_entries(DATA, "simple_python")
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir()
+    old.mkdir()
+    run_category(FakeRuntime(), entries, new, constrained=True, syntax="python", max_tokens=64)
+    lines = result_file(new, "simple_python").read_text().splitlines()
+    assert all("token_ids" in json.loads(line) for line in lines)
+    result_file(old, "simple_python").write_text("".join(
+        json.dumps({k: json.loads(line)[k] for k in ("id", "result")}) + "\n" for line in lines))
+    new_scores = bfcl.score_results(env, DATA, new, ["simple_python"])
+    assert new_scores["categories"] == bfcl.score_results(env, DATA, old, ["simple_python"])["categories"]
+    assert new_scores["categories"]["simple_python"]["n"] == len(entries)
 
 
 def test_table_has_the_seed_layout():

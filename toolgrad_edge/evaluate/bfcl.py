@@ -6,7 +6,9 @@ layout). Each entry goes through ``ToolRuntime.call`` in the ToolGrad prompt
 format; the raw outputs are written as BFCL result files
 (``BFCL_v4_{category}_result.json``, one JSON line per entry with ``id`` and
 ``result``) so BFCL's own tooling reads them, and they are scored by BFCL's
-official checker running in its own environment (checker_runner.py).
+official checker running in its own environment (checker_runner.py). A
+record also keeps the call's decoding statistics (``stats``) and generated
+``token_ids``, which BFCL ignores, so two runs compare token by token.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def run_entry(runtime, entry: BfclEntry, *, constrained: bool, syntax: str, max_
             "id": entry.id, "result": INFERENCE_ERROR_PREFIX + str(exc),
             "latency": time.perf_counter() - start, "error": type(exc).__name__,
         }
-    return {
+    record = {
         "id": entry.id,
         "result": result_text(res, syntax),
         "latency": res.timings.total_s,
@@ -213,6 +215,14 @@ def run_entry(runtime, entry: BfclEntry, *, constrained: bool, syntax: str, max_
         "output_token_count": res.usage.completion_tokens,
         "finish_reason": res.finish_reason,
     }
+    stats = getattr(res, "stats", None)
+    if stats:
+        record["stats"] = dict(stats)
+    # Only when they are the whole output (a runtime over llama-server reports none).
+    token_ids = getattr(res, "token_ids", None)
+    if token_ids is not None and len(token_ids) == res.usage.completion_tokens:
+        record["token_ids"] = list(token_ids)
+    return record
 
 
 def run_category(
@@ -288,6 +298,25 @@ def differing_results(out_a: Path, out_b: Path, categories: Iterable[str]) -> di
     for c in categories:
         a, b = read_results(result_file(out_a, c)), read_results(result_file(out_b, c))
         differing[c] = [i for i in a if i in b and a[i]["result"] != b[i]["result"]]
+    return differing
+
+
+def first_token_differences(out_a: Path, out_b: Path, categories: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Per category, ``{id: index of the first token where the two runs part}`` for the
+    entries both folders hold with different ``token_ids`` (entries without them, as in
+    result files written before they were recorded, are left out).
+
+    Unlike ``differing_results`` this also finds the same text reached through other tokens.
+    """
+    differing = {}
+    for c in categories:
+        a, b = read_results(result_file(out_a, c)), read_results(result_file(out_b, c))
+        differing[c] = {}
+        for i, record in a.items():
+            ta, tb = record.get("token_ids"), b.get(i, {}).get("token_ids")
+            if ta is None or tb is None or ta == tb:
+                continue
+            differing[c][i] = next((n for n, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
     return differing
 
 

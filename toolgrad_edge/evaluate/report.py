@@ -8,11 +8,16 @@ Summary rules are BFCL's own (bfcl_eval/eval_checker/eval_runner_helper.py):
 - Irrelevance: the unweighted mean of irrelevance and live_irrelevance.
 - Relevance: live_relevance.
 A summary figure is None (printed "n/a") when one of its categories was not run.
+
+Decoding figures (per category and for the run) come from the records' own
+``stats``: tokens per forward pass and draft acceptance, None when no record
+has them (result files written before they were recorded).
 """
 
 from __future__ import annotations
 
 import json
+from typing import Iterable
 
 from .bfcl import CALL_CATEGORIES, CATEGORIES, INFERENCE_ERROR_PREFIX, LIVE, NON_LIVE
 
@@ -69,6 +74,24 @@ def summarize(categories: dict[str, dict]) -> dict:
     }
 
 
+def decoding_figures(records: Iterable[dict]) -> dict:
+    """``tokens_per_forward`` (generated tokens / forward passes) and ``draft_acceptance``
+    (accepted / drafted tokens), summed over the records that carry decoding ``stats``."""
+    tokens = passes = drafted = accepted = 0
+    for r in records:
+        stats = r.get("stats")
+        if not isinstance(stats, dict) or stats.get("forward_passes") is None:
+            continue
+        tokens += r.get("output_token_count") or 0
+        passes += stats["forward_passes"]
+        drafted += stats.get("drafted_tokens") or 0
+        accepted += stats.get("accepted_tokens") or 0
+    return {
+        "tokens_per_forward": tokens / passes if passes else None,
+        "draft_acceptance": accepted / drafted if drafted else None,
+    }
+
+
 def build_report(
     *, model: str, grammar: bool, syntax: str, limit: int | None, out_dir: str,
     checker: dict, records: dict[str, list[dict]], wall_s: float | None = None,
@@ -92,6 +115,7 @@ def build_report(
             "mean_latency_s": sum(latencies) / len(latencies) if latencies else None,
             "latency_total_s": sum(latencies),
             "inference_errors": sum(1 for r in recs if str(r.get("result", "")).startswith(INFERENCE_ERROR_PREFIX)),
+            **decoding_figures(recs),
         }
     return {
         "model": model,
@@ -103,7 +127,11 @@ def build_report(
         "out_dir": out_dir,
         "bfcl_eval": checker.get("bfcl_eval"),
         "categories": categories,
-        "summary": {**summarize(categories), "wall_s": wall_s},
+        "summary": {
+            **summarize(categories),
+            **decoding_figures(r for name in categories for r in records.get(name, [])),
+            "wall_s": wall_s,
+        },
     }
 
 
@@ -146,8 +174,12 @@ def format_table(report: dict) -> str:
         + ("n/a" if s["mean_latency_s"] is None else f"{s['mean_latency_s']:.2f} s/entry")
         + f"   entries {s['n_entries']} ({s['correct']} correct, {s['inference_errors']} inference errors)"
         + ("" if s.get("wall_s") is None else f"   wall {s['wall_s']:.0f} s"),
-        f"result files: {report['out_dir']}",
     ]
+    if s.get("tokens_per_forward") is not None:
+        acceptance = s.get("draft_acceptance")
+        lines.append(f"decoding: {s['tokens_per_forward']:.2f} tokens per forward pass, draft acceptance "
+                     + ("n/a (no drafts)" if acceptance is None else f"{100 * acceptance:.1f} %"))
+    lines.append(f"result files: {report['out_dir']}")
     return "\n".join(lines)
 
 
