@@ -40,7 +40,7 @@ class StandIn:
         self.control = dict(GEMMA3_CONTROL_IDS)
         self.n_vocab = 262144
         self.n_ctx = 4096
-        self.answer = ANSWER
+        self.answer = ANSWER  # or a function of the /completion request body
         self.mode = "ok"  # ok | 500 | cut | hang | slow
         self.release = threading.Event()  # ends a "hang"
         self.disconnected = threading.Event()  # the client closed a stream
@@ -91,7 +91,8 @@ class StandIn:
                 if mode == "hang":
                     stand_in.release.wait(15)
                     return
-                text = stand_in.answer[: body["n_predict"] * 4]
+                answer = stand_in.answer(body) if callable(stand_in.answer) else stand_in.answer
+                text = answer[: body["n_predict"] * 4]
                 final = {"content": "", "stop": True, "stop_type": "eos", "stopping_word": "",
                          "tokens_predicted": len(text) // 4 + 1, "tokens_evaluated": len(body["prompt"]),
                          "truncated": False, "timings": {"cache_n": 7, "prompt_n": 3, "predicted_n": 5}}

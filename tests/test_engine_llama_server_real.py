@@ -145,3 +145,23 @@ def test_tool_runtime_over_the_server_gives_valid_calls(server_url):
     final = streamed[-1]
     assert final.tool_calls and final.parse_error is None
     assert "".join(i for i in streamed[:-1]) == final.raw_text
+
+
+def test_bench_engine_measures_the_bench_workload_on_the_server(server_url, gemma_270m_gguf):
+    from toolgrad_edge.bench import bench_prompt
+    from toolgrad_edge.bench_engine import format_table, measure_engine
+
+    report = measure_engine(server_url, runs=1, max_tokens=64)
+    [m] = report["models"]
+    assert report["server"]["n_vocab"] == 262144 and report["server"]["total_slots"] == 2
+    assert Path(m["model"]).name == gemma_270m_gguf.name
+    # The server's tokenizer saw the shipped tool prompt (about 1,500 tokens), and kept its prefix between calls.
+    assert 1000 < m["prompt_tokens"] < 2048
+    assert m["warm_cached_tokens"] > 1000
+    assert m["decode_tps_constrained"] > 0 and 0 < m["ttft_warm_s"] <= m["latency_p50_s"]
+    for figures in (m, m["json"]):
+        assert figures["valid_fraction"] == 1 - len(figures["invalid_calls"])
+    assert m["constrained_output"].startswith("[")  # the required grammar held
+    tool_names = {t["name"] for t in bench_prompt(0)[1]}
+    assert m["constrained_output"][1:].split("(", 1)[0] in tool_names
+    assert "constrained t/s" in format_table(report)

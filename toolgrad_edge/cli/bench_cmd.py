@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .options import ENGINE_AND_MODEL, check_engine_url
+
 
 @click.command("bench")
 @click.option("--model", "-m", "models", multiple=True, type=click.Path(dir_okay=False),
@@ -25,13 +27,17 @@ import click
               help="Also measure with this GGUF drafting (same vocabulary, e.g. the 270M for a 4B).")
 @click.option("--grammar-engine", type=click.Choice(["llguidance", "llama"]), default=None,
               help="Grammar engine of the constrained runs (default: llguidance when installed).")
+@click.option("--engine", metavar="URL", default=None, callback=check_engine_url,
+              help="Measure toolgrad-edge over the llama-server at URL (its own model) instead of local files: "
+                   "decode t/s of constrained calls, TTFT, p50 latency, valid calls. Only this option selects it; "
+                   "$TOOLGRAD_EDGE_ENGINE does not.")
 @click.option("--no-quality", is_flag=True, help="Skip the top-1 / KL comparison with the reference file.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also save a bar chart (needs the 'bench' extra: matplotlib).")
-def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, grammar_engine, no_quality, as_json,
-          markdown, plot_file):
+def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, grammar_engine, engine, no_quality,
+          as_json, markdown, plot_file):
     """Measure prefill/decode speed, TTFT, memory and quality of GGUF files.
 
     Each file: size, peak RSS, prefill tokens/s, decode tokens/s free (one
@@ -43,6 +49,9 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
     top-1 agreement and mean KL of next-token distributions against the
     highest-precision one. Medians after a warm-up.
 
+    With --engine URL: the same tool-call queries through a llama-server,
+    as this client sees them (see docs/engines.md).
+
     \b
     Examples:
       toolgrad-edge bench
@@ -50,7 +59,22 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
       toolgrad-edge bench --from toolgrad-4b-BF16.gguf --quant Q8_0 --quant Q4_K_M --markdown
       toolgrad-edge bench -m a.gguf -m b.gguf --runs 3 --json --plot speed.png
       toolgrad-edge bench -m toolgrad-4b-Q4_K_M.gguf --draft-model gemma-3-270m-Q4_K_M.gguf --json
+      toolgrad-edge bench --engine http://gpu-box:8080 --runs 10 --json
     """
+    if engine is not None:
+        if models:
+            raise click.UsageError(ENGINE_AND_MODEL)
+        local = [name for name, value in (("--quant", quants), ("--from", source), ("--threads", n_threads),
+                                          ("--draft-model", draft_model), ("--grammar-engine", grammar_engine),
+                                          ("--plot", plot_file)) if value]
+        if local:
+            names = " and ".join(local)
+            raise click.UsageError(f"{names} {'applies' if len(local) == 1 else 'apply'} to local model files, "
+                                   f"but --engine measures a llama-server, which uses its own model; drop {names} "
+                                   "or --engine.")
+        _bench_engine(engine, runs, max_tokens, as_json, markdown)
+        return
+
     from .. import bench, bench_compare
     from ..errors import EvaluationError
 
@@ -97,3 +121,21 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
         click.echo(bench_compare.format_table(report))
     if plot_file and not as_json:
         click.echo(f"plot: {plot_file}", err=True)
+
+
+def _bench_engine(url: str, runs: int, max_tokens: int, as_json: bool, markdown: bool) -> None:
+    from .. import bench_engine
+
+    with click.progressbar(length=bench_engine.steps(runs), label="bench", file=sys.stderr,
+                           show_pos=True, show_eta=True) as bar:
+        def progress(label: str) -> None:
+            bar.label = label[:48].ljust(48)
+            bar.update(1)
+
+        report = bench_engine.measure_engine(url, runs=runs, max_tokens=max_tokens, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif markdown:
+        click.echo(bench_engine.format_markdown(report))
+    else:
+        click.echo(bench_engine.format_table(report))

@@ -36,7 +36,7 @@ ENGINE_AND_MODEL = ("--model and --engine both given: --engine runs on a remote 
                     "own model; drop one of them.")
 
 
-def _engine_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def check_engine_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         from ..engines.llama_server import is_engine_url
 
@@ -77,7 +77,7 @@ def engine_option(command):
             return command(*args, **kwargs)
 
     return click.option(
-        "--engine", "engine", metavar="URL", default=None, callback=_engine_url,
+        "--engine", "engine", metavar="URL", default=None, callback=check_engine_url,
         help="Decode on the llama-server at URL (http://HOST:PORT) instead of a local model; "
              "$TOOLGRAD_EDGE_ENGINE sets a default, which a --model given here overrides. "
              "--engine and --model together are an error.",

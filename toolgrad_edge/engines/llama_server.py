@@ -517,6 +517,7 @@ def remote_stream(engine: LlamaServerEngine, parts, tools, grammar: str | None, 
     text = ""
     emitted = 0
     stop_hit = False
+    first_piece = None
     completion: Completion | None = None
 
     def cancelled() -> bool:
@@ -526,6 +527,8 @@ def remote_stream(engine: LlamaServerEngine, parts, tools, grammar: str | None, 
         if isinstance(item, Completion):
             completion = item
             break
+        if first_piece is None:
+            first_piece = time.perf_counter()
         text += item
         live = stops if stops and not _in_call(text, tools, grammar_override) else None
         if live:
@@ -546,6 +549,7 @@ def remote_stream(engine: LlamaServerEngine, parts, tools, grammar: str | None, 
     result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion.completion_tokens,
                          cached_tokens=completion.cached_tokens)
     total = time.perf_counter() - t0
-    ttft = min(completion.ttft_s, total)
+    # As the caller sees it: from the call (tokenizing through /tokenize included) to the first piece.
+    ttft = first_piece - t0 if first_piece is not None else total
     result.timings = Timings(ttft_s=ttft, decode_s=total - ttft, total_s=total)
     yield result
