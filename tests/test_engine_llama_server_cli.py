@@ -86,3 +86,11 @@ def test_a_bad_engine_in_the_environment_names_the_variable(monkeypatch):
     assert result.exit_code == 1
     assert f"${ENV_ENGINE}='gpu-box:8080': expected http://HOST:PORT" in result.output
     assert "Traceback" not in result.output
+
+
+def test_engine_in_the_environment_beats_the_default_model_variable(stand_in, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_ENGINE, stand_in.url)
+    monkeypatch.setenv("TOOLGRAD_EDGE_MODEL", str(tmp_path / "missing.gguf"))
+    result = CliRunner().invoke(main, ["call", "Weather in Paris?", "--tools", TOOLS, "--json"])
+    assert result.exit_code == 0, result.output
+    assert stand_in.completions()
