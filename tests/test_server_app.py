@@ -418,6 +418,14 @@ def serve_tools(grammar_engine, tools, **body):
         return chat(client, tools=tools, **body), runtime
 
 
+def test_default_settings_take_a_thousand_tools_with_llguidance():
+    runtime = FakeRuntime()
+    runtime.grammar_engine = "llguidance"
+    with TestClient(create_app(runtime, ServerSettings())) as client:
+        r = chat(client, tools=numbered_tools(1000), tool_choice="required")
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "tool_999"}}])
 def test_llguidance_runtime_takes_a_thousand_tools(tool_choice):
     r, runtime = serve_tools("llguidance", numbered_tools(1000), tool_choice=tool_choice)

@@ -26,7 +26,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 16            # requests waiting behind the one running
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON
-    max_tools: int = 128
+    max_tools: int = 1024          # with llguidance the context is the real limit
     max_messages: int = 256
     max_tokens_limit: int = 2048   # the most a request may ask for
     default_max_tokens: int = 256  # when a request names no max_tokens
