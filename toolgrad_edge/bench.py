@@ -149,6 +149,32 @@ def _divergence(rt, messages, tool_dicts, syntax: str, spec, step) -> dict:
             "stepwise_token": session.piece(b[k]).decode("utf-8", "replace")}
 
 
+FORWARD_SHAPES = ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 4), (8, 8))
+
+
+def _forward_costs(rt, prompt_tokens: list[int], runs: int) -> dict:
+    """Median milliseconds of one forward pass after the bench prompt, per (tokens, logits rows).
+
+    These bound what several tokens per pass can gain on this model and
+    machine: a forced token rides along for the cost of a token without a
+    logits row, a draft token needs a row, and on a small model the
+    262k-row output layer is most of a pass.
+    """
+    session = rt.session
+    session.sync(prompt_tokens)
+    filler = prompt_tokens[-8:]  # any tokens: the cost depends on the shape, not on which
+    out = {}
+    for n_tokens, rows in FORWARD_SHAPES:
+        times = []
+        for _ in range(max(runs, 3) + 1):
+            start = time.perf_counter()
+            session.decode(filler[:n_tokens], rows)
+            times.append(time.perf_counter() - start)
+            session.rewind(len(prompt_tokens))
+        out[f"{n_tokens}_tokens_{rows}_rows"] = 1000 * _median(times[1:])
+    return out
+
+
 def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
               with_free: bool = False) -> dict:
     """Timed free / constrained / stepwise calls, one bench query per run, and their greedy agreement."""
@@ -229,6 +255,10 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                     prefill.append(r.usage.prompt_tokens / r.timings.ttft_s)
             python = _workload(rt, "python", runs, max_tokens, say, "python", with_free=True)
             js = _workload(rt, "json", runs, max_tokens, say, "json")
+            a, b, c = rt.draft_policy.costs()
+            draft_policy = {"pass_ms": 1000 * a, "token_ms": 1000 * b, "row_ms": 1000 * c}
+            say("forward pass costs")
+            forward_ms = _forward_costs(rt, prompt_tokens, runs)
             info["constrained_output"] = rt.call(messages, tool_dicts, tool_choice="required",
                                                  max_tokens=max_tokens).raw_text
         drafted = None
@@ -272,6 +302,8 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
               "ttft_warm_s": _median(ttft_warm)}
     result.update({k: v for k, v in python.items()})
     result["decode_tps_baseline"] = base_tps
+    result["forward_ms"] = forward_ms
+    result["draft_policy_costs"] = draft_policy
     result["json"] = js
     if drafted is not None:
         result["with_draft_model"] = drafted
@@ -319,7 +351,7 @@ def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_
 def steps_per_file(runs: int, draft_model: bool = False) -> int:
     """Progress ticks measure_model reports per file."""
     workloads = 4 if draft_model else 2
-    return (runs + 1) * (3 + workloads) + 1
+    return (runs + 1) * (3 + workloads) + 2
 
 
 def _main(argv: Sequence[str]) -> int:

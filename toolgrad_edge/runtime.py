@@ -155,7 +155,7 @@ class ToolRuntime:
                 self.close()
                 raise
         # What drafting pays on this model and machine, learned from this runtime's passes.
-        self._draft_policy = DraftPolicy(self._draft.MAX_DRAFT if self._draft is not None else MAX_DRAFT)
+        self.draft_policy = DraftPolicy(self._draft.MAX_DRAFT if self._draft is not None else MAX_DRAFT)
         prefix_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
         # prefix_cache=False keeps nothing between calls (the KV cache itself
         # still serves a repeated prefix within this object).
@@ -402,7 +402,7 @@ class ToolRuntime:
             drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter()
         decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(prompt),
                               jump_forward=speculative and self.fast_forward, drafter=drafter,
-                              policy=self._draft_policy)
+                              policy=self.draft_policy)
         # Stop strings end text answers only: inside a call list they would cut a call in half.
         stops = [s for s in stop if s]
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
