@@ -6,7 +6,7 @@ Model-free: nothing here imports llama.cpp or the runtime.
 from __future__ import annotations
 
 from .calls import CallStreamParser, ToolCall, parse_calls, render_calls
-from .gbnf import build_grammar, schema_grammar
+from .gbnf import WHITESPACE, build_grammar, schema_grammar
 from .llg import build_llg_grammar, llg_schema_grammar
 from .lookahead import forced_name_suffix
 from .tools import Tool, load_tools
@@ -15,6 +15,7 @@ __all__ = [
     "CallStreamParser",
     "Tool",
     "ToolCall",
+    "WHITESPACE",
     "build_grammar",
     "build_llg_grammar",
     "forced_name_suffix",

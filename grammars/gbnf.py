@@ -15,12 +15,21 @@ written; an argument may be written if it lies within ``window`` places of
 larger ones every order in which no argument jumps more than ``window``
 unwritten arguments ahead. Required arguments must all be written and none
 twice, in every case.
+
+Whitespace is a property of the layout (``LAYOUTS``), which the compiler asks
+for its separators. ``compact`` (the default) fixes it: one space after each
+comma and each ':' of an object member, none elsewhere, as BFCL writes calls
+(``[f(a='x', b=[1, 2]), g()]``) and json.dumps writes JSON. ToolGrad was
+trained on that layout, and a layout without choices lets the runtime emit
+separators without a forward pass. ``flexible`` allows one optional space at
+every structural position instead.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
 
@@ -55,10 +64,55 @@ UNSUPPORTED = ("not", "if", "then", "else", "patternProperties", "propertyNames"
 
 TOOL_CHOICES = ("auto", "required", "none")
 
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a call list holds whitespace: the separators the compiler writes.
+
+    Each is a grammar expression spelled the same in GBNF and in Lark (a
+    literal, or the ``ws`` rule), so both compilers write one language.
+    """
+
+    comma: str   # between arguments, calls, array items and object members
+    colon: str   # between an object key and its value
+    equals: str  # between an argument name and its value (python syntax)
+    pad: str     # just inside a bracket, after the opening and before the closing one
+
+
+LAYOUTS = {
+    # BFCL's `[f(a='x', b=[1, 2]), g()]` and json.dumps' `{"a": 1}`: what ToolGrad
+    # writes, and no separator is a choice, so the runtime emits them unsampled.
+    "compact": Layout(comma='", "', colon='": "', equals='"="', pad=""),
+    # One optional space at every structural position, for a model that writes
+    # spaces elsewhere. Never more than one: a small model given room for
+    # newlines and indentation fills max_tokens with them (seen on Gemma 3 270M).
+    "flexible": Layout(comma='ws "," ws', colon='ws ":" ws', equals='ws "=" ws', pad="ws"),
+}
+WHITESPACE = tuple(LAYOUTS)
+DEFAULT_WHITESPACE = "compact"
+
+
+def check_whitespace(whitespace: str) -> None:
+    if whitespace not in LAYOUTS:
+        raise ValueError(f"unknown whitespace layout {whitespace!r}; expected one of {', '.join(WHITESPACE)}.")
+
+
+def _seq(*parts: str) -> str:
+    """A grammar sequence of the non-empty parts (a compact layout's padding is empty)."""
+    return " ".join(p for p in parts if p)
+
+
+def _container_rules(layout: Layout) -> dict[str, str]:
+    """The library's any-value array, object and object member, in ``layout`` (GBNF and Lark alike)."""
+    return {
+        "array": _seq('"["', layout.pad, f"(value ({layout.comma} value)*)?", layout.pad, '"]"'),
+        "object": _seq('"{"', layout.pad, f"(pair ({layout.comma} pair)*)?", layout.pad, '"}"'),
+        "pair": f"string {layout.colon} value",
+    }
+
+
 _COMMON_RULES = {
-    # At most one space between tokens: a small model given room for newlines
-    # and indentation fills max_tokens with them (seen on Gemma 3 270M).
-    "ws": r'" "?',
+    "ws": r'" "?',  # the flexible layout's optional space
     "hex": r"[0-9a-fA-F]",
     "uint": r'"0" | [1-9] [0-9]{0,18}',
     "integer": r'"-"? uint',
@@ -103,9 +157,6 @@ _SYNTAX_RULES = {
         "boolean": r'"True" | "False"',
         "null": r'"None"',
         "value": r"object | array | string | number | boolean | null",
-        "array": r'"[" ws (value (ws "," ws value)*)? ws "]"',
-        "object": r'"{" ws (pair (ws "," ws pair)*)? ws "}"',
-        "pair": r'string ws ":" ws value',
         # Plain text: not a call list, and not a ```-fence around one.
         "text": _text_rule("\\["),
     },
@@ -116,25 +167,26 @@ _SYNTAX_RULES = {
         "boolean": r'"true" | "false"',
         "null": r'"null"',
         "value": r"object | array | string | number | boolean | null",
-        "array": r'"[" ws (value (ws "," ws value)*)? ws "]"',
-        "object": r'"{" ws (pair (ws "," ws pair)*)? ws "}"',
-        "pair": r'string ws ":" ws value',
         "text": _text_rule("\\[{"),
     },
 }
 
 
 def build_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any = "auto",
-                  parallel: bool = True) -> str:
+                  parallel: bool = True, whitespace: str = DEFAULT_WHITESPACE) -> str:
     """A GBNF grammar (root rule ``root``) for the answers allowed with these tools.
 
     ``tool_choice``: ``auto`` (calls or plain text), ``required`` (at least
     one call), ``none`` (plain text only), or a tool name (calls of that tool
-    only). ``parallel=False`` allows exactly one call. Compiled grammars are
-    cached, so calling this on every request is cheap.
+    only). ``parallel=False`` allows exactly one call. ``whitespace``:
+    ``compact`` (one space after each comma and each object member's ':',
+    none elsewhere) or ``flexible`` (an optional space at every structural
+    position). Compiled grammars are cached, so calling this on every
+    request is cheap.
     """
     if syntax not in SYNTAXES:
         raise ValueError(f"unknown call syntax {syntax!r}; expected one of {', '.join(SYNTAXES)}.")
+    check_whitespace(whitespace)
     tools = as_tools(tools)
     if len(tools) > MAX_TOOLS:
         raise SchemaError(
@@ -145,19 +197,20 @@ def build_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any
     choice = _tool_choice(tool_choice, tools)
     # Property order matters (it is the declared argument order): no sort_keys.
     key = json.dumps([[t.name, t.parameters] for t in tools])
-    return _cached_grammar(key, syntax, choice, bool(parallel))
+    return _cached_grammar(key, syntax, choice, bool(parallel), whitespace)
 
 
 @lru_cache(maxsize=256)
-def _cached_grammar(key: str, syntax: str, choice: str, parallel: bool) -> str:
+def _cached_grammar(key: str, syntax: str, choice: str, parallel: bool, whitespace: str) -> str:
     tools = [Tool(name, "", params, {}) for name, params in json.loads(key)]
-    return compile_grammar(tools, syntax, choice, parallel)
+    return compile_grammar(tools, syntax, choice, parallel, whitespace=whitespace)
 
 
 def compile_grammar(tools: list[Tool], syntax: str = "python", tool_choice: str = "auto",
-                    parallel: bool = True, order_states: int = ORDER_STATES) -> str:
+                    parallel: bool = True, order_states: int = ORDER_STATES,
+                    whitespace: str = DEFAULT_WHITESPACE) -> str:
     """build_grammar without the cache; ``order_states`` sets the argument-order lattice size."""
-    return _compile(_Compiler(syntax, order_states), tools, tool_choice, parallel)
+    return _compile(_Compiler(syntax, order_states, whitespace), tools, tool_choice, parallel)
 
 
 def _compile(compiler: "_Compiler", tools: list[Tool], tool_choice: Any, parallel: bool) -> str:
@@ -170,28 +223,28 @@ def _compile(compiler: "_Compiler", tools: list[Tool], tool_choice: Any, paralle
     alts = [compiler.call_rule(i, t) for i, t in enumerate(tools)
             if choice in ("auto", "required") or t.name == choice]
     compiler.rules["call"] = " | ".join(alts)
-    if parallel:
-        compiler.rules["calls"] = '"[" ws call (ws "," ws call)* ws "]"'
-    else:
-        compiler.rules["calls"] = '"[" ws call ws "]"'
-    compiler.use("ws")
+    layout = compiler.layout
+    calls = f"call ({layout.comma} call)*" if parallel else "call"
+    compiler.rules["calls"] = compiler.mentioned(_seq('"["', layout.pad, calls, layout.pad, '"]"'))
     compiler.rules["root"] = "calls | text" if choice == "auto" else "calls"
     if choice == "auto":
         compiler.use("text")
     return compiler.render()
 
 
-def schema_grammar(schema: dict | None, syntax: str = "json") -> str:
+def schema_grammar(schema: dict | None, syntax: str = "json", whitespace: str = DEFAULT_WHITESPACE) -> str:
     """GBNF for one JSON value matching ``schema`` (None: any JSON object).
 
-    For OpenAI ``response_format``; the value is written as JSON by default.
+    For OpenAI ``response_format``; the value is written as JSON by default,
+    in build_grammar's ``whitespace`` layout (compact: json.dumps').
     """
+    check_whitespace(whitespace)
     if schema is None:
         schema = {"type": "object"}
     from .tools import normalize_schema
 
     normal = normalize_schema(schema, "response schema")
-    compiler = _Compiler(syntax, ORDER_STATES)
+    compiler = _Compiler(syntax, ORDER_STATES, whitespace)
     expr = compiler.expr(normal, _Context("response schema", normal), "")
     compiler.rules["root"] = expr
     return compiler.render()
@@ -238,13 +291,14 @@ class _NoValue(SchemaError):
 
 
 class _Compiler:
-    def __init__(self, syntax: str, order_states: int):
+    def __init__(self, syntax: str, order_states: int, whitespace: str = DEFAULT_WHITESPACE):
         self.syntax = syntax
         self.order_states = order_states
+        self.layout = LAYOUTS[whitespace]
         self.rules: dict[str, str] = {}
         self.names: dict[str, str] = {}  # body -> rule name, to share equal rules
         self.counts: dict[str, int] = {}
-        self._lib = {**_COMMON_RULES, **_SYNTAX_RULES[syntax]}
+        self._lib = {**_COMMON_RULES, **_SYNTAX_RULES[syntax], **_container_rules(self.layout)}
 
     # -- rule bookkeeping -------------------------------------------------------
     def lit(self, text: str) -> str:
@@ -270,6 +324,12 @@ class _Compiler:
             self.use(word)
         return name
 
+    def mentioned(self, expr: str) -> str:
+        """``expr``, after adding the library rules it mentions (for a rule written directly)."""
+        for word in self.words(expr):
+            self.use(word)
+        return expr
+
     def add(self, hint: str, body: str) -> str:
         """A rule for ``body``, shared with any equal rule already made."""
         if body in self.names:
@@ -286,12 +346,12 @@ class _Compiler:
     # -- calls ------------------------------------------------------------------
     def call_rule(self, index: int, tool: Tool) -> str:
         args = self.arguments(tool, index)
+        layout = self.layout
         if self.syntax == "json":
-            head = '"{" ws ' + self.lit('"name"') + ' ws ":" ws '
-            body = (head + self.lit(json.dumps(tool.name)) + ' ws "," ws ' + self.lit('"arguments"')
-                    + ' ws ":" ws ' + args + ' ws "}"')
+            body = _seq('"{"', layout.pad, self.lit('"name"'), layout.colon, self.lit(json.dumps(tool.name)),
+                        layout.comma, self.lit('"arguments"'), layout.colon, args, layout.pad, '"}"')
         else:
-            body = self.lit(tool.name + "(") + " ws " + args
+            body = _seq(self.lit(tool.name + "("), layout.pad, args)
         return self.add(f"call-{index}", body)
 
     def arguments(self, tool: Tool, index: int, where: str = "") -> str:
@@ -479,42 +539,42 @@ class _Compiler:
         if items is False or high == 0:
             if low > 0:
                 raise ctx.fail(ptr, "the array must have items but 'items' allows none")
-            return self.add("array", '"[" ws "]"')
+            return self.add("array", _seq('"["', self.layout.pad, '"]"'))
         item = self.expr(items, ctx, f"{ptr}/items")
         if low == 0 and high is None and item == "value":
             return self.use("array")
-        more = f'(ws "," ws {item})'
+        pad = self.layout.pad
+        more = f"({self.layout.comma} {item})"
         if low == 0:
             rep = "*" if high is None else f"{{0,{high - 1}}}"
-            body = f'"[" ws ({item} {more}{rep})? ws "]"'
+            body = _seq('"["', pad, f"({item} {more}{rep})?", pad, '"]"')
         else:
             rep = f"{{{low - 1},{'' if high is None else high - 1}}}"
-            body = f'"[" ws {item} {more}{rep} ws "]"'
+            body = _seq('"["', pad, f"{item} {more}{rep}", pad, '"]"')
         return self.add("array", body)
 
     def object(self, schema: dict, ctx: _Context, ptr: str) -> str:
         props = schema.get("properties")
+        pad = self.layout.pad
         if not props and not schema.get("required"):
-            extra = schema.get("additionalProperties", True)
-            if extra is False:
-                return self.add("object", '"{" ws "}"')
-            value = self.expr(extra, ctx, f"{ptr}/additionalProperties")
-            if value == "value":
+            pair = self.extra_pair(schema, ctx, ptr)
+            if not pair:
+                return self.add("object", _seq('"{"', pad, '"}"'))
+            if pair == "pair":
                 return self.use("object")
-            pair = self.add("pair", f'{self.use("string")} ws ":" ws {value}')
-            return self.add("object", f'"{{" ws ({pair} (ws "," ws {pair})*)? ws "}}"')
+            return self.add("object", _seq('"{"', pad, f"({pair} ({self.layout.comma} {pair})*)?", pad, '"}"'))
         inner = self.object_members(schema, ctx, ptr, "obj", kwargs=False)
-        return self.add("object", f'"{{" ws {inner}')
+        return self.add("object", _seq('"{"', pad, inner))
 
-    def extra_pairs(self, schema: dict, ctx: _Context, ptr: str) -> str:
-        """Undeclared keys an object allows (JSON Schema's default), written after the declared ones."""
+    def extra_pair(self, schema: dict, ctx: _Context, ptr: str) -> str:
+        """The rule for one undeclared key and its value if the object allows them (JSON Schema's default), else ''."""
         extra = schema.get("additionalProperties", True)
         if extra is False:
             return ""
         value = self.expr(extra, ctx, f"{ptr}/additionalProperties")
-        pair = self.use("pair") if value == "value" else self.add(
-            "pair", f'{self.use("string")} ws ":" ws {value}')
-        return self.add("extra", f'(ws "," ws {pair})*') + " "
+        if value == "value":
+            return self.use("pair")
+        return self.add("pair", f'{self.use("string")} {self.layout.colon} {value}')
 
     def object_members(self, schema: dict, ctx: _Context, ptr: str, hint: str, kwargs: bool) -> str:
         """The members of an object and its closing bracket, in a flexible order."""
@@ -538,24 +598,24 @@ class _Compiler:
                 if name in required:
                     raise
                 continue  # an optional key no value fits is never written
+            layout = self.layout
             if kwargs:
-                key = self.lit(name)
-                body = f'{key} ws "=" ws {value}'
+                body = f"{self.lit(name)} {layout.equals} {value}"
             elif self.syntax == "python":
                 forms = [self.lit(f) for f in py_string_forms(name)]
                 key = forms[0] if len(forms) == 1 else "(" + " | ".join(forms) + ")"
-                body = f'{key} ws ":" ws {value}'
+                body = f"{key} {layout.colon} {value}"
             else:
-                body = f'{self.lit(json.dumps(name, ensure_ascii=False))} ws ":" ws {value}'
+                body = f"{self.lit(json.dumps(name, ensure_ascii=False))} {layout.colon} {value}"
             members.append((self.add("member", body), name in required))
-        close = 'ws ")"' if kwargs else 'ws "}"'
+        close = _seq(self.layout.pad, '")"' if kwargs else '"}"')
         first_close = close  # closing when no member has been written yet
         if not kwargs:
-            extra = self.extra_pairs(schema, ctx, ptr)
-            if extra:
-                pair = self.rules[extra.strip()][len('(ws "," ws '):-2]
-                first_close = f'({pair} {extra}ws "}}" | ws "}}")'
-                close = extra + close
+            pair = self.extra_pair(schema, ctx, ptr)
+            if pair:
+                extra = self.add("extra", f"({self.layout.comma} {pair})*")
+                first_close = f"({pair} {extra} {close} | {close})"
+                close = f"{extra} {close}"
         if not members:
             return first_close
         return self.lattice(hint, members, close, first_close)
@@ -601,13 +661,13 @@ class _Compiler:
             made.add(name)
             alts = []
             if i < n:
-                alts.append(f'ws "," ws {emit(i, done)}')
+                alts.append(f"{self.layout.comma} {emit(i, done)}")
             if closable(i, done):
                 alts.append(close)
             self.rules[name] = " | ".join(alts)
             return name
 
-        self.use("ws")
+        self.mentioned(f"{self.layout.comma} {close}")
         start = [emit(0, 0)]
         if closable(0, 0):
             start.append(first_close)

@@ -2,7 +2,8 @@
 
 The call structure is the GBNF compiler's (gbnf.py: the same tool_choice and
 parallel semantics, the decline-to-text branch of ``auto``, the same
-argument-order lattice, the same merging of ``$ref``/``allOf``/``anyOf``);
+argument-order lattice, the same whitespace layouts, the same merging of
+``$ref``/``allOf``/``anyOf``);
 only the leaves differ. llguidance builds masks lazily, so what llama.cpp's
 engine could not afford is enforced here while the model writes:
 
@@ -28,8 +29,8 @@ from functools import lru_cache
 from typing import Any, Iterable
 
 from .calls import SYNTAXES, TEXT_START_EXCLUDED
-from .gbnf import (ORDER_STATES, _compile, _Compiler, _Context, _int_range, _integer_bounds, _num,
-                   _tool_choice)
+from .gbnf import (DEFAULT_WHITESPACE, ORDER_STATES, _compile, _Compiler, _container_rules, _Context,
+                   _int_range, _integer_bounds, _num, _seq, _tool_choice, check_whitespace)
 from .gbnf import _class_char as _gbnf_class_char  # same rule, plus "/" (Lark's regex delimiter)
 from .tools import Tool, as_tools
 
@@ -68,14 +69,12 @@ def _char_class(quote: str, escape: str) -> str:
 
 _LIB = {
     "python": {
-        "ws": '" "?',
         "string": "/" + "|".join(f"{q}{_char_class(q, _PY_ESC)}*{q}" for q in ("'", '"')) + "/",
         "boolean": '"True" | "False"',
         "null": '"None"',
         "text": _text_regex("\\["),
     },
     "json": {
-        "ws": '" "?',
         "string": '/"' + _char_class('"', _JSON_ESC) + '*"/',
         "boolean": '"true" | "false"',
         "null": '"null"',
@@ -88,9 +87,7 @@ for _syntax in SYNTAXES:
         "number": f"/-?{_UINT}{_NUMBER_TAIL}/",
         "number-nonneg": f"/{_UINT}{_NUMBER_TAIL}/",
         "value": "object | array | string | number | boolean | null",
-        "array": '"[" ws (value (ws "," ws value)*)? ws "]"',
-        "object": '"{" ws (pair (ws "," ws pair)*)? ws "}"',
-        "pair": 'string ws ":" ws value',
+        "ws": '" "?',  # the flexible layout's optional space
     })
 
 _NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
@@ -98,12 +95,12 @@ _STRING_KEYWORDS = ("minLength", "maxLength", "pattern", "format")
 
 
 def build_llg_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any = "auto",
-                      parallel: bool = True) -> str:
+                      parallel: bool = True, whitespace: str = DEFAULT_WHITESPACE) -> str:
     """A grammar for ``llguidance.LLMatcher(tokenizer, grammar)``: the answers allowed with these tools.
 
     The same language as :func:`build_grammar` (``tool_choice`` auto /
     required / none / a tool name, ``parallel``, the decline-to-text branch
-    of ``auto``, argument order as free), written in llguidance's Lark
+    of ``auto``, argument order as free, the ``whitespace`` layout), written in llguidance's Lark
     dialect, with pattern, number bounds, multipleOf, lengths and item
     counts of any size enforced during generation, and no limit on the
     number of tools. Returns Lark text (what ``LLMatcher.grammar_from_lark``
@@ -112,24 +109,26 @@ def build_llg_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice:
     """
     if syntax not in SYNTAXES:
         raise ValueError(f"unknown call syntax {syntax!r}; expected one of {', '.join(SYNTAXES)}.")
+    check_whitespace(whitespace)
     tools = as_tools(tools)
     choice = _tool_choice(tool_choice, tools)
     key = json.dumps([[t.name, t.parameters] for t in tools])
-    return _cached_llg_grammar(key, syntax, choice, bool(parallel))
+    return _cached_llg_grammar(key, syntax, choice, bool(parallel), whitespace)
 
 
 @lru_cache(maxsize=64)
-def _cached_llg_grammar(key: str, syntax: str, choice: str, parallel: bool) -> str:
+def _cached_llg_grammar(key: str, syntax: str, choice: str, parallel: bool, whitespace: str) -> str:
     tools = [Tool(name, "", params, {}) for name, params in json.loads(key)]
-    return _compile(_LarkCompiler(syntax, order_states(len(tools))), tools, choice, parallel)
+    return _compile(_LarkCompiler(syntax, order_states(len(tools)), whitespace), tools, choice, parallel)
 
 
-def llg_schema_grammar(schema: dict | None, syntax: str = "json") -> str:
+def llg_schema_grammar(schema: dict | None, syntax: str = "json", whitespace: str = DEFAULT_WHITESPACE) -> str:
     """schema_grammar for llguidance: one value matching ``schema`` (None: any JSON object)."""
     from .tools import normalize_schema
 
+    check_whitespace(whitespace)
     normal = normalize_schema({"type": "object"} if schema is None else schema, "response schema")
-    compiler = _LarkCompiler(syntax)
+    compiler = _LarkCompiler(syntax, whitespace=whitespace)
     compiler.rules["root"] = compiler.expr(normal, _Context("response schema", normal), "")
     return compiler.render()
 
@@ -149,9 +148,9 @@ def order_states(n_tools: int) -> int:
 class _LarkCompiler(_Compiler):
     """The GBNF compiler's structure with llguidance's Lark spelling and leaves."""
 
-    def __init__(self, syntax: str, order_states: int = ORDER_STATES):
-        super().__init__(syntax, order_states)
-        self._lib = dict(_LIB[syntax])
+    def __init__(self, syntax: str, order_states: int = ORDER_STATES, whitespace: str = DEFAULT_WHITESPACE):
+        super().__init__(syntax, order_states, whitespace)
+        self._lib = {**_LIB[syntax], **_container_rules(self.layout)}
 
     def render(self) -> str:
         lines = ["start: root", f"root: {self.rules['root']}"]
@@ -251,13 +250,13 @@ class _LarkCompiler(_Compiler):
         if items is False or high == 0:
             if low > 0:
                 raise ctx.fail(ptr, "the array must have items but 'items' allows none", True)
-            return self.add("array", '"[" ws "]"')
+            return self.add("array", _seq('"["', self.layout.pad, '"]"'))
         item = self.expr(items, ctx, f"{ptr}/items")
         if low == 0 and high is None and item == "value":
             return self.use("array")
         # the items after the first: at least low - 1, at most high - 1
         first, most = max(low - 1, 0), None if high is None else high - 1
-        more = f'(ws "," ws {item})'
+        more = f"({self.layout.comma} {item})"
         if most == 0:
             more = ""  # Lark has no {0,0}
         elif most is None:
@@ -265,7 +264,8 @@ class _LarkCompiler(_Compiler):
         else:
             more += f"{{{first},{most}}}"
         items = f"{item} {more}".strip()
-        body = f'"[" ws ({items})? ws "]"' if low == 0 else f'"[" ws {items} ws "]"'
+        pad = self.layout.pad
+        body = _seq('"["', pad, f"({items})?" if low == 0 else items, pad, '"]"')
         return self.add("array", body)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .gbnf import DEFAULT_WHITESPACE
+
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -52,20 +54,25 @@ def _name_prefix(text: str) -> str | None:
     return text[start:]
 
 
-def forced_name_suffix(text: str, names: Iterable[str], syntax: str = "python") -> str:
+def forced_name_suffix(text: str, names: Iterable[str], syntax: str = "python",
+                       whitespace: str = DEFAULT_WHITESPACE) -> str:
     """The text that must follow `text` when only one tool name still fits ('' when none is forced).
 
-    Returns the rest of that name plus ``(``. Only the python syntax is
-    handled; the json syntax returns ''.
+    Returns the rest of that name plus ``(``; right after a comma, in the
+    compact layout (the grammars' default, gbnf.LAYOUTS), also the space
+    before the name. Only the python syntax is handled; the json syntax returns ''.
     """
     if syntax != "python":
         return ""
     prefix = _name_prefix(text)
     if prefix is None:
         return ""
+    space = ""
     if prefix == "" and text.endswith(","):
-        return ""  # let the model choose its optional space first
+        if whitespace != "compact":
+            return ""  # the space is optional: let the model choose it first
+        space = " "
     fits = [n for n in names if n.startswith(prefix)]
     if len(fits) != 1:
         return ""
-    return fits[0][len(prefix):] + "("
+    return space + fits[0][len(prefix):] + "("

@@ -33,6 +33,79 @@ TOOLS = load_tools([
         "number": {"type": "integer"}, "from": {"type": "float"}}, "required": ["number"]}},
 ])
 
+# Nested arrays and objects (open, closed, any value) and a tool without arguments, for the layouts.
+NESTED = load_tools([
+    {"name": "plan", "description": "", "parameters": {"type": "object", "properties": {
+        "stops": {"type": "array", "items": {"type": "string"}},
+        "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+        "opts": {"type": "object", "properties": {"k": {"type": "integer"},
+                                                  "tags": {"type": "array", "items": {"type": "string"}}}},
+        "shut": {"type": "object", "properties": {"k": {"type": "integer"}}, "additionalProperties": False},
+        "any": {},
+    }, "required": ["stops"]}},
+    {"name": "now", "description": "", "parameters": {"type": "object", "properties": {}}},
+])
+
+# The layouts' languages, shared with test_grammars_llg.py (both engines must agree):
+# (syntax, text, accepted by compact, accepted by flexible).
+LAYOUT_CASES = [
+    # the canonical layout: accepted by both
+    ("python", "[plan(stops=['a, b', \"c = d: e\"], grid=[[1, 2], [], [3]], opts={'k': 1, 'tags': ['x y', 'z']}, "
+               "shut={'k': -2}, any={'a': [1, {'b': None}]}), now(), plan(stops=[])]", True, True),
+    ("python", "[plan(stops=['a'], opts={'other': [1, 2], \"k\": 1.5}, any=[True, 'x'])]", True, True),
+    ("python", "[plan(stops=['a'], opts={}, shut={}, any={})]", True, True),
+    ("json", '[{"name": "plan", "arguments": {"stops": ["a, b", "c: d"], "grid": [[1, 2], []], '
+             '"opts": {"k": 1, "other": {"x": null}}, "any": [1, {"b": "c , d"}]}}, {"name": "now", "arguments": {}}]',
+     True, True),
+    ("json", '[{"name": "plan", "arguments": {"stops": [], "opts": {}}}]', True, True),
+    # one space too many, or one missing: compact refuses, flexible allows
+    ("python", "[ now()]", False, True),
+    ("python", "[now() ]", False, True),
+    ("python", "[now( )]", False, True),
+    ("python", "[plan( stops=[])]", False, True),
+    ("python", "[plan(stops=[] )]", False, True),
+    ("python", "[plan(stops = [])]", False, True),
+    ("python", "[plan(stops= [])]", False, True),
+    ("python", "[plan(stops=[ 'a'])]", False, True),
+    ("python", "[plan(stops=['a' ])]", False, True),
+    ("python", "[plan(stops=['a','b'])]", False, True),
+    ("python", "[plan(stops=['a' , 'b'])]", False, True),
+    ("python", "[plan(stops=['a'],grid=[])]", False, True),
+    ("python", "[now(),now()]", False, True),
+    ("python", "[now() , now()]", False, True),
+    ("python", "[plan(stops=[], opts={'k':1})]", False, True),
+    ("python", "[plan(stops=[], opts={'k' : 1})]", False, True),
+    ("python", "[plan(stops=[], opts={ 'k': 1})]", False, True),
+    ("python", "[plan(stops=[], opts={'other':1})]", False, True),
+    ("python", "[plan(stops=[], shut={ })]", False, True),
+    ("python", "[plan(stops=[], grid=[[1,2]])]", False, True),
+    ("python", "[plan(stops=[], any={'a':1})]", False, True),
+    ("python", "[plan(stops=[], any=[1,2])]", False, True),
+    ("python", "[ plan( stops = [ 'a' , 'b' ] , opts = { 'k' : 1 } ) , now( ) ]", False, True),
+    ("json", '[{"name":"now","arguments":{}}]', False, True),
+    ("json", '[ {"name": "now", "arguments": {}}]', False, True),
+    ("json", '[{ "name": "now", "arguments": {}}]', False, True),
+    ("json", '[{"name" : "now", "arguments": {}}]', False, True),
+    ("json", '[{"name": "now","arguments": {}}]', False, True),
+    ("json", '[{"name": "now", "arguments": { }}]', False, True),
+    ("json", '[{"name": "now", "arguments": {}},{"name": "now", "arguments": {}}]', False, True),
+    ("json", '[{"name": "plan", "arguments": {"stops":["a"]}}]', False, True),
+    ("json", '[{"name": "plan", "arguments": {"stops": ["a","b"]}}]', False, True),
+    ("json", '[{"name": "plan", "arguments": {"stops": [], "opts": {"k":1}}}]', False, True),
+    # refused by both: more than one space, or whitespace other than a space
+    ("python", "[  now()]", False, False),
+    ("python", "[plan(stops=[],  grid=[])]", False, False),
+    ("python", "[now(),\nnow()]", False, False),
+    ("python", "[now(),\tnow()]", False, False),
+    ("json", '[\n  {"name": "now", "arguments": {}}\n]', False, False),
+    ("json", '[{"name":  "now", "arguments": {}}]', False, False),
+]
+
+
+def layout_cases(whitespace: str) -> list:
+    return [(syntax, text, compact if whitespace == "compact" else flexible)
+            for syntax, text, compact, flexible in LAYOUT_CASES]
+
 
 # -- pure ----------------------------------------------------------------------
 
@@ -45,7 +118,33 @@ def test_tool_choice_shapes_the_root():
     assert "math.factorial(" in only and "get_weather" not in only
     assert build_grammar(TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}) \
         == build_grammar(TOOLS, tool_choice="get_weather")
-    assert 'calls ::= "[" ws call ws "]"' in build_grammar(TOOLS, parallel=False)
+    assert 'calls ::= "[" call "]"' in build_grammar(TOOLS, parallel=False)
+    assert 'calls ::= "[" ws call ws "]"' in build_grammar(TOOLS, parallel=False, whitespace="flexible")
+
+
+def test_whitespace_layouts():
+    compact = build_grammar(TOOLS)
+    assert compact == build_grammar(TOOLS, whitespace="compact")
+    assert 'calls ::= "[" call (", " call)* "]"' in compact
+    assert " ws" not in compact and "\nws ::=" not in compact  # no optional space anywhere
+    flexible = build_grammar(TOOLS, whitespace="flexible")
+    assert 'calls ::= "[" ws call (ws "," ws call)* ws "]"' in flexible and '\nws ::= " "?' in flexible
+    # the layout is part of the cache key
+    assert build_grammar(TOOLS, whitespace="flexible") is flexible and flexible != compact
+    assert " ws" not in schema_grammar(None) and " ws" in schema_grammar(None, whitespace="flexible")
+    with pytest.raises(ValueError, match="unknown whitespace layout 'loose'; expected one of compact, flexible"):
+        build_grammar(TOOLS, whitespace="loose")
+    with pytest.raises(ValueError, match="unknown whitespace layout"):
+        schema_grammar(None, whitespace="loose")
+
+
+@pytest.mark.parametrize("whitespace", ["compact", "flexible"])
+def test_layout_languages_without_a_model(whitespace):
+    from gbnf_walk import load
+
+    for syntax, text, ok in layout_cases(whitespace):
+        grammar = load(build_grammar(TOOLS + NESTED, syntax=syntax, whitespace=whitespace))
+        assert grammar.accepts(text) is ok, (whitespace, text)
 
 
 def test_unknown_tool_choice_names_the_known_tools():
@@ -171,6 +270,14 @@ PY = build_grammar(TOOLS)
 ])
 def test_python_grammar_in_llama_cpp(engine, text, ok):
     assert engine.accepts(PY, text) is ok
+    assert engine.accepts(build_grammar(TOOLS, whitespace="flexible"), text) is ok  # layout-independent
+
+
+@pytest.mark.parametrize("whitespace", ["compact", "flexible"])
+def test_layouts_in_llama_cpp(engine, whitespace):
+    for syntax, text, ok in layout_cases(whitespace):
+        grammar = build_grammar(TOOLS + NESTED, syntax=syntax, whitespace=whitespace)
+        assert engine.accepts(grammar, text) is ok, (whitespace, text)
 
 
 @pytest.mark.parametrize("choice, parallel, text, ok", [
@@ -184,7 +291,9 @@ def test_python_grammar_in_llama_cpp(engine, text, ok):
     ("auto", False, "[get_weather(location='a')]", True),
 ])
 def test_tool_choice_and_parallel_in_llama_cpp(engine, choice, parallel, text, ok):
-    assert engine.accepts(build_grammar(TOOLS, tool_choice=choice, parallel=parallel), text) is ok
+    for whitespace in ("compact", "flexible"):
+        grammar = build_grammar(TOOLS, tool_choice=choice, parallel=parallel, whitespace=whitespace)
+        assert engine.accepts(grammar, text) is ok
 
 
 def test_json_syntax_in_llama_cpp(engine):
@@ -192,9 +301,11 @@ def test_json_syntax_in_llama_cpp(engine):
     call = '[{"name": "get_weather", "arguments": {"unit": "celsius", "location": "P\\"aris"}}]'
     assert engine.accepts(grammar, call)
     assert engine.accepts(grammar, render_calls(parse_calls(call, TOOLS, "json"), "json"))
-    assert engine.accepts(grammar, '[{"name":"math.factorial","arguments":{"number":3}}]')
+    assert not engine.accepts(grammar, '[{"name":"math.factorial","arguments":{"number":3}}]')  # json.dumps' layout
+    flexible = build_grammar(TOOLS, syntax="json", whitespace="flexible")
+    assert engine.accepts(flexible, '[{"name":"math.factorial","arguments":{"number":3}}]')
     # at most one space between tokens: no room for runs of whitespace
-    assert not engine.accepts(grammar, '[\n  {"name": "math.factorial", "arguments": {"number": 3}}\n]')
+    assert not engine.accepts(flexible, '[\n  {"name": "math.factorial", "arguments": {"number": 3}}\n]')
     assert not engine.accepts(grammar, '[{"name": "get_weather", "arguments": {}}]')
     assert not engine.accepts(grammar, '{"name": "get_weather"}')
     assert engine.accepts(grammar, "Sorry.")
@@ -242,6 +353,8 @@ def test_schema_features_in_llama_cpp(engine):
         assert not engine.accepts(grammar, json.dumps(value, ensure_ascii=False)), value
     assert engine.accepts(schema_grammar(None), '{"any": [1, {"b": null}]}')
     assert not engine.accepts(schema_grammar(None), "[1]")
+    assert not engine.accepts(schema_grammar(None), '{"any":[1]}')
+    assert engine.accepts(schema_grammar(None, whitespace="flexible"), '{"any":[1]}')
 
 
 def test_every_order_of_small_tools_and_windowed_order_of_large_ones(engine):

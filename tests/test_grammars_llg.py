@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_grammars_gbnf import NESTED, layout_cases
 from test_grammars_property import tools_and_meaning
 from toolgrad_edge.errors import SchemaError
 from toolgrad_edge.grammars import build_grammar, load_tools, parse_calls, render_calls
@@ -124,6 +125,40 @@ TOOLS = load_tools([
 def test_python_grammar(tok, text, ok):
     assert accepts(tok, build_llg_grammar(TOOLS), text) is ok
     assert accepts(tok, build_llg_grammar(TOOLS), text) is _gbnf_accepts(build_grammar(TOOLS), text)
+    assert accepts(tok, build_llg_grammar(TOOLS, whitespace="flexible"), text) is ok  # layout-independent
+
+
+@pytest.mark.parametrize("whitespace", ["compact", "flexible"])
+def test_layouts(tok, whitespace):
+    """test_grammars_gbnf.py's layout table: the same language in both engines."""
+    for syntax, text, ok in layout_cases(whitespace):
+        grammar = build_llg_grammar(TOOLS + NESTED, syntax=syntax, whitespace=whitespace)
+        assert accepts(tok, grammar, text) is ok, (whitespace, text)
+        gbnf = build_grammar(TOOLS + NESTED, syntax=syntax, whitespace=whitespace)
+        assert _gbnf_accepts(gbnf, text) is ok, (whitespace, text)
+
+
+@pytest.mark.parametrize("syntax, prefix, compact", [
+    ("python", "[math.factorial(number=1,", " from="),
+    ("json", '[{"name": "math.factorial", "arguments": {"number": 1,', ' "from": '),
+    ("json", "[{", '"name": "'),
+])
+def test_compact_layout_leaves_separators_to_jump_forward(tok, syntax, prefix, compact):
+    """What the runtime emits without a forward pass: the compact layout's spaces, not the flexible one's."""
+    for whitespace, forced in (("compact", compact), ("flexible", "")):
+        m = matcher(tok, build_llg_grammar(TOOLS, syntax=syntax, tool_choice="required", whitespace=whitespace))
+        assert consumes(m, prefix) is False  # consumed, not finished
+        assert bytes(m.compute_ff_tokens()).decode() == forced, whitespace
+
+
+def test_whitespace_is_part_of_the_cache_key_and_checked():
+    compact = build_llg_grammar(TOOLS)
+    flexible = build_llg_grammar(TOOLS, whitespace="flexible")
+    assert build_llg_grammar(TOOLS, whitespace="compact") is compact and build_llg_grammar(
+        TOOLS, whitespace="flexible") is flexible
+    assert "\nws:" not in compact and ' ws "," ws ' in flexible
+    with pytest.raises(ValueError, match="unknown whitespace layout 'loose'; expected one of compact, flexible"):
+        build_llg_grammar(TOOLS, whitespace="loose")
 
 
 def _gbnf_accepts(grammar: str, text: str) -> bool:
@@ -145,7 +180,9 @@ def _gbnf_accepts(grammar: str, text: str) -> bool:
     ("auto", False, "[get_weather(location='a')]", True),
 ])
 def test_tool_choice_and_parallel(tok, choice, parallel, text, ok):
-    assert accepts(tok, build_llg_grammar(TOOLS, tool_choice=choice, parallel=parallel), text) is ok
+    for whitespace in ("compact", "flexible"):
+        grammar = build_llg_grammar(TOOLS, tool_choice=choice, parallel=parallel, whitespace=whitespace)
+        assert accepts(tok, grammar, text) is ok
 
 
 def test_json_syntax(tok):
@@ -153,8 +190,10 @@ def test_json_syntax(tok):
     call = '[{"name": "get_weather", "arguments": {"unit": "celsius", "location": "P\\"aris"}}]'
     assert accepts(tok, grammar, call)
     assert accepts(tok, grammar, render_calls(parse_calls(call, TOOLS, "json"), "json"))
-    assert accepts(tok, grammar, '[{"name":"math.factorial","arguments":{"number":3}}]')
-    assert not accepts(tok, grammar, '[\n  {"name": "math.factorial", "arguments": {"number": 3}}\n]')
+    assert not accepts(tok, grammar, '[{"name":"math.factorial","arguments":{"number":3}}]')  # json.dumps' layout
+    flexible = build_llg_grammar(TOOLS, syntax="json", whitespace="flexible")
+    assert accepts(tok, flexible, '[{"name":"math.factorial","arguments":{"number":3}}]')
+    assert not accepts(tok, flexible, '[\n  {"name": "math.factorial", "arguments": {"number": 3}}\n]')
     assert not accepts(tok, grammar, '[{"name": "get_weather", "arguments": {}}]')
     assert not accepts(tok, grammar, '[{"name": "get_weather", "arguments": {"location": "a", "x": 1}}]')
     assert not accepts(tok, grammar, '{"name": "get_weather"}')
@@ -318,6 +357,8 @@ def test_schema_grammar_for_response_format(tok):
     assert not accepts(tok, grammar, '{"score": 2}')
     assert not accepts(tok, grammar, '{"score": 0.5, "label": "OK"}')
     assert accepts(tok, llg_schema_grammar(None), '{"any": [1, {"b": null}]}')
+    assert not accepts(tok, llg_schema_grammar(None), '{"any":[1]}')
+    assert accepts(tok, llg_schema_grammar(None, whitespace="flexible"), '{"any":[1]}')
 
 
 def test_random_walks_on_the_gemma_vocabulary_are_valid(gemma_tok):

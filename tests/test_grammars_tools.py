@@ -138,7 +138,8 @@ def test_keyword_and_hyphenated_names():
     tools = load_tools([{"name": "trains-find", "parameters": {"type": "dict", "properties": {
         "from": {"type": "string"}, "in": {"type": "string"}, "_from": {"type": "string"}}}}])
     assert isinstance(tools[0], Tool)
-    assert '"from" ws "=" ws' in build_grammar(tools)
+    assert '"from" "=" string' in build_grammar(tools)
+    assert '"from" ws "=" ws string' in build_grammar(tools, whitespace="flexible")
 
 
 def test_grammar_command(tmp_path):
@@ -154,3 +155,29 @@ def test_grammar_command(tmp_path):
     assert json.loads(result.output)["tools"] == ["get_weather", "math.factorial"]
     result = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--tool-choice", "nope"])
     assert result.exit_code == 1 and "known tools" in result.output and "Traceback" not in result.output
+
+
+def test_grammar_command_whitespace_layout(tmp_path):
+    from click.testing import CliRunner
+
+    from toolgrad_edge.cli import main
+
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([WEATHER_OPENAI, FACTORIAL_BFCL]))
+    tools = load_tools(path)
+
+    def run(*args):
+        result = CliRunner().invoke(main, ["grammar", "--tools", str(path), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert run() == build_grammar(tools) == run("--whitespace", "compact")
+    assert run("--whitespace", "flexible") == build_grammar(tools, whitespace="flexible") != run()
+    body = json.loads(run("--whitespace", "flexible", "--request", "llama-server", "--prompt", "Hi"))
+    assert body["grammar"] == build_grammar(tools, whitespace="flexible")
+    body = json.loads(run("--syntax", "json", "--request", "vllm", "--prompt", "Hi"))
+    assert body["structured_outputs"]["grammar"] == build_grammar(tools, syntax="json")
+    assert json.loads(run("--json", "--whitespace", "flexible"))["whitespace"] == "flexible"
+    bad = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--whitespace", "loose"])
+    assert bad.exit_code == 2 and "'loose' is not one of 'compact', 'flexible'" in bad.output
+    assert "Traceback" not in bad.output

