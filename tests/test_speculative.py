@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
-from toolgrad_edge.decoding import DraftPolicy, PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
+from toolgrad_edge.decoding import PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
 from toolgrad_edge.errors import GenerationError
 
 V = 40
@@ -116,13 +116,13 @@ class ToyGrammar:
 PROMPT = [1, 4, 13, 5, 7, 8, 25, 2, 7, 22, 28, 4, 13, 1, 4]
 
 
-def run(params, grammar=True, jump_forward=False, drafter=None, max_tokens=40, session=None, policy=None):
+def run(params, grammar=True, jump_forward=False, drafter=None, max_tokens=40, session=None):
     session = session or FakeSession()
     logits = session.decode(PROMPT, 1)[0]
     session.passes = 0
     gate = ToyGrammar() if grammar else None
     decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(PROMPT),
-                          jump_forward=jump_forward, drafter=drafter, policy=policy)
+                          jump_forward=jump_forward, drafter=drafter)
     out = []
     while len(out) < max_tokens and not decoder.done:
         out += decoder.step(max_tokens - len(out))
@@ -203,56 +203,6 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     # By default a match needs two tokens: one is right too rarely to pay for its logits row.
     assert PromptLookupDrafter().propose([1, 2, 3, 1], 2) == []
     assert PromptLookupDrafter().propose([1, 2, 3, 1, 2], 2) == [3, 1]
-
-
-def _policy_after(a, b, c, accept, passes=200, proposal_s=0.0):
-    """A DraftPolicy that saw passes costing a + b * tokens + c * rows and drafts accepted with rate `accept`."""
-    policy = DraftPolicy(max_draft=8)
-    rng = np.random.default_rng(0)
-    for i in range(passes):
-        n_tokens, rows = int(rng.integers(1, 9)), int(rng.integers(1, 5))
-        rows = min(rows, n_tokens)
-        policy.observe_forward(n_tokens, rows, a + b * n_tokens + c * rows)
-        drafted = 4
-        accepted = 0
-        while accepted < drafted and rng.random() < accept:
-            accepted += 1
-        policy.observe_draft(drafted, accepted)
-        if proposal_s:
-            policy.observe_proposal(drafted, proposal_s * drafted)
-    return policy
-
-
-def test_draft_policy_learns_the_pass_costs():
-    a, b, c = _policy_after(0.010, 0.002, 0.006, accept=0.5).costs()
-    assert a == pytest.approx(0.010, rel=0.02) and b == pytest.approx(0.002, rel=0.02)
-    assert c == pytest.approx(0.006, rel=0.02)
-
-
-def test_draft_policy_drafts_only_where_it_pays():
-    # Cheap rows (a big model, a GPU): even a 50 % draft pays for a few tokens.
-    cheap = _policy_after(0.050, 0.001, 0.001, accept=0.5)
-    assert cheap.draft_length(8) >= 3
-    # A logits row costs nearly a pass (a small model's 262k-row output layer): 50 % does not pay...
-    dear = _policy_after(0.005, 0.002, 0.008, accept=0.5)
-    lengths = [dear.draft_length(8) for _ in range(64)]
-    assert lengths.count(0) == 60 and lengths.count(2) == 4  # ...but one opportunity in 16 still measures
-    # ...while drafts that are nearly always right do.
-    assert _policy_after(0.005, 0.002, 0.008, accept=0.97).draft_length(8) >= 4
-    # What proposing costs (a draft model's passes) counts against the draft.
-    assert _policy_after(0.050, 0.001, 0.001, accept=0.5, proposal_s=0.05).draft_length(8) == 0
-    assert cheap.draft_length(2) <= 2 and cheap.draft_length(0) == 0
-
-
-def test_a_draft_policy_never_changes_the_output():
-    policy = _policy_after(0.005, 0.002, 0.008, accept=0.3)
-    for seed in range(20):
-        params = SamplingParams(temperature=1.0, seed=seed)
-        stepwise = run(params, jump_forward=True)[0]
-        assert run(params, jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1), policy=policy)[0] == stepwise
-    greedy = run(SamplingParams(), jump_forward=True)[0]
-    fresh = DraftPolicy()
-    assert run(SamplingParams(), jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1), policy=fresh)[0] == greedy
 
 
 @pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1, 0])

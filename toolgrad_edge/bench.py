@@ -255,8 +255,6 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                     prefill.append(r.usage.prompt_tokens / r.timings.ttft_s)
             python = _workload(rt, "python", runs, max_tokens, say, "python", with_free=True)
             js = _workload(rt, "json", runs, max_tokens, say, "json")
-            a, b, c = rt.draft_policy.costs()
-            draft_policy = {"pass_ms": 1000 * a, "token_ms": 1000 * b, "row_ms": 1000 * c}
             say("forward pass costs")
             forward_ms = _forward_costs(rt, prompt_tokens, runs)
             info["constrained_output"] = rt.call(messages, tool_dicts, tool_choice="required",
@@ -303,7 +301,6 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
     result.update({k: v for k, v in python.items()})
     result["decode_tps_baseline"] = base_tps
     result["forward_ms"] = forward_ms
-    result["draft_policy_costs"] = draft_policy
     result["json"] = js
     if drafted is not None:
         result["with_draft_model"] = drafted

@@ -13,7 +13,6 @@ which is the constrained distribution.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -169,88 +168,6 @@ class PromptLookupDrafter:
         return []
 
 
-class DraftPolicy:
-    """How many draft tokens pay for themselves on this model and machine.
-
-    A draft token rides along in the verification batch and needs a logits
-    row there: on a small model most of a forward pass is its 262k-row output
-    layer, so a refused draft token costs nearly what it would have saved.
-    The policy keeps a running least-squares fit of what the session's
-    forward passes cost (seconds = a + b * tokens + c * logits rows) and of
-    what proposing costs (d a token, e.g. a draft model's passes), and how
-    often the i-th draft token was accepted. The i-th token is worth sending
-    while P(first i accepted) * (a + b + c) > b + c + d, i.e. while the
-    one-token pass it is expected to save costs more than carrying it.
-    When that rules drafts out, one opportunity in EXPLORE still drafts (two
-    tokens), so the figures follow a change of workload. Which tokens are
-    emitted never depends on it, only how many forward passes they take.
-    """
-
-    EXPLORE = 16
-    DECAY = 0.97
-
-    def __init__(self, max_draft: int = MAX_DRAFT):
-        self.max_draft = max_draft
-        # Least squares over (1, tokens, rows) -> seconds, exponentially decayed.
-        self._xtx = np.zeros((3, 3))
-        self._xty = np.zeros(3)
-        self._propose_s = 0.0   # seconds per proposed token (decayed mean)
-        self._propose_n = 0.0
-        # reached[i] / tried[i]: of the drafts that had an i+1-th token, how many got it accepted
-        self._tried = np.full(max_draft, 2.0)
-        self._reached = 0.5 ** np.arange(1, max_draft + 1) * 2.0
-        self._skipped = 0
-
-    def observe_forward(self, n_tokens: int, n_rows: int, seconds: float) -> None:
-        x = np.array([1.0, float(n_tokens), float(n_rows)])
-        self._xtx = self._xtx * self.DECAY + np.outer(x, x)
-        self._xty = self._xty * self.DECAY + x * seconds
-
-    def observe_proposal(self, n_tokens: int, seconds: float) -> None:
-        self._propose_s = self._propose_s * self.DECAY + seconds
-        self._propose_n = self._propose_n * self.DECAY + n_tokens
-
-    def observe_draft(self, drafted: int, accepted: int) -> None:
-        self._tried *= self.DECAY
-        self._reached *= self.DECAY
-        self._tried[:drafted] += 1
-        self._reached[:accepted] += 1
-
-    def costs(self) -> tuple[float, float, float]:
-        """(a, b, c): seconds per pass, per token in it, per logits row in it.
-
-        A weak ridge toward (0.5, 0.25, 0.25) x the mean pass time settles
-        what the passes seen cannot tell apart (e.g. a and c while every
-        pass had one logits row).
-        """
-        n = self._xtx[0, 0]
-        mean = self._xty[0] / n
-        w = 1e-3 * n
-        prior = mean * np.array([0.5, 0.25, 0.25])
-        a, b, c = np.linalg.solve(self._xtx + w * np.eye(3), self._xty + w * prior)
-        return float(a), max(float(b), 0.0), max(float(c), 0.0)
-
-    def draft_length(self, room: int) -> int:
-        """How many draft tokens to ask for at most, now."""
-        room = min(room, self.max_draft)
-        if room <= 0:
-            return 0
-        if self._xtx[0, 0] < 4:  # too few passes seen to judge: draft and measure
-            return room
-        a, b, c = self.costs()
-        d = self._propose_s / self._propose_n if self._propose_n > 0 else 0.0
-        saved, cost = a + b + c, b + c + d
-        reach = self._reached / self._tried
-        k = 0
-        while k < room and reach[k] * saved > cost:
-            k += 1
-        if k == 0:
-            self._skipped += 1
-            if self._skipped % self.EXPLORE == 0:
-                return min(2, room)
-        return k
-
-
 @dataclass
 class DecodeStats:
     forward_passes: int = 0   # batches run after the prompt
@@ -285,7 +202,6 @@ class StepDecoder:
     jump_forward: bool = True
     drafter: Drafter | None = None
     max_draft: int = MAX_DRAFT
-    policy: DraftPolicy | None = None  # None: always draft up to max_draft
     stats: DecodeStats = field(default_factory=DecodeStats)
     done: bool = False
     _pending: list[int] = field(default_factory=list)  # emitted, accepted by the grammar, not yet in the cache
@@ -325,11 +241,7 @@ class StepDecoder:
         if room <= 0:
             return emitted  # the budget ends here; no forward pass for tokens nobody will see
         draft = self._draft(room)
-        batch = self._pending + draft
-        started = time.perf_counter()
-        rows = self.session.decode(batch, len(draft) + 1)
-        if self.policy is not None:
-            self.policy.observe_forward(len(batch), len(draft) + 1, time.perf_counter() - started)
+        rows = self.session.decode(self._pending + draft, len(draft) + 1)
         self.stats.forward_passes += 1
         self.kv_tokens += self._pending
         self._pending = []
@@ -347,8 +259,6 @@ class StepDecoder:
                 emitted.append(token)
                 self.stats.accepted_tokens += 1
                 continue
-            if self.policy is not None:
-                self.policy.observe_draft(len(draft), j)
             self.session.rewind(len(self.kv_tokens))  # drop the refused tail draft[j:]
             room = budget - len(emitted)
             if forced:
@@ -362,8 +272,6 @@ class StepDecoder:
                 self._pending = [token]
                 emitted.append(token)
             return emitted
-        if self.policy is not None:
-            self.policy.observe_draft(len(draft), len(draft))
         self.logits = rows[-1]
         return emitted
 
@@ -394,15 +302,7 @@ class StepDecoder:
     def _draft(self, room: int) -> list[int]:
         if self.drafter is None:
             return []
-        k = min(self.max_draft, room)
-        if self.policy is not None:
-            k = self.policy.draft_length(k)
-            if k <= 0:
-                return []
-        started = time.perf_counter()
-        draft = self.drafter.propose(self.kv_tokens + self._pending, k)
-        if self.policy is not None and draft:
-            self.policy.observe_proposal(len(draft), time.perf_counter() - started)
+        draft = self.drafter.propose(self.kv_tokens + self._pending, min(self.max_draft, room))
         for i, token in enumerate(draft):
             if self.session.is_eog(token):
                 draft = draft[:i]

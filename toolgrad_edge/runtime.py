@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoding import MAX_DRAFT, DraftPolicy, PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
+from .decoding import PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
 from .engines.inprocess import LlamaSession, common_prefix
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
@@ -154,8 +154,6 @@ class ToolRuntime:
             except BaseException:
                 self.close()
                 raise
-        # What drafting pays on this model and machine, learned from this runtime's passes.
-        self.draft_policy = DraftPolicy(self._draft.MAX_DRAFT if self._draft is not None else MAX_DRAFT)
         prefix_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
         # prefix_cache=False keeps nothing between calls (the KV cache itself
         # still serves a repeated prefix within this object).
@@ -401,8 +399,7 @@ class ToolRuntime:
         if speculative:
             drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter()
         decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(prompt),
-                              jump_forward=speculative and self.fast_forward, drafter=drafter,
-                              policy=self.draft_policy)
+                              jump_forward=speculative and self.fast_forward, drafter=drafter)
         # Stop strings end text answers only: inside a call list they would cut a call in half.
         stops = [s for s in stop if s]
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
