@@ -14,7 +14,7 @@ from toolgrad_edge.errors import ContextLengthError, SchemaError
 pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tools.json"
-QUERY = "What's the weather like in Paris, in celsius? Also, what time is it in Tokyo?"
+QUERY = "What is the weather in Paris (celsius) and what time is it in Tokyo?"
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,18 @@ def test_prefix_cache_hit_across_instances(gemma_270m_gguf, tools, tmp_path):
     assert second.finish_reason == first.finish_reason == "tool_calls"
     assert [(c.name, sorted(c.arguments)) for c in second.tool_calls] == \
         [(c.name, sorted(c.arguments)) for c in first.tool_calls]
+
+
+def test_a_cold_prompt_is_evaluated_once(gemma_270m_gguf, tools, tmp_path):
+    """A prefix-cache miss evaluates the tool prefix, saves it, and goes on from there."""
+    with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=4096, cache_dir=tmp_path) as rt:
+        session = rt.session
+        decode = session.decode
+        evaluated = []
+        session.decode = lambda tokens, n_logits=1: evaluated.append(len(tokens)) or decode(tokens, n_logits)
+        result = rt.call(QUERY, tools, tool_choice="required", max_tokens=1)
+        assert rt.prefix_cache.stats.misses == 1
+    assert sum(evaluated) == result.usage.prompt_tokens
 
 
 def test_corrupt_cache_entry_is_rebuilt(gemma_270m_gguf, tools, tmp_path):

@@ -285,7 +285,7 @@ def test_load_run_has_no_errors_and_no_mixing(client, server):
 
 # -- bad input ------------------------------------------------------------------------
 
-TOO_MANY_TOOLS = [dict(TOOLS[0], function=dict(TOOLS[0]["function"], name=f"tool_{i}")) for i in range(129)]
+TOO_MANY_TOOLS = [dict(TOOLS[0], function=dict(TOOLS[0]["function"], name=f"tool_{i}")) for i in range(1025)]  # over --max-tools
 LONG_TEXT = "word " * 4000  # well past the 2,048-token context
 
 

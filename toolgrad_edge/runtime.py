@@ -344,13 +344,14 @@ class ToolRuntime:
         session = self._session
         # Evaluate at least one token, for its logits.
         common = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
-        reused = common
+        reused = keep = common  # tokens found in a cache / tokens the cache holds before the rest
         if common < len(prefix) < len(prompt):
             key = prefix_key(self._model_id, prefix, self._cache_settings)
             state = self.prefix_cache.get(key)
             if state is not None and session.load_state(state, prefix):
-                reused = len(prefix)
+                reused = keep = len(prefix)
             else:
+                keep = len(prefix)
                 if state is not None:
                     self.prefix_cache.discard(key)
                 session.sync(prompt[:common])
@@ -359,8 +360,8 @@ class ToolRuntime:
                     state = session.save_state()
                     if state:
                         self.prefix_cache.put(key, state)
-        session.sync(prompt[:reused])
-        logits = session.decode(prompt[reused:], 1)[0]
+        session.sync(prompt[:keep])
+        logits = session.decode(prompt[keep:], 1)[0]
         return reused, logits
 
     def _matcher(self, grammar: str, tools: list[Tool], syntax: str, grammar_override: bool):
