@@ -130,3 +130,14 @@ def test_an_open_remote_runtime_says_it_has_no_local_session(stand_in):
     with ToolRuntime(engine=stand_in.url) as rt:
         with pytest.raises(GenerationError, match=f"decodes on llama-server at {stand_in.url}: it holds no local"):
             rt.session
+
+
+@pytest.mark.parametrize("option", [{"draft_model": "draft.gguf"}, {"grammar_engine": "llama"}])
+def test_local_decoding_options_over_llama_server_are_refused(stand_in, option, monkeypatch):
+    from toolgrad_edge.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=f"{next(iter(option))} apply to a local model.*{stand_in.url}"):
+        ToolRuntime(engine=stand_in.url, **option)
+    monkeypatch.setenv("TOOLGRAD_EDGE_ENGINE", stand_in.url)
+    with pytest.raises(ModelLoadError, match="TOOLGRAD_EDGE_ENGINE"):
+        ToolRuntime(**option)

@@ -110,6 +110,13 @@ class ToolRuntime:
         # llama-server; the prompt, grammar and parsing stay here and no model file is loaded.
         self._remote = remote_engine(engine, model)
         if self._remote is not None:
+            local = [name for name, value in (("draft_model", draft_model), ("grammar_engine", grammar_engine))
+                     if value is not None]
+            if local:
+                raise ModelLoadError(
+                    f"{' and '.join(local)} apply to a local model, but this runtime decodes on the llama-server at "
+                    f"{self._remote.info.url} (engine, or $TOOLGRAD_EDGE_ENGINE), which samples with its own "
+                    f"GBNF grammar support; drop {' and '.join(local)} or decode locally with a model.")
             self._init_remote(self._remote)
             return
         self.model_path = resolve_model(model)
