@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -100,12 +101,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
         total = len(paths) * bench.steps_per_file(runs, draft_model is not None)
         if quality:
             total += len(paths) * len(bench_compare.quality_prompts())
-        with click.progressbar(length=total, label="bench", file=sys.stderr,
-                               show_pos=True, show_eta=True) as bar:
-            def progress(label: str, advance: int) -> None:
-                bar.label = label[:48].ljust(48)
-                bar.update(advance)
-
+        with _progress_bar(total) as progress:
             measure = (bench.measure_in_subprocess(draft_model, grammar_engine) if draft_model or grammar_engine
                        else None)  # None: bench_compare's own child process
             report = bench_compare.compare_models(paths, runs=runs, n_threads=n_threads, max_tokens=max_tokens,
@@ -113,12 +109,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
 
     if plot_file:
         bench_compare.plot(report, plot_file)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    elif markdown:
-        click.echo(bench_compare.format_markdown(report))
-    else:
-        click.echo(bench_compare.format_table(report))
+    _echo_report(report, as_json, markdown, bench_compare)
     if plot_file and not as_json:
         click.echo(f"plot: {plot_file}", err=True)
 
@@ -126,16 +117,28 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
 def _bench_engine(url: str, runs: int, max_tokens: int, as_json: bool, markdown: bool) -> None:
     from .. import bench_engine
 
-    with click.progressbar(length=bench_engine.steps(runs), label="bench", file=sys.stderr,
-                           show_pos=True, show_eta=True) as bar:
-        def progress(label: str) -> None:
-            bar.label = label[:48].ljust(48)
-            bar.update(1)
+    with _progress_bar(bench_engine.steps(runs)) as progress:
+        report = bench_engine.measure_engine(url, runs=runs, max_tokens=max_tokens,
+                                             progress=lambda label: progress(label, 1))
+    _echo_report(report, as_json, markdown, bench_engine)
 
-        report = bench_engine.measure_engine(url, runs=runs, max_tokens=max_tokens, progress=progress)
+
+@contextlib.contextmanager
+def _progress_bar(total: int):
+    """A progress bar on stderr; yields progress(label, advance)."""
+    with click.progressbar(length=total, label="bench", file=sys.stderr, show_pos=True, show_eta=True) as bar:
+        def progress(label: str, advance: int) -> None:
+            bar.label = label[:48].ljust(48)
+            bar.update(advance)
+
+        yield progress
+
+
+def _echo_report(report: dict, as_json: bool, markdown: bool, formats) -> None:
+    """The report as JSON, Markdown or a table (``formats``: a module with format_markdown and format_table)."""
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif markdown:
-        click.echo(bench_engine.format_markdown(report))
+        click.echo(formats.format_markdown(report))
     else:
-        click.echo(bench_engine.format_table(report))
+        click.echo(formats.format_table(report))
