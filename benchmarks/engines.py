@@ -11,7 +11,9 @@ one run, at 1, 2, 4 and 8 concurrent clients:
           parsed here, decoding in llama-server's slots (and once without
           the grammar, "remote-free", to show what the grammar costs there);
   direct  (1 client) ToolRuntime(model, speculative=False).call in this
-          process: the in-process engine's latency for the same requests.
+          process: the in-process engine's latency for the same requests;
+  serve-remote  toolgrad-edge's server in front of the llama-server
+          (``serve --engine URL``, one queue worker per slot), over HTTP.
 
 Every client forces its own tool (tool_choice by name) and every call is
 validated against that tool's schema. Servers run one after the other, never
@@ -113,12 +115,12 @@ def start_llama_server(binary: Path, model: Path, slots: int, ctx_per_slot: int,
     return url, proc
 
 
-def start_own_server(model: Path, n_ctx: int, threads: int):
+def start_own_server(model: Path | None, n_ctx: int, threads: int, engine: str | None = None):
+    """``toolgrad-edge serve`` on the model, or (``engine``) in front of a llama-server."""
     port = free_port()
-    cmd = [sys.executable, "-c", "from toolgrad_edge.cli import main; main()", "serve", "--model", str(model),
-           "--host", "127.0.0.1", "--port", str(port), "--ctx", str(n_ctx), "--threads", str(threads),
-           "--max-queue", "64",
-           "--log-level", "warning"]
+    where = ["--engine", engine] if engine else ["--model", str(model), "--ctx", str(n_ctx), "--threads", str(threads)]
+    cmd = [sys.executable, "-c", "from toolgrad_edge.cli import main; main()", "serve", *where,
+           "--host", "127.0.0.1", "--port", str(port), "--max-queue", "64", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
@@ -247,6 +249,16 @@ def main() -> int:
             free = lambda tool, seed: runtime_request(runtime, tool, seed, args.max_tokens, False)  # noqa: E731
             rows += measure("remote-free", free, sorted({1, max(levels)}), per_client, lambda: None)
             server = runtime.engine_info
+        if not args.skip_own:
+            # toolgrad-edge's OpenAI server in front of the llama-server (serve --engine: one
+            # queue worker per slot), as HTTP clients on other machines would use it.
+            front, front_proc = start_own_server(None, args.n_ctx, args.threads, engine=url)
+            try:
+                with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=16)) as http:
+                    served = lambda tool, seed: one_request(http, front, tool, seed, args.max_tokens, False)  # noqa: E731
+                    rows += measure("serve-remote", served, levels, per_client, lambda: None)
+            finally:
+                stop(front_proc)
     finally:
         stop(proc)
 
@@ -262,6 +274,9 @@ def main() -> int:
     if ("own", top) in by:
         summary[f"remote_over_own_calls_per_s_at_{top}"] = round(
             by[("remote", top)]["calls_per_s"] / by[("own", top)]["calls_per_s"], 2)
+    if ("serve-remote", top) in by and ("own", top) in by:
+        summary[f"serve_remote_over_own_calls_per_s_at_{top}"] = round(
+            by[("serve-remote", top)]["calls_per_s"] / by[("own", top)]["calls_per_s"], 2)
     if ("remote", 1) in by:
         summary["remote_over_direct_p50_at_1"] = round(by[("remote", 1)]["p50_s"] / by[("direct", 1)]["p50_s"], 2)
     if args.json:
