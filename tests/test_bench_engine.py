@@ -143,3 +143,13 @@ def test_the_environment_does_not_switch_bench_to_a_server(monkeypatch, stand_in
     result = CliRunner().invoke(main, ["bench", "-m", __file__])
     assert result.exit_code == 1 and "stop here" in result.output
     assert [str(p) for p in seen["paths"]] == [__file__] and stand_in.requests == []
+
+
+def test_the_environment_selects_the_server_when_no_file_is_named(monkeypatch, stand_in):
+    monkeypatch.setenv("TOOLGRAD_EDGE_ENGINE", stand_in.url)
+    result = CliRunner().invoke(main, ["bench", "--runs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert stand_in.url in json.dumps(json.loads(result.stdout)) and stand_in.requests
+    monkeypatch.setenv("TOOLGRAD_EDGE_ENGINE", "gpu-box:8080")
+    bad = CliRunner().invoke(main, ["bench"])
+    assert bad.exit_code == 2 and "$TOOLGRAD_EDGE_ENGINE is 'gpu-box:8080'" in bad.output

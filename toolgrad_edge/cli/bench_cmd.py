@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -50,8 +51,9 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
     top-1 agreement and mean KL of next-token distributions against the
     highest-precision one. Medians after a warm-up.
 
-    With --engine URL: the same tool-call queries through a llama-server,
-    as this client sees them (see docs/engines.md).
+    With --engine URL (or $TOOLGRAD_EDGE_ENGINE when no file is named): the
+    same tool-call queries through a llama-server, as this client sees them
+    (see docs/engines.md).
 
     \b
     Examples:
@@ -62,6 +64,13 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
       toolgrad-edge bench -m toolgrad-4b-Q4_K_M.gguf --draft-model gemma-3-270m-Q4_K_M.gguf --json
       toolgrad-edge bench --engine http://gpu-box:8080 --runs 10 --json
     """
+    if engine is None and not models and not source:
+        # No file named: $TOOLGRAD_EDGE_ENGINE decides, as for call and serve.
+        from ..engines.llama_server import ENV_ENGINE, is_engine_url
+
+        engine = os.environ.get(ENV_ENGINE) or None
+        if engine is not None and not is_engine_url(engine):
+            raise click.UsageError(f"${ENV_ENGINE} is {engine!r}; expected http://HOST:PORT of a llama-server.")
     if engine is not None:
         if models:
             raise click.UsageError(ENGINE_AND_MODEL)
