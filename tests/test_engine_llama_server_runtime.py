@@ -141,3 +141,28 @@ def test_local_decoding_options_over_llama_server_are_refused(stand_in, option, 
     monkeypatch.setenv("TOOLGRAD_EDGE_ENGINE", stand_in.url)
     with pytest.raises(ModelLoadError, match="TOOLGRAD_EDGE_ENGINE"):
         ToolRuntime(**option)
+
+
+def test_closing_the_runtime_ends_its_running_remote_requests(stand_in):
+    import threading
+    import time
+
+    stand_in.mode = "slow"  # 400 pieces, 20 ms apart: about 8 s unless stopped
+    rt = ToolRuntime(engine=stand_in.url)
+    outcome = {}
+
+    def run():
+        try:
+            rt.call("Weather in Paris?", TOOLS, tool_choice="required", max_tokens=400)
+        except GenerationError as exc:
+            outcome["error"] = str(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    rt.close()
+    worker.join(5)
+    assert not worker.is_alive() and time.monotonic() - t0 < 2
+    assert "was closed during the request" in outcome["error"] and stand_in.url in outcome["error"]
+    assert stand_in.disconnected.wait(5), "llama-server never saw the request go away"

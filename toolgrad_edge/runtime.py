@@ -338,8 +338,17 @@ class ToolRuntime:
             self._require_remote_open()
             from .engines.llama_server import remote_stream
 
-            yield from remote_stream(self._remote, parts, tool_list, grammar, grammar_override, params,
-                                     max_tokens, list(stop or []), should_stop, syntax, constrained)
+            # close() ends the requests still running: their connections close, so llama-server stops them.
+            def stopped() -> bool:
+                return self._closed or (should_stop is not None and should_stop())
+
+            for item in remote_stream(self._remote, parts, tool_list, grammar, grammar_override, params,
+                                      max_tokens, list(stop or []), stopped, syntax, constrained):
+                if (isinstance(item, CallResult) and item.finish_reason == "cancelled" and self._closed
+                        and not (should_stop is not None and should_stop())):
+                    raise GenerationError(f"this ToolRuntime (over llama-server at {self.engine_info.url}) was "
+                                          "closed during the request.")
+                yield item
             return
         spec = self.speculative if speculative is None else speculative
         yield from self._generate(parts, tool_list, grammar, grammar_override, params, max_tokens,
