@@ -265,7 +265,23 @@ def _mib(n) -> str:
 
 
 def _num(x, fmt="{:.1f}") -> str:
+    """``x`` in ``fmt``; "n/a" for None or NaN."""
     return "n/a" if x is None or (isinstance(x, float) and x != x) else fmt.format(x)
+
+
+def text_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Aligned lines: the first ``left`` columns flush left, the others flush right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 COLUMNS = (
@@ -298,13 +314,7 @@ def _machine_line(report: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-    header = [c for c, _ in COLUMNS]
-    rows = table_rows(report)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [_machine_line(report), "", line(header), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    out.append("")
+    out = [_machine_line(report), "", *text_table([c for c, _ in COLUMNS], table_rows(report), left=2), ""]
     out.append("baseline = llama-cpp-python's create_completion(grammar=...) on the same file; "
                "constr/base = constrained / baseline decode speed.")
     if report.get("quality_prompts"):
@@ -314,11 +324,8 @@ def format_table(report: dict) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    header = [c for c, _ in COLUMNS]
-    out = [f"_{_machine_line(report)}_", "", "| " + " | ".join(header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
-    return "\n".join(out)
+    return "\n".join([f"_{_machine_line(report)}_", "",
+                      *markdown_table([c for c, _ in COLUMNS], table_rows(report))])
 
 
 def plot(report: dict, path: str | os.PathLike) -> Path:

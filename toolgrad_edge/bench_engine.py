@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from .bench import bench_prompt, cpu_name
+from .bench_compare import _num, markdown_table, text_table
 
 SYNTAXES = ("python", "json")
 
@@ -127,10 +128,6 @@ def measure_engine(url, runs: int = 5, max_tokens: int = 64,
 
 # --- output ------------------------------------------------------------------------------
 
-def _num(x, fmt: str = "{:.1f}") -> str:
-    return "n/a" if x is None else fmt.format(x)
-
-
 HEADER = ("model", "prompt tokens", "constrained t/s", "json constrained t/s", "tokens/call",
           "TTFT warm s", "cached tokens", "latency p50 s", "valid", "json valid")
 
@@ -162,15 +159,7 @@ NOTE = ("As this client sees it: constrained t/s = tokens after the first / time
 
 
 def format_table(report: dict) -> str:
-    rows = table_rows(report)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-
-    def line(cells) -> str:
-        return "  ".join(c.ljust(w) if i < 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [_context_line(report), "", line(HEADER), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    out += ["", NOTE]
+    out = [_context_line(report), "", *text_table(list(HEADER), table_rows(report)), "", NOTE]
     for m in report["models"]:
         for syntax, figures in (("python", m), ("json", m.get("json") or {})):
             for bad in figures.get("invalid_calls") or []:
@@ -180,7 +169,4 @@ def format_table(report: dict) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    out = [f"_{_context_line(report)}_", "", "| " + " | ".join(HEADER) + " |",
-           "|" + "|".join("---" for _ in HEADER) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
-    return "\n".join(out)
+    return "\n".join([f"_{_context_line(report)}_", "", *markdown_table(list(HEADER), table_rows(report))])
