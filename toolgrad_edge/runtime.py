@@ -338,14 +338,15 @@ class ToolRuntime:
             self._require_remote_open()
             from .engines.llama_server import remote_stream
 
-            # close() ends the requests still running: their connections close, so llama-server stops them.
-            def stopped() -> bool:
-                return self._closed or (should_stop is not None and should_stop())
+            def asked_to_stop() -> bool:
+                return should_stop is not None and should_stop()
 
+            # close() ends the requests still running: their connections close, so llama-server stops them.
             for item in remote_stream(self._remote, parts, tool_list, grammar, grammar_override, params,
-                                      max_tokens, list(stop or []), stopped, syntax, constrained):
+                                      max_tokens, list(stop or []), lambda: self._closed or asked_to_stop(),
+                                      syntax, constrained):
                 if (isinstance(item, CallResult) and item.finish_reason == "cancelled" and self._closed
-                        and not (should_stop is not None and should_stop())):
+                        and not asked_to_stop()):
                     raise GenerationError(f"this ToolRuntime (over llama-server at {self.engine_info.url}) was "
                                           "closed during the request.")
                 yield item
@@ -362,12 +363,12 @@ class ToolRuntime:
         common = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         reused = keep = common  # tokens found in a cache / tokens the cache holds before the rest
         if common < len(prefix) < len(prompt):
+            keep = len(prefix)  # restored, or evaluated (and saved) here
             key = prefix_key(self._model_id, prefix, self._cache_settings)
             state = self.prefix_cache.get(key)
             if state is not None and session.load_state(state, prefix):
-                reused = keep = len(prefix)
+                reused = keep
             else:
-                keep = len(prefix)
                 if state is not None:
                     self.prefix_cache.discard(key)
                 session.sync(prompt[:common])

@@ -31,8 +31,8 @@ from .options import ENGINE_AND_MODEL, check_engine_url
               help="Grammar engine of the constrained runs (default: llguidance when installed).")
 @click.option("--engine", metavar="URL", default=None, callback=check_engine_url,
               help="Measure toolgrad-edge over the llama-server at URL (its own model) instead of local files: "
-                   "decode t/s of constrained calls, TTFT, p50 latency, valid calls. Only this option selects it; "
-                   "$TOOLGRAD_EDGE_ENGINE does not.")
+                   "decode t/s of constrained calls, TTFT, p50 latency, valid calls. $TOOLGRAD_EDGE_ENGINE does the "
+                   "same when no file is named.")
 @click.option("--no-quality", is_flag=True, help="Skip the top-1 / KL comparison with the reference file.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
