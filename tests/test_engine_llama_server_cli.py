@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from test_engine_llama_server import StandIn
 from toolgrad_edge.cli import main
 from toolgrad_edge.engines.llama_server import ENV_ENGINE
 
@@ -29,13 +28,6 @@ COMMANDS = {
     "serve": ["serve", "--port", "0"],
     "eval bfcl": ["eval", "bfcl", "--limit", "1"],
 }
-
-
-@pytest.fixture
-def stand_in():
-    server = StandIn()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

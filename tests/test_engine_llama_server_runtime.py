@@ -20,13 +20,6 @@ from toolgrad_edge.runtime import CallResult, ToolRuntime
 TOOLS = str(Path(__file__).resolve().parents[1] / "examples" / "tools.json")
 
 
-@pytest.fixture
-def stand_in():
-    server = StandIn()
-    yield server
-    server.stop()
-
-
 def test_call_parses_the_remote_answer_into_tool_calls(stand_in):
     with ToolRuntime(engine=stand_in.url) as rt:
         assert rt.backend == f"llama-server at {stand_in.url}" and rt.n_ctx == 4096
