@@ -47,6 +47,31 @@ def gemma_270m_gguf(tmp_path_factory) -> Path:
     return Path(pkg.assemble(tmp_path_factory.mktemp("models") / pkg.MODEL_NAME))
 
 
+TINY_TYPES = ("F32", "BF16", "Q8_0", "Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory):
+    """tiny_ggufs(kind) -> (checkpoint folder, {type: GGUF path}): a random Gemma 3 ("causal" or
+    "conditional", tests/convert_fixtures.py) converted to TINY_TYPES, built once per session."""
+    built: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+    def get(kind: str):
+        if kind not in built:
+            pytest.importorskip("transformers")
+            from convert_fixtures import build_tiny_causal, build_tiny_conditional, gemma_tokenizer_dir
+            from toolgrad_edge.convert import convert_checkpoint
+
+            builder = {"causal": build_tiny_causal, "conditional": build_tiny_conditional}[kind]
+            root = tmp_path_factory.mktemp(f"tiny-{kind}")
+            folder = builder(root / f"tiny-{kind}", gemma_tokenizer_dir())
+            files = convert_checkpoint(folder, outdir=root / "gguf", quants=TINY_TYPES, progress=False)
+            built[kind] = folder, dict(zip(TINY_TYPES, files))
+        return built[kind]
+
+    return get
+
+
 @pytest.fixture
 def stand_in():
     """A local llama-server stand-in (tests/test_engine_llama_server.py), stopped after the test."""

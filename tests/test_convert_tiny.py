@@ -21,8 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
 from convert_fixtures import (  # noqa: E402
-    PROMPT, build_tiny_causal, build_tiny_conditional, gemma_tokenizer_dir, llama_logits, llama_tokens,
-    reference_logits,
+    PROMPT, llama_logits, llama_tokens, reference_logits,
 )
 from toolgrad_edge.convert import convert_checkpoint, quantize_gguf  # noqa: E402
 from toolgrad_edge.convert.gguf_header import read_gguf_header  # noqa: E402
@@ -30,17 +29,13 @@ from toolgrad_edge.errors import ConversionError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TYPES = ("F32", "BF16", "Q8_0", "Q4_K_M")
-BUILDERS = {"causal": build_tiny_causal, "conditional": build_tiny_conditional}
+BUILDERS = ("causal", "conditional")  # the kinds tests/conftest.py's tiny_ggufs builds
 
 
 @pytest.fixture(scope="session", params=sorted(BUILDERS))
-def tiny(request, tmp_path_factory):
+def tiny(request, tiny_ggufs):
     """(name, checkpoint folder, {type: gguf}, prompt tokens, reference logits)."""
-    root = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    folder = BUILDERS[request.param](root / f"tiny-{request.param}", gemma_tokenizer_dir())
-    files = convert_checkpoint(folder, outdir=root / "gguf", quants=TYPES, progress=False)
-    ggufs = dict(zip(TYPES, files))
+    folder, ggufs = tiny_ggufs(request.param)
     tokens = llama_tokens(ggufs["F32"], PROMPT * 2)
     return request.param, folder, ggufs, tokens, reference_logits(folder, tokens)
 

@@ -100,6 +100,26 @@ def test_an_interrupted_decode_leaves_the_cache_consistent(session, monkeypatch)
 
 
 @pytest.mark.slow
+def test_logits_only_at_chosen_positions(session):
+    """decode_at: rows where a draft leaves a choice, none where the grammar forces the token."""
+    prompt = session.tokenize("The capital of France is Paris. The capital of Italy is")
+    batch = session.tokenize(" Rome, and the capital")
+    session.clear()
+    session.decode(prompt, 1)
+    every = session.decode(batch, len(batch))
+    session.rewind(len(prompt))
+    some = session.decode_at(batch, [1, 3, len(batch) - 1])
+    assert session.tokens == prompt + batch
+    # Fewer output rows is another batch shape: equal within the batch noise, same choices.
+    assert np.abs(some - every[[1, 3, -1]]).max() < BATCH_NOISE
+    assert (some.argmax(axis=1) == every[[1, 3, -1]].argmax(axis=1)).all()
+    for bad in ([], [3, 1], [0, len(batch)]):
+        with pytest.raises(GenerationError, match="increasing positions"):
+            session.decode_at(batch, bad)
+    assert session.tokens == prompt + batch  # refused before anything was decoded
+
+
+@pytest.mark.slow
 def test_sync_reuses_the_common_prefix(session):
     a = session.tokenize("Alpha beta gamma delta")
     b = a[:3] + session.tokenize(" epsilon")
@@ -174,6 +194,29 @@ def test_speculative_and_stepwise_agree_and_report_stats(runtime, tools):
     assert slow.stats["forward_passes"] >= slow.usage.completion_tokens - 1
     assert fast.stats["forward_passes"] < slow.stats["forward_passes"]
     assert fast.stats["speculative"] is True and "stats" in fast.to_dict()
+    # The tool name's first token, ", " or ")" and the end: passes without the output layer.
+    assert fast.stats["narrow_passes"] > 0 and slow.stats["narrow_passes"] == 0
+
+
+@pytest.mark.slow
+def test_few_allowed_lists_what_the_grammar_allows(runtime, tools):
+    """The llguidance matcher's few_allowed: the tool names' first tokens after "[", None inside a string."""
+    from toolgrad_edge.grammars import build_grammar
+
+    gate = runtime._matcher(build_grammar(tools, syntax="python", tool_choice="required"), tools, "python", False)
+    session = runtime.session
+    [bracket] = gate.forced_tokens()
+    gate.accept(bracket)
+    ids = gate.few_allowed(1024)
+    assert ids is not None and 0 < len(ids) <= 1024
+    assert all(gate.allows(int(t)) for t in ids)
+    firsts = {session.tokenize(t.name)[0] for t in tools}
+    assert firsts <= set(ids.tolist())
+    assert gate.few_allowed(len(ids) - 1) is None  # more than the limit
+    masks = gate.full_masks
+    for token in session.tokenize('get_weather(city="Par'):
+        gate.accept(token)
+    assert gate.few_allowed(1024) is None and gate.full_masks == masks  # a probe letter answered: no mask
 
 
 @pytest.mark.slow

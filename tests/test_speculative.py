@@ -47,6 +47,14 @@ class FakeSession:
         n = len(self.tokens)
         return np.stack([model_logits(self.tokens[:n - n_logits + 1 + i]) for i in range(n_logits)])
 
+    def decode_at(self, tokens, rows):
+        """LlamaSession.decode_at: rows only where asked (the others are never looked at)."""
+        assert list(rows) == sorted(set(rows))
+        out = self.decode(tokens, len(tokens))
+        self.rows_asked = getattr(self, "rows_asked", 0) + len(rows)
+        self.calls_at = getattr(self, "calls_at", 0) + 1
+        return out[list(rows)]
+
     def rewind(self, n_keep):
         del self.tokens[n_keep:]
 
@@ -116,13 +124,35 @@ class ToyGrammar:
 PROMPT = [1, 4, 13, 5, 7, 8, 25, 2, 7, 22, 28, 4, 13, 1, 4]
 
 
-def run(params, grammar=True, jump_forward=False, drafter=None, max_tokens=40, session=None):
+class NarrowSession(FakeSession):
+    """decode_narrow as LlamaSession's contract says: decode(tokens, 1)[0][ids], counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow_passes = 0
+
+    def decode_narrow(self, tokens, ids):
+        self.narrow_passes += 1
+        return self.decode(tokens, 1)[0][np.asarray(ids)]
+
+
+class FewAllowedGrammar(ToyGrammar):
+    """ToyGrammar whose allowed set counts as few after an odd token (free text after an even one)."""
+
+    def few_allowed(self, limit):
+        if self.accepted and self.accepted[-1] % 2 == 0:
+            return None
+        ids = np.array([t for t in range(V) if self.allows(t)])
+        return ids if 0 < len(ids) <= limit else None
+
+
+def run(params, grammar=True, jump_forward=False, drafter=None, max_tokens=40, session=None, narrow=False):
     session = session or FakeSession()
     logits = session.decode(PROMPT, 1)[0]
     session.passes = 0
-    gate = ToyGrammar() if grammar else None
+    gate = (FewAllowedGrammar() if narrow else ToyGrammar()) if grammar else None
     decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(PROMPT),
-                          jump_forward=jump_forward, drafter=drafter)
+                          jump_forward=jump_forward, drafter=drafter, narrow=narrow)
     out = []
     while len(out) < max_tokens and not decoder.done:
         out += decoder.step(max_tokens - len(out))
@@ -135,6 +165,32 @@ def test_greedy_speculation_equals_stepwise():
     assert spec == stepwise
     assert dec.stats.accepted_tokens > 0 and dec.stats.forced_tokens > 0
     assert s1.passes < s0.passes
+
+
+def test_draft_positions_the_grammar_forces_get_no_logits_row():
+    stepwise, _, _ = run(SamplingParams())
+    spec, dec, session = run(SamplingParams(), jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1))
+    assert spec == stepwise
+    # Without skipping, each draft pass asks a row per draft token and one after the draft.
+    assert session.rows_asked < dec.stats.drafted_tokens + session.calls_at
+
+
+def test_narrow_passes_choose_what_full_logits_choose():
+    stepwise, _, _ = run(SamplingParams())
+    spec, dec, session = run(SamplingParams(), jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1),
+                             session=NarrowSession(), narrow=True)
+    assert spec == stepwise
+    assert 0 < session.narrow_passes == dec.stats.narrow_passes < dec.stats.forward_passes
+    assert session.tokens == dec.kv_tokens
+
+
+def test_sampling_keeps_full_logits():
+    """Sampled draws come from the full logits, as in one-token decoding, so seeds give the same output."""
+    for seed in range(10):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        spec, dec, session = run(params, jump_forward=True, session=NarrowSession(), narrow=True)
+        assert session.narrow_passes == 0
+        assert spec == run(params, jump_forward=True)[0]
 
 
 @pytest.mark.parametrize("grammar", [True, False])

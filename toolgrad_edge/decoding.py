@@ -119,12 +119,20 @@ def choose_constrained(chooser: TokenChooser, logits: np.ndarray, gate) -> int:
 # distribution at its position (exact-match verification).
 
 MAX_DRAFT = 8
+# At most this many allowed tokens: the pass skips the output layer (their logits come from the hidden state).
+NARROW_MAX = 1024
 
 
 class Session(Protocol):
     """What StepDecoder needs from engines (see engines/base.py)."""
 
     def decode(self, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray: ...
+
+    def decode_at(self, tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+        """Append tokens; the logits after tokens[i] for each i in rows (increasing)."""
+
+    def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """Like decode(tokens, 1)[0][ids] (only used with StepDecoder(narrow=True))."""
 
     def rewind(self, n_keep: int) -> None: ...
 
@@ -146,10 +154,10 @@ class PromptLookupDrafter:
     # A one-token match was right about 15 % of the time on the bench's tool
     # calls (two tokens or more: about 40 %); a refused draft token still costs a
     # logits row, so matches start at two tokens.
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 2):
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 2, start: int = 0):
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
-        self._indexed = 0  # n-grams ending before this position are in the index
+        self._indexed = start  # n-grams ending before this position are in the index
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> position after its latest occurrence
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
@@ -175,10 +183,11 @@ class DecodeStats:
     drafted_tokens: int = 0   # draft tokens sent for verification
     accepted_tokens: int = 0  # draft tokens the target chose too
     full_masks: int = 0       # whole-vocabulary grammar masks
+    narrow_passes: int = 0    # passes that skipped the output layer (few tokens allowed)
 
     def to_dict(self, completion_tokens: int) -> dict:
         d = {k: getattr(self, k) for k in ("forward_passes", "forced_tokens", "drafted_tokens",
-                                            "accepted_tokens", "full_masks")}
+                                            "accepted_tokens", "full_masks", "narrow_passes")}
         d["tokens_per_forward"] = (completion_tokens / self.forward_passes) if self.forward_passes else None
         d["draft_acceptance"] = (self.accepted_tokens / self.drafted_tokens) if self.drafted_tokens else None
         return d
@@ -201,6 +210,7 @@ class StepDecoder:
     kv_tokens: list[int]
     jump_forward: bool = True
     drafter: Drafter | None = None
+    narrow: bool = False         # passes without the output layer where few tokens are allowed (session.decode_narrow)
     max_draft: int = MAX_DRAFT
     stats: DecodeStats = field(default_factory=DecodeStats)
     done: bool = False
@@ -241,13 +251,17 @@ class StepDecoder:
         if room <= 0:
             return emitted  # the budget ends here; no forward pass for tokens nobody will see
         draft = self._draft(room)
-        rows = self.session.decode(self._pending + draft, len(draft) + 1)
+        if not draft:
+            self.logits = self._decode_one(self._pending)
+            self.kv_tokens += self._pending
+            self._pending = []
+            return emitted
+        need = self._choice_positions(draft)
+        base = len(self._pending) - 1  # the batch index whose logits predict draft[0]
+        rows = dict(zip(need, self.session.decode_at(self._pending + draft, [base + j for j in need])))
         self.stats.forward_passes += 1
         self.kv_tokens += self._pending
         self._pending = []
-        if not draft:
-            self.logits = rows[0]
-            return emitted
         self.stats.drafted_tokens += len(draft)
         for j, proposed in enumerate(draft):
             forced = self._forced_here()
@@ -272,8 +286,44 @@ class StepDecoder:
                 self._pending = [token]
                 emitted.append(token)
             return emitted
-        self.logits = rows[-1]
+        self.logits = rows[len(draft)]
         return emitted
+
+    def _choice_positions(self, draft: list[int]) -> list[int]:
+        """The draft positions j whose token is a choice (not forced by the grammar), and len(draft).
+
+        Only those need logits (a row predicting draft[j]); the verification below
+        takes forced positions from the grammar, as one-token decoding does.
+        """
+        gate = self.gate
+        if gate is None or not self.jump_forward:
+            return list(range(len(draft) + 1))
+        need = []
+        for j, token in enumerate(draft):
+            if not self._forced_here():
+                need.append(j)
+            gate.accept(token)  # the draft passed validate(): safe to accept, rolled back below
+        gate.rollback(len(draft))
+        return need + [len(draft)]
+
+    def _decode_one(self, tokens: list[int]) -> np.ndarray:
+        """One pass for the logits after `tokens`; without the output layer where the grammar allows few tokens.
+
+        Greedy only: the narrow logits hold the allowed tokens' values (the rest
+        -inf), so the allowed argmax is the one the full logits would give, up
+        to the head's rounding (about 1e-5). Sampling keeps full logits, so its
+        draws stay those of one-token decoding.
+        """
+        self.stats.forward_passes += 1
+        if self.narrow and self.gate is not None and self.chooser.params.greedy:
+            ids = self.gate.few_allowed(NARROW_MAX)
+            if ids is not None:
+                values = self.session.decode_narrow(tokens, ids)
+                logits = np.full_like(self.logits, -np.inf)
+                logits[ids] = values
+                self.stats.narrow_passes += 1
+                return logits
+        return self.session.decode(tokens, 1)[0]
 
     def _forced_here(self) -> list[int]:
         """The tokens the grammar forces at this point (jump-forward only), up to an end token."""

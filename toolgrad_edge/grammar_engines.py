@@ -53,6 +53,9 @@ class GrammarMatcher(Protocol):
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """`logits` with every refused token set to -inf (a new array)."""
 
+    def few_allowed(self, limit: int) -> np.ndarray | None:
+        """The allowed tokens here if there are at most `limit` (none: None), or None if this engine cannot tell cheaply."""
+
     def accept(self, token: int) -> None: ...
 
     def forced_tokens(self) -> list[int]:
@@ -227,7 +230,9 @@ def _llg_grammar(text: str, lark: bool) -> str:
 
 
 class LlguidanceMatcher:
-    def __init__(self, tokenizer, grammar: str, n_vocab: int):
+    def __init__(self, tokenizer, grammar: str, n_vocab: int, probes: Sequence[int] = ()):
+        """`probes`: tokens any free text allows (single letters); if one is allowed, few_allowed
+        answers None without computing a mask (a string's first mask can take milliseconds)."""
         import llguidance
 
         self._m = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
@@ -236,6 +241,7 @@ class LlguidanceMatcher:
         self.n_vocab = n_vocab
         self._eos = frozenset(tokenizer.eos_tokens)
         self._bits = np.zeros(((n_vocab + 31) // 32,), dtype=np.int32)
+        self._probes = [int(t) for t in probes]
         self.full_masks = 0
 
     def allows(self, token: int) -> bool:
@@ -262,6 +268,21 @@ class LlguidanceMatcher:
         out = np.full_like(logits, -np.inf)
         out[: self.n_vocab][allowed] = logits[: self.n_vocab][allowed]
         return out
+
+    def few_allowed(self, limit: int) -> np.ndarray | None:
+        m = self._m
+        if any(m.validate_tokens([t]) for t in self._probes):
+            return None  # free text: thousands of tokens
+        self.full_masks += 1
+        m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        words = np.flatnonzero(self._bits)
+        if not 0 < len(words) <= limit:  # every nonzero word holds at least one allowed token
+            return None
+        bits = np.unpackbits(self._bits[words].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        rows, cols = np.nonzero(bits)
+        ids = words[rows] * 32 + cols
+        ids = ids[ids < self.n_vocab]
+        return ids if 0 < len(ids) <= limit else None
 
     def accept(self, token: int) -> None:
         if not self._m.consume_token(token):
@@ -366,6 +387,9 @@ class LlamaGrammarMatcher:
             return None  # the caller masks the whole vocabulary
         i = int(np.argmax(np.where(allowed, view["logit"][:k], -np.inf)))
         return int(view["id"][i])
+
+    def few_allowed(self, limit: int) -> np.ndarray | None:
+        return None  # a mask here checks the whole vocabulary one token at a time: never cheap
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         llama_cpp = self._llama

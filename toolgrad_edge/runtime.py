@@ -24,6 +24,7 @@ import numpy as np
 
 from .decoding import PromptLookupDrafter, SamplingParams, StepDecoder, TokenChooser
 from .engines.inprocess import LlamaSession, common_prefix
+from .engines.output_head import OutputHead
 from .errors import ContextLengthError, GenerationError, ModelLoadError, SchemaError, ToolCallError
 from .gguf_info import check_supported, read_gguf_info
 from .grammar_engines import (LarkGrammar, LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, llg_grammar,
@@ -139,7 +140,8 @@ class ToolRuntime:
         self.speculative = speculative
         self.grammar_engine = resolve_engine(grammar_engine)
         self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                                     n_gpu_layers=self.n_gpu_layers, verbose=verbose)
+                                     n_gpu_layers=self.n_gpu_layers, verbose=verbose,
+                                     output_head=OutputHead.from_gguf(self.model_path, self.info.tensors))
         self.n_vocab = self._session.n_vocab
         self._bos = self._session.bos
         self._control = {
@@ -147,6 +149,9 @@ class ToolRuntime:
             START_OF_TURN: self._single_token(START_OF_TURN),
             END_OF_TURN: self._single_token(END_OF_TURN),
         }
+        # Letters any free text allows: where one is allowed, the grammar allows too many tokens
+        # for a pass without the output layer, and no mask is computed to find that out.
+        self._text_probes = [ids[0] for ids in map(self._session.tokenize, "eatn") if len(ids) == 1]
         self._model_id = model_identity(self.model_path)
         self._llg_tokenizer = None
         if self.grammar_engine == "llguidance":
@@ -384,7 +389,8 @@ class ToolRuntime:
     def _matcher(self, grammar: str, tools: list[Tool], syntax: str, grammar_override: bool):
         session = self._session
         if self.grammar_engine == "llguidance":
-            return LlguidanceMatcher(self._llg_tokenizer.get(), llg_grammar(grammar), self.n_vocab)
+            return LlguidanceMatcher(self._llg_tokenizer.get(), llg_grammar(grammar), self.n_vocab,
+                                     probes=self._text_probes)
         forced_text = None
         if tools and not grammar_override and syntax == "python":
             names = [t.name for t in tools]
@@ -415,9 +421,10 @@ class ToolRuntime:
         ttft = time.perf_counter() - t0
         drafter = None
         if speculative:
-            drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter()
+            drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter(start=len(prefix))
         decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(prompt),
-                              jump_forward=speculative and self.fast_forward, drafter=drafter)
+                              jump_forward=speculative and self.fast_forward, drafter=drafter,
+                              narrow=speculative and session.narrow)
         # Stop strings end text answers only: inside a call list they would cut a call in half.
         stops = [s for s in stop if s]
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

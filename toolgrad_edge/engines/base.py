@@ -37,6 +37,13 @@ class DecodeSession(Protocol):
     def decode(self, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
         """Append tokens; return the logits of the last ``n_logits`` of them (rows, a copy)."""
 
+    def decode_at(self, tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+        """Append tokens; return the logits after tokens[i] for each i in ``rows`` (increasing positions)."""
+
+    def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """Append tokens; return the logits of the tokens ``ids`` for the next position (decode(...)[0][ids]),
+        skipping the output layer where the session can."""
+
     def rewind(self, n_keep: int) -> None:
         """Drop every cached token from position ``n_keep`` on."""
 

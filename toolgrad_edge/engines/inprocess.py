@@ -6,6 +6,11 @@ logits requested only where the caller needs them, and rewinds with
 ``llama_memory_seq_rm``. A decode that fails or is interrupted removes
 whatever it may have written, so the cache and the token list never disagree.
 No attribute of llama-cpp-python's ``Llama`` class is touched.
+
+Given an ``OutputHead``, ``decode_narrow`` runs a pass that stops after the
+final norm (llama.cpp's eval callback: the scheduler stops computing once the
+callback says so) and computes the logits of a few tokens from the hidden
+state, skipping the 262k-row output layer.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class LlamaSession:
     """One model, one context, and the tokens its KV cache holds."""
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
-                 n_batch: int = 512, verbose: bool = False):
+                 n_batch: int = 512, verbose: bool = False, output_head=None):
         import llama_cpp
 
         self._llama = llama_cpp
@@ -75,6 +80,18 @@ class LlamaSession:
         self._model = None
         self._ctx = None
         self._batch = None
+        # The output layer is skipped only on the CPU back-end, where it is a large part of a pass.
+        self._head = output_head if n_gpu_layers == 0 else None
+        if self._head is not None:
+            try:
+                _ggml()
+            except (ImportError, OSError, AttributeError):  # a llama-cpp-python without ggml's symbols
+                self._head = None
+        self._eval_cb = None
+        self._want_hidden = False
+        self._hidden: np.ndarray | None = None
+        self._norm_nodes: set[int] = set()  # addresses at which llama.cpp's graphs held "result_norm"
+        self._scan_names = True
         _init_backend(verbose)
         with quiet_stderr(not verbose):
             mparams = llama_cpp.llama_model_default_params()
@@ -94,6 +111,9 @@ class LlamaSession:
             # The full-size sliding-window cache lets a saved prefix be restored
             # and a rejected draft be removed; the default would drop old positions.
             cparams.swa_full = True
+            if self._head is not None:
+                self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+                cparams.cb_eval = self._eval_cb
             ctx = llama_cpp.llama_init_from_model(model, cparams)
             if not ctx:
                 self.close()
@@ -120,6 +140,7 @@ class LlamaSession:
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        self._eval_cb = None  # llama.cpp held it until the context was freed
         if self._model is not None:
             llama_cpp.llama_model_free(self._model)
             self._model = None
@@ -184,6 +205,89 @@ class LlamaSession:
         tokens[len(tokens) - n_logits + i]). Long inputs go in chunks of
         n_batch; all requested logits must fall in the last chunk.
         """
+        tokens, n_logits = self._check(tokens, n_logits)
+        return self.decode_at(tokens, range(len(tokens) - n_logits, len(tokens)))
+
+    def decode_at(self, tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+        """Append `tokens`; return the logits after each of tokens[i] for i in `rows` (increasing), one row each.
+
+        Draft verification asks only for the positions where the grammar leaves a
+        choice: each logits row costs a pass over the 262k-row output layer.
+        """
+        rows = [int(r) for r in rows]
+        tokens, _ = self._check(tokens, max(1, len(rows)))
+        if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= len(tokens):
+            raise GenerationError(f"logits rows must be increasing positions in the batch of {len(tokens)}, "
+                                  f"got {rows}.")
+        if len(tokens) - rows[0] > self.n_batch:
+            raise GenerationError(f"the logits rows and the tokens after them must fit one batch of {self.n_batch}; "
+                                  f"the first row is {len(tokens) - rows[0]} tokens from the end.")
+        first = self._append(tokens, rows)
+        return self._logits_rows([r - first for r in rows])
+
+    @property
+    def narrow(self) -> bool:
+        """Whether decode_narrow can skip the output layer (CPU back-end, a handled weight type)."""
+        return self._head is not None
+
+    def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """Append `tokens`; return the logits of the tokens `ids` only, for the token after the last one.
+
+        The pass stops after the final norm and the output head computes these
+        rows (within about 1e-5 of llama.cpp's own). If the pass could not be
+        stopped there, it ran whole and the rows come from llama.cpp's logits.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        tokens, _ = self._check(tokens, 1)
+        last = [len(tokens) - 1]
+        if self._head is None:
+            return self.decode_at(tokens, last)[0][ids]
+        self._hidden = None
+        self._want_hidden = True
+        try:
+            first = self._append(tokens, last)
+        finally:
+            self._want_hidden = False
+        if self._hidden is None:
+            # The graph's final norm was not where the callback expected it: this pass
+            # computed every logit; look the node up by name next time.
+            self._scan_names = True
+            return self._logits_rows([last[0] - first])[0][ids]
+        return self._head.logits(self._hidden[-self._head.n_embd:], ids)
+
+    def _on_tensor(self, tensor, ask, _user_data) -> bool:
+        """llama.cpp's eval callback: stop the pass after "result_norm" when only its hidden state is wanted.
+
+        Asked about each node in order, it claims the final norm; told that node
+        is computed, it copies the hidden state and returns False, which ends the
+        graph's computation there (the output layer is the only node after it).
+        On any error it lets the pass run whole, so llama.cpp's logits stay valid.
+        """
+        if not self._want_hidden or not tensor:
+            return False
+        try:
+            lib = _ggml()
+            if ask:
+                # Names are read only at addresses seen before (graphs of other shapes may put
+                # another node there) or while looking the node up: a name per node costs 0.4 ms.
+                if (tensor in self._norm_nodes or self._scan_names) and lib.ggml_get_name(tensor) == b"result_norm":
+                    self._norm_nodes.add(tensor)
+                    self._scan_names = False
+                    return True
+                return False
+            n = lib.ggml_nbytes(tensor)
+            row = 4 * self._head.n_embd
+            if n < row or n % row:
+                raise GenerationError(f"result_norm holds {n} bytes, not rows of {row}")
+            hidden = np.empty(n // 4, dtype=np.float32)
+            lib.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, n)
+            self._hidden = hidden
+            return False
+        except Exception:
+            self._hidden = None
+            return True  # compute the rest: llama.cpp's own logits are then valid
+
+    def _check(self, tokens: Sequence[int], n_logits: int) -> tuple[list[int], int]:
         if self._ctx is None:
             raise GenerationError("this model session is closed.")
         tokens = [int(t) for t in tokens]
@@ -192,17 +296,22 @@ class LlamaSession:
         n_logits = max(1, min(n_logits, len(tokens)))
         if n_logits > self.n_batch:
             raise GenerationError(f"at most {self.n_batch} logits rows per decode, asked for {n_logits}.")
+        if len(self._tokens) + len(tokens) > self.n_ctx:
+            raise ContextLengthError(f"{len(self._tokens) + len(tokens)} tokens exceed the context of "
+                                     f"{self.n_ctx} tokens.")
+        return tokens, n_logits
+
+    def _append(self, tokens: list[int], rows: list[int]) -> int:
+        """Run `tokens` through llama_decode with logits at `rows`; return where the last batch starts."""
         start = len(self._tokens)
-        if start + len(tokens) > self.n_ctx:
-            raise ContextLengthError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx} tokens.")
         llama_cpp = self._llama
         batch = self._batch
-        tail = len(tokens) - n_logits
+        wanted = set(rows)
         # Chunks: whole n_batch pieces, then a last one that holds every logits row.
         cuts = list(range(0, len(tokens), self.n_batch))
-        if len(tokens) - cuts[-1] < n_logits:
-            cuts[-1] = len(tokens) - n_logits
-            if len(cuts) > 1 and cuts[-1] <= cuts[-2]:
+        if cuts[-1] > rows[0]:
+            cuts[-1] = rows[0]
+            while len(cuts) > 1 and cuts[-1] <= cuts[-2]:
                 cuts.pop(-2)
         cuts.append(len(tokens))
         try:
@@ -213,22 +322,25 @@ class LlamaSession:
                     batch.pos[j] = start + i
                     batch.n_seq_id[j] = 1
                     batch.seq_id[j][0] = SEQ
-                    batch.logits[j] = i >= tail or i == b - 1
+                    batch.logits[j] = i in wanted or i == b - 1
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 self._forward_passes += 1
                 if rc != 0:
                     raise GenerationError(f"llama_decode failed (code {rc}) at position {start + a}.")
                 self._tokens.extend(tokens[a:b])
-            first = (cuts[-1] - cuts[-2]) - n_logits
-            out = np.empty((n_logits, self.n_vocab), dtype=np.float32)
-            for r in range(n_logits):
-                ptr = llama_cpp.llama_get_logits_ith(self._ctx, first + r)
-                out[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            return out
+            return cuts[-2]
         except BaseException:
             # A failed or interrupted decode may have written part of a batch.
             self.rewind(start)
             raise
+
+    def _logits_rows(self, indices: Sequence[int]) -> np.ndarray:
+        """Copies of the logits at these indices of the last batch."""
+        out = np.empty((len(indices), self.n_vocab), dtype=np.float32)
+        for r, i in enumerate(indices):
+            ptr = self._llama.llama_get_logits_ith(self._ctx, i)
+            out[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
 
     def rewind(self, n_keep: int) -> None:
         n_keep = max(0, n_keep)
@@ -273,6 +385,26 @@ class LlamaSession:
             return False
         self._tokens = [int(t) for t in tokens]
         return True
+
+
+_GGML = None
+
+
+def _ggml():
+    """ggml's C API (tensor name, size and data), loaded once from llama-cpp-python's libraries."""
+    global _GGML
+    if _GGML is None:
+        from llama_cpp._ggml import libggml
+
+        libggml.ggml_get_name.restype = ctypes.c_char_p
+        libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+        libggml.ggml_nbytes.restype = ctypes.c_size_t
+        libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        libggml.ggml_backend_tensor_get.restype = None
+        libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                    ctypes.c_size_t]
+        _GGML = libggml
+    return _GGML
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
