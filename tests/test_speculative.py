@@ -250,6 +250,16 @@ def test_stop_after_the_grammar_finishes_without_another_pass():
         assert dec.done and session.tokens == dec.kv_tokens
 
 
+def test_prompt_lookup_ignores_what_comes_before_its_start():
+    """The runtime starts the index after the tool definitions: their JSON text matched
+    the output's structure and drafted what the model did not write (JSON syntax: 8 % accepted)."""
+    context = [9, 1, 2, 3, 4, 5, 9, 1, 2, 7, 8, 1, 2]
+    assert PromptLookupDrafter(ngram_min=2, start=9).propose(context, 3) == [7, 8, 1]  # copies from 9 on
+    assert PromptLookupDrafter(ngram_min=2, start=10).propose(context, 3) == []  # "1 2" -> 7 is before 10
+    later = context[:10] + [1, 2, 5, 1, 2]
+    assert PromptLookupDrafter(ngram_min=2, start=10).propose(later, 2) == [5, 1]
+
+
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     drafter = PromptLookupDrafter(ngram_min=1)
     context = [9, 1, 2, 3, 4, 5, 9, 1, 2, 7, 8, 1, 2]

@@ -153,7 +153,10 @@ class PromptLookupDrafter:
 
     # A one-token match was right about 15 % of the time on the bench's tool
     # calls (two tokens or more: about 40 %); a refused draft token still costs a
-    # logits row, so matches start at two tokens.
+    # logits row, so matches start at two tokens. `start`: only tokens from this
+    # position on are copied; the runtime starts after the tool definitions, whose
+    # JSON matched the output's own structure and drafted what the model did not
+    # write (bench, JSON syntax: 8 % of those drafts accepted).
     def __init__(self, ngram_max: int = 3, ngram_min: int = 2, start: int = 0):
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
