@@ -266,9 +266,9 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert drafter.propose(context, 3) == [7, 8, 1]  # latest "1 2" was followed by 7 8
     assert drafter.propose(context + [3], 2) == [4, 5]  # "1 2 3" only at the start
     assert drafter.propose([5, 6], 4) == []
-    # By default a match needs two tokens: one is right too rarely to pay for its logits row.
-    assert PromptLookupDrafter().propose([1, 2, 3, 1], 2) == []
-    assert PromptLookupDrafter().propose([1, 2, 3, 1, 2], 2) == [3, 1]
+    # By default a match needs three tokens: shorter ones are right too rarely to pay for their rows.
+    assert PromptLookupDrafter().propose([1, 2, 3, 4, 1, 2], 2) == []
+    assert PromptLookupDrafter().propose([1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
 
 
 @pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1, 0])

@@ -421,7 +421,9 @@ class ToolRuntime:
         ttft = time.perf_counter() - t0
         drafter = None
         if speculative:
-            drafter = self._draft.drafter() if self._draft is not None else PromptLookupDrafter(start=len(prefix))
+            # Prompt lookup copies from the conversation after the tool definitions, and from the output.
+            drafter = (self._draft.drafter() if self._draft is not None
+                       else PromptLookupDrafter(start=len(prefix)))
         decoder = StepDecoder(session, TokenChooser(params), gate, logits, list(prompt),
                               jump_forward=speculative and self.fast_forward, drafter=drafter,
                               narrow=speculative and session.narrow)
