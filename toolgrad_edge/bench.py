@@ -100,7 +100,7 @@ class _Series:
     def __init__(self):
         self.tps: list[float] = []
         self.tokens: list[int] = []
-        self.passes = self.drafted = self.accepted = self.forced = self.completion = 0
+        self.passes = self.drafted = self.accepted = self.forced = self.completion = self.narrow = 0
 
     def add(self, result) -> None:
         tps = _decode_tps(result)
@@ -112,6 +112,7 @@ class _Series:
         self.drafted += st.get("drafted_tokens") or 0
         self.accepted += st.get("accepted_tokens") or 0
         self.forced += st.get("forced_tokens") or 0
+        self.narrow += st.get("narrow_passes") or 0
         self.completion += result.usage.completion_tokens
 
     def report(self, prefix: str = "") -> dict:
@@ -205,6 +206,8 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
         "tokens_per_forward": spec.completion / spec.passes if spec.passes else None,
         "draft_acceptance": spec.accepted / spec.drafted if spec.drafted else None,
         "forced_tokens_per_run": spec.forced / max(runs, 1),
+        "narrow_passes_per_run": spec.narrow / max(runs, 1),
+        "forward_passes_per_run": spec.passes / max(runs, 1),
         "greedy_agreement": agree / (runs + 1),
         "greedy_prompts": runs + 1,
         "greedy_differences": outputs,

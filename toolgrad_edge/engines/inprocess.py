@@ -285,7 +285,8 @@ class LlamaSession:
             return False
         except Exception:
             self._hidden = None
-            return True  # compute the rest: llama.cpp's own logits are then valid
+            # Asked: claim nothing. Told: compute the rest, so llama.cpp's own logits are valid.
+            return not ask
 
     def _check(self, tokens: Sequence[int], n_logits: int) -> tuple[list[int], int]:
         if self._ctx is None:
