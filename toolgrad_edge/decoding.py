@@ -261,7 +261,8 @@ class StepDecoder:
             self.kv_tokens += self._pending
             self._pending = []
             return emitted
-        need = self._choice_positions(draft)
+        forced_at = self._forced_in(draft)
+        need = [j for j, f in enumerate(forced_at) if f is None] + [len(draft)]
         base = len(self._pending) - 1  # the batch index whose logits predict draft[0]
         rows = dict(zip(need, self.session.decode_at(self._pending + draft, [base + j for j in need])))
         self.stats.forward_passes += 1
@@ -269,8 +270,8 @@ class StepDecoder:
         self._pending = []
         self.stats.drafted_tokens += len(draft)
         for j, proposed in enumerate(draft):
-            forced = self._forced_here()
-            token = forced[0] if forced else choose_constrained(self.chooser, rows[j], gate)
+            forced = forced_at[j] is not None
+            token = forced_at[j] if forced else choose_constrained(self.chooser, rows[j], gate)
             if token == proposed:
                 if gate is not None:
                     gate.accept(token)
@@ -294,22 +295,23 @@ class StepDecoder:
         self.logits = rows[len(draft)]
         return emitted
 
-    def _choice_positions(self, draft: list[int]) -> list[int]:
-        """The draft positions j whose token is a choice (not forced by the grammar), and len(draft).
+    def _forced_in(self, draft: list[int]) -> list[int | None]:
+        """For each draft position, the token the grammar forces there (None: a choice).
 
-        Only those need logits (a row predicting draft[j]); the verification below
-        takes forced positions from the grammar, as one-token decoding does.
+        Only choices need logits (a row predicting draft[j]); verification takes
+        forced positions from the grammar, as one-token decoding does. Every
+        position up to the first refused one is reached in the state walked here.
         """
         gate = self.gate
         if gate is None or not self.jump_forward:
-            return list(range(len(draft) + 1))
-        need = []
-        for j, token in enumerate(draft):
-            if not self._forced_here():
-                need.append(j)
+            return [None] * len(draft)
+        forced_at: list[int | None] = []
+        for token in draft:
+            forced = self._forced_here()
+            forced_at.append(forced[0] if forced else None)
             gate.accept(token)  # the draft passed validate(): safe to accept, rolled back below
         gate.rollback(len(draft))
-        return need + [len(draft)]
+        return forced_at
 
     def _decode_one(self, tokens: list[int]) -> np.ndarray:
         """One pass for the logits after `tokens`; without the output layer where the grammar allows few tokens.

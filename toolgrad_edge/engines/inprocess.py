@@ -206,7 +206,9 @@ class LlamaSession:
         n_batch; all requested logits must fall in the last chunk.
         """
         tokens, n_logits = self._check(tokens, n_logits)
-        return self.decode_at(tokens, range(len(tokens) - n_logits, len(tokens)))
+        rows = list(range(len(tokens) - n_logits, len(tokens)))
+        first = self._append(tokens, rows)
+        return self._logits_rows([r - first for r in rows])
 
     def decode_at(self, tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
         """Append `tokens`; return the logits after each of tokens[i] for i in `rows` (increasing), one row each.
@@ -240,18 +242,17 @@ class LlamaSession:
         ids = np.asarray(ids, dtype=np.int64)
         tokens, _ = self._check(tokens, 1)
         last = [len(tokens) - 1]
-        if self._head is None:
-            return self.decode_at(tokens, last)[0][ids]
         self._hidden = None
-        self._want_hidden = True
+        self._want_hidden = self._head is not None
         try:
             first = self._append(tokens, last)
         finally:
             self._want_hidden = False
         if self._hidden is None:
-            # The graph's final norm was not where the callback expected it: this pass
-            # computed every logit; look the node up by name next time.
-            self._scan_names = True
+            if self._head is not None:
+                # The graph's final norm was not where the callback expected it: this pass
+                # computed every logit; look the node up by name next time.
+                self._scan_names = True
             return self._logits_rows([last[0] - first])[0][ids]
         return self._head.logits(self._hidden[-self._head.n_embd:], ids)
 
