@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolgrad_edge import bench_compare
+from toolgrad_edge import bench, bench_compare
 from toolgrad_edge.bench_compare import (
     QualityStats,
     compare_models,
@@ -144,7 +144,7 @@ def test_plot_writes_png_or_says_how_to_install(two_files, tmp_path):
 
 
 def test_cli_bench_compares_files(two_files, monkeypatch):
-    monkeypatch.setattr(bench_compare, "measure_in_subprocess", _fake_measure)
+    monkeypatch.setattr(bench, "measure_in_subprocess", lambda draft_model=None, grammar_engine=None: _fake_measure)
     monkeypatch.setattr(bench_compare, "compare_quality", lambda ref, others, **k: {
         str(p): {"positions": 3, "top1_agreement": 1.0, "mean_kl": 0.0} for p in [ref, *others]})
     args = ["bench", "-m", str(two_files[0]), "-m", str(two_files[1]), "--runs", "1"]

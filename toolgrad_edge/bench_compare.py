@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -179,16 +178,6 @@ def describe_file(path: Path) -> dict:
 
 # --- speed, one process per file ---------------------------------------------------------
 
-def measure_in_subprocess(path: Path, *, runs: int, n_threads: int | None, n_gpu_layers="auto",
-                          max_tokens: int = 64, progress: Callable[[str, int], None] | None = None) -> dict:
-    """bench.measure_model in a fresh interpreter, so its peak RSS belongs to this file alone."""
-    cmd = [sys.executable, "-m", "toolgrad_edge.bench", str(path), "--runs", str(runs),
-           "--max-tokens", str(max_tokens), "--n-gpu-layers", str(n_gpu_layers)]
-    if n_threads:
-        cmd += ["--threads", str(n_threads)]
-    return run_measure_child(cmd, path, progress)
-
-
 def run_measure_child(cmd: list[str], path: Path, progress: Callable[[str, int], None] | None = None) -> dict:
     """Run a measuring child process: its PROGRESS lines on stderr tick `progress`, its last stdout line is the JSON result."""
     say = progress or (lambda label, advance: None)
@@ -222,7 +211,10 @@ def compare_models(paths: Iterable[str | os.PathLike], *, runs: int = 5, n_threa
         raise EvaluationError("the same file is given twice; pass each GGUF once.")
     described = [describe_file(p) for p in files]
     ref = pick_reference(described)
-    measure = measure or measure_in_subprocess
+    if measure is None:
+        from .bench import measure_in_subprocess
+
+        measure = measure_in_subprocess()  # bench.measure_model in a fresh interpreter per file
     rows = []
     for p, d in zip(files, described):
         row = measure(p, runs=runs, n_threads=n_threads, n_gpu_layers=n_gpu_layers, max_tokens=max_tokens,

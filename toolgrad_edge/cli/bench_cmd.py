@@ -111,8 +111,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
         if quality:
             total += len(paths) * len(bench_compare.quality_prompts())
         with _progress_bar(total) as progress:
-            measure = (bench.measure_in_subprocess(draft_model, grammar_engine) if draft_model or grammar_engine
-                       else None)  # None: bench_compare's own child process
+            measure = bench.measure_in_subprocess(draft_model, grammar_engine)
             report = bench_compare.compare_models(paths, runs=runs, n_threads=n_threads, max_tokens=max_tokens,
                                                   quality=quality, progress=progress, measure=measure)
 
