@@ -53,10 +53,18 @@ def build_dir(version: str) -> Path:
 
 
 def build_llama_server(jobs: int = 2) -> Path:
-    """llama-server from the sdist of the installed llama-cpp-python; built once, then reused."""
+    """llama-server from the sdist of the installed llama-cpp-python; built once, then reused.
+
+    On a CPU with AMX the build names the CPU's other features instead of -march=native: llama.cpp's
+    AMX kernels crash on the first prompt there (toolgrad_edge.hardware.kernel_plan, docs/engines.md).
+    """
+    from toolgrad_edge.hardware import cmake_cpu_args, cpu_flags
+
     version = importlib.metadata.version("llama-cpp-python")
     root = build_dir(version)
-    binary = root / "build" / "bin" / "llama-server"
+    cpu_args, variant = cmake_cpu_args(cpu_flags())
+    build = root / ("build" if variant == "native" else f"build-{variant}")
+    binary = build / "bin" / "llama-server"
     if binary.is_file():
         return binary
     for tool in ("cmake", "c++"):
@@ -71,9 +79,8 @@ def build_llama_server(jobs: int = 2) -> Path:
     if not (source / "tools" / "server").is_dir():
         with tarfile.open(sdist) as tar:
             tar.extractall(root, filter="data")
-    build = root / "build"
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True)
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *cpu_args], check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", f"-j{jobs}"], check=True)
     if not binary.is_file():
         raise SystemExit(f"the build finished without {binary}.")

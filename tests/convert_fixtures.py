@@ -174,10 +174,11 @@ def llama_tokens(gguf_path: Path, text: str) -> list[int]:
 
 
 def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
-    import llama_cpp
+    from toolgrad_edge.hardware import load_llama
 
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=max(64, len(tokens) + 8), n_batch=512, logits_all=True,
-                          n_threads=2, verbose=False)
+    # With the kernel plan: llama.cpp's AMX kernels crash where they are selected.
+    llm = load_llama(gguf_path, n_ctx=max(64, len(tokens) + 8), n_batch=512, logits_all=True,
+                     n_threads=2, verbose=False)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)

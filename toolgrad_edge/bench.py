@@ -61,12 +61,13 @@ def cpu_name() -> str:
 def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, prompt_tokens: list[int],
                      grammar: str, max_tokens: int, runs: int) -> tuple[float, int]:
     """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
-    from llama_cpp import Llama, LlamaGrammar
+    from llama_cpp import LlamaGrammar
 
     from .engines.inprocess import quiet_stderr
+    from .hardware import load_llama
 
     with quiet_stderr(True):
-        llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+        llm = load_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                     n_gpu_layers=n_gpu_layers, verbose=False)
     try:
         g = LlamaGrammar.from_string(grammar, verbose=False)

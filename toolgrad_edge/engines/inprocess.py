@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ContextLengthError, GenerationError, ModelLoadError
+from ..hardware import apply_kernel_plan
 
 SEQ = 0  # the one sequence this session uses
 
@@ -94,7 +95,7 @@ class LlamaSession:
         self._scan_names = True
         _init_backend(verbose)
         with quiet_stderr(not verbose):
-            mparams = llama_cpp.llama_model_default_params()
+            mparams = apply_kernel_plan(llama_cpp.llama_model_default_params())  # AMX avoided where it crashes
             mparams.n_gpu_layers = n_gpu_layers
             model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
             if not model:

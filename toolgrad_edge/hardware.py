@@ -1,0 +1,497 @@
+"""What this machine is, which llama.cpp kernels to avoid on it, and the defaults chosen from it.
+
+Every choice here is a pure function of given figures (system-info strings,
+CPU counts, RAM and model shapes), so it is table-tested on any machine; the
+``detect_*`` functions read those figures from this machine and llama.cpp.
+``doctor`` and ``info`` print each choice with its reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import re
+import subprocess
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .errors import ModelLoadError
+
+# "1" lets llama.cpp use its AMX kernels again (a llama.cpp with the fix for its crash); "0" or unset avoids them.
+ENV_AMX = "TOOLGRAD_EDGE_AMX"
+# The thread count, overriding the detected one (the CLI's --threads and ToolRuntime(n_threads=) win over it).
+ENV_THREADS = "TOOLGRAD_EDGE_THREADS"
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# -- llama.cpp's CPU kernels -----------------------------------------------------------------------------------
+
+def parse_system_info(text: str) -> dict[str, str]:
+    """llama_print_system_info()'s ``KEY = VALUE | ...`` pairs (``CPU : SSE3 = 1 | AMX_INT8 = 1 | ...``)."""
+    return {key: value for key, value in re.findall(r"([A-Za-z0-9_]+)\s*=\s*([^|\s]+)", text)}
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How the model's weights are placed: llama.cpp's extra CPU buffer types (repacking, AMX) or not."""
+
+    use_extra_bufts: bool
+    avoided: tuple[str, ...] = ()  # kernels this process does not use, e.g. ("AMX",)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"use_extra_bufts": self.use_extra_bufts, "avoided": list(self.avoided), "reason": self.reason}
+
+
+def kernel_plan(system_info: str, extra_buffer_types: Sequence[str] | None = None,
+                amx_opt_in: str | None = None) -> KernelPlan:
+    """Whether to load with llama.cpp's extra buffer types, from its system info and extra buffer type names.
+
+    llama.cpp's AMX matrix kernels (``ggml_backend_amx_mul_mat``) crash on the first prompt on Sapphire
+    Rapids class Xeons (llama.cpp issue #20824, closed without a fix). They are used when the build has
+    AMX (``AMX_INT8 = 1``) and the CPU device lists an ``AMX`` extra buffer type. llama.cpp offers no
+    way to keep its other extra type (``CPU_REPACK``) while dropping AMX: an override to the CPU buffer
+    type chooses among all extra types again (AMX first), and an override to the repack type is taken
+    without checking that the tensor can be repacked. So the weights stay in the plain CPU buffer type
+    (``use_extra_bufts = False``); repacking made no measurable difference on that CPU (21.07 against
+    21.36 ms a token on the demo model). ``amx_opt_in`` ("1", from $TOOLGRAD_EDGE_AMX) keeps AMX.
+    """
+    features = parse_system_info(system_info)
+    if extra_buffer_types is not None:
+        amx = any(name.upper().startswith("AMX") for name in extra_buffer_types)
+        where = f"llama.cpp's CPU device lists the extra buffer types {', '.join(extra_buffer_types) or '(none)'}"
+    else:
+        amx = features.get("AMX_INT8") == "1"
+        where = "llama.cpp's system info says AMX_INT8 = 1" if amx else "llama.cpp was built without AMX"
+    if not amx:
+        return KernelPlan(True, (), "no AMX kernels in this llama.cpp build; weights are repacked where "
+                                    "llama.cpp does so")
+    if (amx_opt_in or "").strip() == "1":
+        return KernelPlan(True, (), f"AMX kernels kept (${ENV_AMX}=1): {where}")
+    return KernelPlan(False, ("AMX",),
+                      f"{where}: its AMX kernels crash on the first prompt on such CPUs (llama.cpp issue "
+                      f"#20824), so weights stay in the plain CPU buffer type (no AMX, no repacking); "
+                      f"set ${ENV_AMX}=1 with a llama.cpp that has the fix")
+
+
+def _ggml_backend():
+    """ggml's device registry calls, from llama-cpp-python's ggml library."""
+    from llama_cpp._ggml import libggml
+
+    lib = libggml
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_buft_name.restype = ctypes.c_char_p
+    lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def detect_extra_buffer_types() -> list[str] | None:
+    """The names of the CPU device's extra buffer types (e.g. ``AMX``, ``CPU_REPACK``); None if unknown."""
+    try:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        lib = _ggml_backend()
+        dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+        if not dev:
+            return None
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        address = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+        if not address:
+            return []
+        get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
+        array = get_extra(dev)
+        names = []
+        i = 0
+        while array and array[i]:
+            names.append(lib.ggml_backend_buft_name(array[i]).decode(errors="replace"))
+            i += 1
+        return names
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+
+
+def system_info() -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_plan(opt_in: str) -> KernelPlan:
+    return kernel_plan(system_info(), detect_extra_buffer_types(), opt_in)
+
+
+def detect_kernel_plan() -> KernelPlan:
+    """This process's plan (computed once per value of $TOOLGRAD_EDGE_AMX)."""
+    return _detected_plan(os.environ.get(ENV_AMX, ""))
+
+
+def apply_kernel_plan(model_params, plan: KernelPlan | None = None):
+    """Set llama_model_params for the plan (every model this project loads goes through here)."""
+    plan = plan or detect_kernel_plan()
+    model_params.use_extra_bufts = plan.use_extra_bufts
+    return model_params
+
+
+def load_llama(model_path, **kwargs):
+    """llama-cpp-python's ``Llama`` with the kernel plan applied (it has no argument for extra buffer types).
+
+    Llama builds its model parameters from ``llama_model_default_params()``; the plan is applied to
+    them through a wrapper that stands in for that function while this one object loads.
+    """
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    plan = detect_kernel_plan()
+    if plan.use_extra_bufts:
+        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    with _LOAD_LOCK:
+        original = llama_module.llama_cpp.llama_model_default_params
+
+        def defaults():
+            return apply_kernel_plan(original(), plan)
+
+        llama_module.llama_cpp.llama_model_default_params = defaults
+        try:
+            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = original
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+# -- threads ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CpuFigures:
+    logical: int  # os.cpu_count()
+    allowed: int  # CPUs in this process's affinity mask
+    quota: float | None = None  # CPUs' worth of time the cgroup allows (cpu.max), None when unlimited
+    physical: int | None = None  # distinct physical cores among the allowed CPUs, None when unknown
+    performance: int | None = None  # performance cores (Apple silicon's perflevel0), None when not told apart
+
+
+def choose_threads(cpu: CpuFigures) -> tuple[int, str]:
+    """Threads for llama.cpp: the CPUs this process may use, one per physical core, performance cores only."""
+    n = max(1, cpu.allowed)
+    why = [f"{cpu.allowed} CPU{'s' if cpu.allowed != 1 else ''} in the affinity mask"
+           + (f" of {cpu.logical}" if cpu.logical != cpu.allowed else "")]
+    if cpu.quota is not None and cpu.quota < n:
+        n = max(1, int(cpu.quota))
+        why.append(f"cgroup quota of {cpu.quota:g} CPUs")
+    if cpu.physical is not None and cpu.physical < n:
+        n = max(1, cpu.physical)
+        why.append(f"{cpu.physical} physical cores (SMT siblings share one core's units)")
+    if cpu.performance is not None and cpu.performance < n:
+        n = max(1, cpu.performance)
+        why.append(f"{cpu.performance} performance cores (efficiency cores slow every step's slowest thread)")
+    return n, "; ".join(why)
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _sysctl_int(name: str) -> int | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def detect_cpu() -> CpuFigures:
+    logical = os.cpu_count() or 1
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(logical))
+    physical = performance = None
+    if platform.system() == "Darwin":
+        physical = _sysctl_int("hw.physicalcpu")
+        performance = _sysctl_int("hw.perflevel0.physicalcpu")
+    else:
+        cores = set()
+        for cpu in cpus:
+            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            try:
+                cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                           topo.joinpath("core_id").read_text().strip()))
+            except OSError:
+                cores = set()
+                break
+        physical = len(cores) or None
+    return CpuFigures(logical=logical, allowed=len(cpus) or logical, quota=_cgroup_quota(),
+                      physical=physical, performance=performance)
+
+
+def default_threads() -> tuple[int, str]:
+    """The thread count and why: $TOOLGRAD_EDGE_THREADS, else chosen from this machine's CPUs."""
+    env = os.environ.get(ENV_THREADS)
+    if env:
+        try:
+            n = int(env)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            raise ModelLoadError(f"${ENV_THREADS} must be a positive integer, got {env!r}.") from None
+        return n, f"${ENV_THREADS}"
+    return choose_threads(detect_cpu())
+
+
+# -- memory ----------------------------------------------------------------------------------------------------
+
+def detect_ram() -> tuple[int | None, int | None]:
+    """(total, available) bytes for this process: /proc/meminfo and the cgroup's memory.max, or sysctl."""
+    total = available = None
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(info["MemTotal"].split()[0]) * 1024
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            total = min(total or int(limit), int(limit))
+            available = min(available if available is not None else int(limit), int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    if total is None and platform.system() == "Darwin":
+        total = _sysctl_int("hw.memsize")
+        # macOS keeps file cache and compressed pages it gives back; three quarters of the total is a
+        # safe share for one process (Metal's default working-set limit is about that).
+        available = int(total * 0.75) if total else None
+    if total is None:
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            total = None
+    return total, available if available is not None else total
+
+
+# -- the context ---------------------------------------------------------------------------------------------
+
+# ggml's bytes per value of each KV cache type.
+KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizes a context: from the GGUF header (gguf_info.model_shape)."""
+
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # key and value length per head
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_swa: int  # sliding window, 0 when no layer slides
+    swa_layers: int  # layers with the sliding window
+    weights_bytes: int
+    trained_ctx: int
+
+    @property
+    def global_layers(self) -> int:
+        return self.n_layer - self.swa_layers
+
+
+def _pad(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", swa_full: bool = True,
+                   n_ubatch: int = 512) -> int:
+    """Bytes of K and V for n_ctx cells; sliding-window layers keep llama.cpp's window + a batch unless swa_full."""
+    per_cell = 2 * shape.n_head_kv * shape.head_dim * KV_TYPE_BYTES[kv_type]
+    swa_cells = n_ctx if swa_full or not shape.n_swa else min(n_ctx, _pad(shape.n_swa + n_ubatch, 256))
+    return int(per_cell * (shape.global_layers * n_ctx + shape.swa_layers * swa_cells))
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int = 512, n_outputs: int = 16,
+                         flash_attn: bool = False) -> int:
+    """An upper estimate of llama.cpp's CPU compute buffer: a batch's activations, attention scores, logits rows.
+
+    It is a planning figure: llama.cpp reserves the real size for its worst-case graph when the context is made.
+    """
+    activations = n_ubatch * (4 * shape.n_embd + 3 * shape.n_ff) * 4
+    scores = 0 if flash_attn else n_ubatch * n_ctx * shape.n_head * 4
+    logits = n_outputs * shape.n_vocab * 4
+    return int(activations + scores + logits)
+
+
+OVERHEAD_BYTES = 200 * MiB  # the interpreter, llama.cpp's buffers, the grammar engine's vocabulary view
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    n_ctx: int
+    kv_type: str  # f16 or q8_0 (K and V)
+    flash_attn: bool
+    swa_full: bool
+    kv_bytes: int
+    compute_bytes: int
+    need_bytes: int  # weights + KV + compute + overhead
+    budget_bytes: int | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CTX_STEPS = (8192, 4096, 2048, 1024)
+MIN_CTX = 512
+
+
+def choose_context(shape: ModelShape, budget_bytes: int | None, n_ctx: int | str = "auto",
+                   kv_type: str = "auto", swa_full: bool = True, flash_attn_ok: bool = True,
+                   n_outputs: int = 16, cap: int = 8192) -> ContextPlan:
+    """The context length and KV cache type for which weights + KV cache + compute fit the RAM budget.
+
+    ``n_ctx="auto"`` tries 8k, 4k, 2k and 1k tokens (capped at the trained context), each first with an
+    f16 cache and then q8_0 (which needs flash attention); a number is kept as given and only the type is
+    chosen. When not even 512 tokens fit, ModelLoadError names the figures.
+    """
+    if kv_type not in ("auto", *KV_TYPE_BYTES):
+        raise ModelLoadError(f"KV cache type must be auto, f16 or q8_0, got {kv_type!r}.")
+    types = ["f16", "q8_0"] if kv_type == "auto" else [kv_type]
+    if not flash_attn_ok:
+        if kv_type == "q8_0":
+            raise ModelLoadError("a q8_0 KV cache needs flash attention, which this llama.cpp back-end lacks; "
+                                 "use --kv-type f16.")
+        types = [t for t in types if t != "q8_0"]
+    limit = min(cap, shape.trained_ctx or cap)
+    if n_ctx == "auto":
+        lengths = [n for n in CTX_STEPS if n <= limit] or [limit]
+        lengths = sorted({*lengths, MIN_CTX} if MIN_CTX <= limit else set(lengths), reverse=True)
+    else:
+        lengths = [int(n_ctx)]
+
+    def plan(n: int, t: str, why: str) -> ContextPlan:
+        fa = t != "f16"
+        kv = kv_cache_bytes(shape, n, t, swa_full)
+        compute = compute_buffer_bytes(shape, n, n_outputs=n_outputs, flash_attn=fa)
+        need = shape.weights_bytes + kv + compute + OVERHEAD_BYTES
+        return ContextPlan(n, t, fa, swa_full, kv, compute, need, budget_bytes, why)
+
+    if budget_bytes is None:
+        return plan(lengths[0], types[0], f"{lengths[0]} tokens, {types[0]} KV cache: the RAM is not known")
+    tried = []
+    for n in lengths:
+        for t in types:
+            p = plan(n, t, "")
+            if p.need_bytes <= budget_bytes:
+                why = (f"{n} tokens, {t} KV cache: {_gb(p.need_bytes)} (weights {_gb(shape.weights_bytes)} + KV "
+                       f"{_gb(p.kv_bytes)} + compute {_gb(p.compute_bytes)} + {_gb(OVERHEAD_BYTES)} other) of "
+                       f"{_gb(budget_bytes)} available")
+                if tried:
+                    why += f"; {', '.join(tried)} did not fit"
+                return plan(n, t, why)
+            tried.append(f"{n}/{t} ({_gb(p.need_bytes)})")
+    smallest = plan(lengths[-1], types[-1], "")
+    if n_ctx != "auto":
+        # Asked for explicitly: tried as asked, with the estimate said.
+        return plan(lengths[-1], types[-1], f"{lengths[-1]} tokens as asked, {types[-1]} KV cache: about "
+                                            f"{_gb(smallest.need_bytes)} needed, {_gb(budget_bytes)} available")
+    raise ModelLoadError(
+        f"the model does not fit in the available RAM: {_gb(smallest.need_bytes)} needed at {lengths[-1]} tokens "
+        f"with a {types[-1]} KV cache (weights {_gb(shape.weights_bytes)}, KV {_gb(smallest.kv_bytes)}, compute "
+        f"{_gb(smallest.compute_bytes)}), {_gb(budget_bytes)} available; use a smaller quantization (Q4_0, "
+        f"Q4_K_M), close other programs, or pass --n-ctx explicitly to try anyway.")
+
+
+def _gb(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+@dataclass
+class HardwareDefaults:
+    """The defaults a runtime uses here, each with its reason (for info and doctor)."""
+
+    threads: int
+    threads_reason: str
+    kernels: KernelPlan
+    ram_total: int | None
+    ram_available: int | None
+    context: ContextPlan | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"threads": self.threads, "threads_reason": self.threads_reason, "kernels": self.kernels.to_dict(),
+                "ram_total_bytes": self.ram_total, "ram_available_bytes": self.ram_available,
+                "context": self.context.to_dict() if self.context else None, **self.extra}
+
+
+def environment_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if env is None else env
+    return {name: env[name] for name in (ENV_AMX, ENV_THREADS) if name in env}
+
+
+# -- building llama.cpp ----------------------------------------------------------------------------------------
+
+# /proc/cpuinfo flag -> ggml's CMake option, for a build that names its CPU features instead of -march=native.
+CPU_FLAG_OPTIONS = (
+    ("avx", "GGML_AVX"),
+    ("avx2", "GGML_AVX2"),
+    ("fma", "GGML_FMA"),
+    ("f16c", "GGML_F16C"),
+    ("bmi2", "GGML_BMI2"),
+    ("avx_vnni", "GGML_AVX_VNNI"),
+    ("avx512f", "GGML_AVX512"),
+    ("avx512vbmi", "GGML_AVX512_VBMI"),
+    ("avx512_vnni", "GGML_AVX512_VNNI"),
+    ("avx512_bf16", "GGML_AVX512_BF16"),
+)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (x86 /proc/cpuinfo ``flags``), empty where there are none to read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cmake_cpu_args(flags: set[str], avoid_amx: bool = True) -> tuple[list[str], str]:
+    """CMake options for building llama.cpp on this CPU, and the variant's name.
+
+    A native build (-march=native) turns on AMX where the CPU has it, and llama.cpp's AMX kernels crash
+    there (see kernel_plan); such CPUs get a build that names every other feature it has instead.
+    """
+    if not (avoid_amx and "amx_int8" in flags):
+        return [], "native"
+    args = ["-DGGML_NATIVE=OFF"] + [f"-D{option}=ON" for flag, option in CPU_FLAG_OPTIONS if flag in flags]
+    return args, "no-amx"
