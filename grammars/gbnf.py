@@ -39,11 +39,7 @@ from ..errors import SchemaError
 from .calls import PY_ARG_NAME, SYNTAXES, TEXT_START_EXCLUDED
 from .merge import ANNOTATIONS, MergeError, flatten, same_value
 from .pyliteral import py_string_forms, render_value
-from .tools import Tool, as_tools
-
-# More tools than this make a GBNF grammar whose full-vocabulary masks cost
-# too much per token in llama.cpp; the llguidance compiler (llg.py) has no limit.
-MAX_TOOLS = 256
+from .tools import TOOL_CHECKS, Tool, as_tools
 
 # Lattice size per argument list / object (see the module docstring).
 ORDER_STATES = 64
@@ -188,12 +184,6 @@ def build_grammar(tools: Iterable[Any], syntax: str = "python", tool_choice: Any
         raise ValueError(f"unknown call syntax {syntax!r}; expected one of {', '.join(SYNTAXES)}.")
     check_whitespace(whitespace)
     tools = as_tools(tools)
-    if len(tools) > MAX_TOOLS:
-        raise SchemaError(
-            f"{len(tools)} tools given; a GBNF grammar supports at most {MAX_TOOLS} (each one "
-            "costs masking time on every token). Pass only the tools relevant to the request, "
-            "or use the llguidance engine, which has no such limit."
-        )
     choice = _tool_choice(tool_choice, tools)
     # Property order matters (it is the declared argument order): no sort_keys.
     key = json.dumps([[t.name, t.parameters] for t in tools])
@@ -253,6 +243,9 @@ def schema_grammar(schema: dict | None, syntax: str = "json", whitespace: str = 
 def check_tool(tool: Tool, where: str = "") -> None:
     """Raise SchemaError if the tool's schema uses something the compiler cannot express."""
     _Compiler("json", ORDER_STATES).arguments(tool, 0, where)
+
+
+TOOL_CHECKS.append(check_tool)  # load_tools refuses a tool no grammar could constrain
 
 
 def _tool_choice(choice: Any, tools: list[Tool]) -> str:

@@ -136,7 +136,7 @@ def llg_schema_grammar(schema: dict | None, syntax: str = "json", whitespace: st
 def order_states(n_tools: int) -> int:
     """The argument-order lattice budget per object (see gbnf.py) for a grammar of ``n_tools``.
 
-    Up to 256 tools (the GBNF limit) the same as the GBNF grammar, so no
+    Up to 256 tools (what llama.cpp's GBNF sampler takes) the same as the GBNF grammar, so no
     answer it accepts is refused here; beyond, smaller in proportion, so the
     grammar stays within llguidance's symbol limit (65,535): 1,000 tools get 16.
     """

@@ -19,11 +19,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 
 from ..errors import SchemaError
+
+# What a tool must pass to load, beyond the shape of its schema. The GBNF
+# compiler adds "every argument can be expressed" (gbnf.check_tool) when
+# grammars/ is imported: the tool model stays below the compilers, and
+# load_tools still refuses what no grammar could constrain.
+TOOL_CHECKS: list[Callable[["Tool", str], None]] = []
 
 # Deepest nesting of lists and objects in one tool definition. Real schemas stay
 # far below it; a deeper one is refused before anything recurses over it.
@@ -217,9 +223,8 @@ def _make_tool(item: Any, index: int, where: str) -> Tool:
     normal.setdefault("type", "object")
     normal.setdefault("properties", {})
     tool = Tool(name=name, description=description, parameters=normal, spec=spec)
-    from .gbnf import check_tool  # the compiler needs this module: import late
-
-    check_tool(tool, where)
+    for check in TOOL_CHECKS:
+        check(tool, where)
     return tool
 
 

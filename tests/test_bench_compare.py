@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolgrad_edge import bench, bench_compare
-from toolgrad_edge.bench_compare import (
+from toolgrad_edge.bench import compare as bench_compare
+from toolgrad_edge.bench import measure as bench
+from toolgrad_edge.bench.compare import (
     QualityStats,
     compare_models,
     format_markdown,

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from test_engine_llama_server import StandIn
-from toolgrad_edge import bench_engine
-from toolgrad_edge.bench import bench_prompt
+from toolgrad_edge.bench import remote as bench_engine
+from toolgrad_edge.bench.measure import bench_prompt
 from toolgrad_edge.cli import main
 from toolgrad_edge.grammars import build_grammar, load_tools
 
@@ -130,7 +130,7 @@ def test_a_bad_or_unreachable_engine_is_one_line():
 
 
 def test_the_environment_does_not_switch_bench_to_a_server(monkeypatch, stand_in):
-    from toolgrad_edge import bench_compare
+    from toolgrad_edge.bench import compare as bench_compare
 
     seen = {}
 

@@ -388,7 +388,7 @@ def test_nonfinite_weights_are_converted_with_a_warning(tmp_path, caplog):
 
 
 def test_one_quantization_table():
-    from toolgrad_edge import bench_compare
+    from toolgrad_edge.bench import compare as bench_compare
     from toolgrad_edge.cli import convert_cmd
     from toolgrad_edge.convert.quantize import BITS_PER_WEIGHT, QUANT_TYPES
 

@@ -149,8 +149,8 @@ def test_tool_runtime_over_the_server_gives_valid_calls(server_url):
 
 
 def test_bench_engine_measures_the_bench_workload_on_the_server(server_url, gemma_270m_gguf):
-    from toolgrad_edge.bench import bench_prompt
-    from toolgrad_edge.bench_engine import format_table, measure_engine
+    from toolgrad_edge.bench.measure import bench_prompt
+    from toolgrad_edge.bench.remote import format_table, measure_engine
 
     report = measure_engine(server_url, runs=1, max_tokens=64)
     [m] = report["models"]

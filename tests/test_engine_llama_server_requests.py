@@ -57,3 +57,19 @@ def test_plain_grammar_output_is_unchanged():
     result = _run("--tool-choice", "get_weather")
     assert result.exit_code == 0
     assert result.output == build_grammar(load_tools(TOOLS), tool_choice="get_weather")
+
+
+def test_a_thousand_tools_export_as_a_grammar_and_a_request(tmp_path):
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([{"name": f"tool_{i}", "description": "", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}} for i in range(1000)]))
+    bare = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--json"])
+    assert bare.exit_code == 0, bare.output
+    assert len(json.loads(bare.output)["tools"]) == 1000
+    for engine in ("llama-server", "vllm"):
+        result = CliRunner().invoke(main, ["grammar", "--tools", str(path), "--request", engine,
+                                           "--prompt", "Use tool 999.", "--tool-choice", "required"])
+        assert result.exit_code == 0, result.output
+        body = json.loads(result.output)
+        grammar = body["grammar"] if engine == "llama-server" else body["structured_outputs"]["grammar"]
+        assert "call-999-0" in grammar and 'tool_999' in grammar

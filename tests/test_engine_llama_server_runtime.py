@@ -159,3 +159,15 @@ def test_closing_the_runtime_ends_its_running_remote_requests(stand_in):
     assert not worker.is_alive() and time.monotonic() - t0 < 2
     assert "was closed during the request" in outcome["error"] and stand_in.url in outcome["error"]
     assert stand_in.disconnected.wait(5), "llama-server never saw the request go away"
+
+
+def test_more_tools_than_the_gbnf_sampler_takes_are_refused_naming_llama_server(stand_in):
+    from toolgrad_edge.errors import SchemaError
+
+    tools = [{"name": f"tool_{i}", "parameters": {"type": "object"}} for i in range(257)]
+    with ToolRuntime(engine=stand_in.url) as rt:
+        with pytest.raises(SchemaError, match=rf"257 tools given; llama-server at {stand_in.url} decodes with "
+                                              r"llama.cpp's GBNF grammar sampler.*llguidance"):
+            rt.call("Weather in Paris?", tools, tool_choice="required")
+        assert stand_in.completions() == []  # refused before anything is sent
+        assert rt.call("Weather in Paris?", TOOLS, tool_choice="required").tool_calls  # still usable

@@ -290,8 +290,7 @@ def test_a_thousand_tools_build_and_run(tok):
         "unit": {"type": "string", "enum": ["c", "f"]},
         "p": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["city"]}} for i in range(1000)]
     tools = load_tools(raw)
-    with pytest.raises(SchemaError, match="1000 tools"):
-        build_grammar(tools)
+    assert "tool_999" in build_grammar(tools)  # GBNF too: only llama.cpp's GBNF sampler is limited (engines)
     grammar = build_llg_grammar(tools)
     m = matcher(tok, grammar)  # once per tool set (seconds for 1,000 tools); a copy per request
     assert consumes(m.deep_copy(), "[tool_999(n=1099, city='Paris', p=0.5)]")

@@ -203,7 +203,7 @@ def test_few_allowed_lists_what_the_grammar_allows(runtime, tools):
     """The llguidance matcher's few_allowed: the tool names' first tokens after "[", None inside a string."""
     from toolgrad_edge.grammars import build_grammar
 
-    gate = runtime._matcher(build_grammar(tools, syntax="python", tool_choice="required"), tools, "python", False)
+    gate = runtime.engine._matcher(build_grammar(tools, syntax="python", tool_choice="required"))
     session = runtime.session
     [bracket] = gate.forced_tokens()
     gate.accept(bracket)
@@ -300,7 +300,7 @@ def test_a_thousand_tools(runtime):
         "required": ["x"]}} for i in range(1000)]
     tools = load_tools(specs)
     grammar = LarkGrammar(build_llg_grammar(tools, tool_choice="required"))
-    matcher = runtime._matcher(grammar, tools, "python", False)
+    matcher = runtime.engine._matcher(grammar)
     good = runtime.session.tokenize("[tool_999(x=7)]")
     bad = runtime.session.tokenize("[tool_999(x=12)]")
     assert matcher.validate(good) == len(good)

@@ -85,7 +85,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
         _bench_engine(engine, runs, max_tokens, as_json, markdown)
         return
 
-    from .. import bench, bench_compare
+    from ..bench import compare, measure
     from ..errors import EvaluationError
 
     if quants and not source:
@@ -97,7 +97,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
         paths = [Path(m) for m in models]
         if source:
             click.echo(f"Making {', '.join(quants)} from {source} ...", err=True)
-            paths += bench_compare.files_from_source(source, list(quants), Path(tmp), progress=not as_json)
+            paths += compare.files_from_source(source, list(quants), Path(tmp), progress=not as_json)
         if not paths:
             from ..model_resolution import resolve_model
 
@@ -107,28 +107,28 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
             raise EvaluationError(f"model file(s) not found: {', '.join(missing)}; pass existing GGUF paths.")
 
         quality = not no_quality and len(paths) > 1
-        total = len(paths) * bench.steps_per_file(runs, draft_model is not None)
+        total = len(paths) * measure.steps_per_file(runs, draft_model is not None)
         if quality:
-            total += len(paths) * len(bench_compare.quality_prompts())
+            total += len(paths) * len(compare.quality_prompts())
         with _progress_bar(total) as progress:
-            measure = bench.measure_in_subprocess(draft_model, grammar_engine)
-            report = bench_compare.compare_models(paths, runs=runs, n_threads=n_threads, max_tokens=max_tokens,
-                                                  quality=quality, progress=progress, measure=measure)
+            measure_file = measure.measure_in_subprocess(draft_model, grammar_engine)
+            report = compare.compare_models(paths, runs=runs, n_threads=n_threads, max_tokens=max_tokens,
+                                            quality=quality, progress=progress, measure=measure_file)
 
     if plot_file:
-        bench_compare.plot(report, plot_file)
-    _echo_report(report, as_json, markdown, bench_compare)
+        compare.plot(report, plot_file)
+    _echo_report(report, as_json, markdown, compare)
     if plot_file and not as_json:
         click.echo(f"plot: {plot_file}", err=True)
 
 
 def _bench_engine(url: str, runs: int, max_tokens: int, as_json: bool, markdown: bool) -> None:
-    from .. import bench_engine
+    from ..bench import remote
 
-    with _progress_bar(bench_engine.steps(runs)) as progress:
-        report = bench_engine.measure_engine(url, runs=runs, max_tokens=max_tokens,
-                                             progress=lambda label: progress(label, 1))
-    _echo_report(report, as_json, markdown, bench_engine)
+    with _progress_bar(remote.steps(runs)) as progress:
+        report = remote.measure_engine(url, runs=runs, max_tokens=max_tokens,
+                                       progress=lambda label: progress(label, 1))
+    _echo_report(report, as_json, markdown, remote)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,43 @@
 """Engines under the runtime: where the forward passes happen.
 
-``inprocess`` owns a llama.cpp model and context in this process through
-llama-cpp-python's public low-level API; ``base`` says what the runtime's
-decode loop needs from one.
+``base`` says what the runtime needs from an engine (``Engine``: an
+``EngineRequest`` in, text pieces and a ``Generation`` out) and what the
+decode loop needs from a model session (``DecodeSession``). ``local`` is the
+in-process engine (a GGUF on llama.cpp: ``LlamaSession`` in ``inprocess``,
+the decode loop, the prefix cache, a draft model); ``llama_server`` decodes
+on a llama-server. A new back-end is a new file with an ``Engine`` class:
+pass an instance as ``ToolRuntime(engine=...)``, or give it a spelling in
+``open_engine``.
 """
+
+from __future__ import annotations
+
+import os
+
+from .base import Engine, EngineRequest, Generation, StopStrings
+
+
+def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_model=None, grammar_engine=None,
+                **local_options) -> Engine:
+    """The engine for ``ToolRuntime(model, engine=...)``.
+
+    ``engine``: an Engine object (used as it is), "http://HOST:PORT" or a
+    LlamaServerEngine (decode on that llama-server), "inprocess", or None:
+    then $TOOLGRAD_EDGE_ENGINE applies unless a model file is named. The
+    other options configure the in-process engine; a remote one refuses
+    those that only a local model can honour.
+    """
+    from .llama_server import LlamaServerEngine, remote_engine
+
+    if engine is not None and not isinstance(engine, (str, LlamaServerEngine)):
+        return engine  # already built with its own options
+    remote = remote_engine(engine, model)
+    if remote is not None:
+        remote.refuse_local_options(draft_model=draft_model, grammar_engine=grammar_engine)
+        return remote
+    from .local import InProcessEngine
+
+    return InProcessEngine(model, draft_model=draft_model, grammar_engine=grammar_engine, **local_options)
+
+
+__all__ = ["Engine", "EngineRequest", "Generation", "StopStrings", "open_engine"]

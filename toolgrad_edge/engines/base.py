@@ -1,16 +1,147 @@
-"""What the decode loop needs from a model: a sequence of tokens in a KV cache.
+"""What the runtime needs from an engine, at two levels.
 
-The loop (runtime.py) appends tokens, asks for logits at chosen positions of
-the last batch, and rewinds the cache after a rejected draft. Keeping the
-tokens held by the cache explicit lets a caller check whether someone else
-used the session in between and bring it back (``sync``).
+``Engine`` is the request level, the only one ``ToolRuntime`` sees: an
+``EngineRequest`` (the rendered prompt, the grammar, sampling, a budget and a
+stop test) goes in; ``execute`` yields the decoded text in pieces, then one
+``Generation`` (tokens, finish, usage, timings, stats). An engine owns what
+it loads or connects to: ``close()`` frees it, and a closed engine refuses
+requests. A new back-end is a new file with a class like these; ``open_engine``
+(engines/__init__.py) picks one from ``ToolRuntime(engine=...)``.
+
+``DecodeSession`` is the level below, inside the in-process engine: a
+sequence of tokens in a KV cache. The decode loop (decoding.py) appends
+tokens, asks for logits at chosen positions of the last batch, and rewinds
+the cache after a rejected draft. Keeping the tokens held by the cache
+explicit lets a caller check whether someone else used the session in
+between and bring it back (``sync``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
+
+from ..decoding import SamplingParams
+from ..errors import SchemaError
+from ..prompt import PromptParts, Segment
+from ..results import Timings, Usage
+
+# More tools than this make a GBNF grammar whose full-vocabulary masks cost too
+# much per token in llama.cpp's grammar sampler. Only engines that decode with
+# that sampler refuse more; the grammar itself (toolgrad-edge grammar, vLLM) has no limit.
+GBNF_MAX_TOOLS = 256
+
+
+class StopStrings:
+    """Stop strings that end a text answer; inside a call list they would cut a call in half, so they wait.
+
+    ``calls`` says whether the answer may be a call list (tools given, no
+    grammar override): then text that starts with '[' (both call syntaxes
+    open a list with it) is not tested.
+    """
+
+    def __init__(self, stop: Sequence[str] = (), calls: bool = False):
+        self.strings = [s for s in stop if s]
+        self.calls = calls
+
+    def live(self, text: str) -> list[str]:
+        """The strings to look for in ``text`` so far (none inside a call list)."""
+        if not self.strings or (self.calls and text.lstrip()[:1] == "["):
+            return []
+        return self.strings
+
+    def find(self, text: str, emitted: int) -> int | None:
+        """Where the first live stop string starts (text after it is cut), or None.
+
+        Only text from ``emitted`` minus the longest string on is searched: what
+        was shown before held no stop string.
+        """
+        live = self.live(text)
+        if not live:
+            return None
+        start = max(0, emitted - max(len(s) for s in live))
+        best = None
+        for s in live:
+            i = text.find(s, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best
+
+    def hold(self, text: str) -> int:
+        """How many trailing characters to keep back: they may be the start of a stop string."""
+        live = self.live(text)
+        return max(len(s) for s in live) - 1 if live else 0
+
+
+@dataclass
+class EngineRequest:
+    """One generation, in the engine's terms."""
+
+    prompt: PromptParts  # prefix: the tool definitions (cacheable); rest: the conversation
+    grammar: str | None  # in the engine's grammar_format (GBNF, or LarkGrammar for "lark"); None: free
+    params: SamplingParams
+    max_tokens: int
+    stop: StopStrings = field(default_factory=StopStrings)
+    should_stop: Callable[[], bool] | None = None  # polled between pieces; True cancels
+    n_tools: int = 0  # tools the grammar's calls may name (GBNF engines refuse more than GBNF_MAX_TOOLS)
+    # Lookahead for GBNF call grammars: the text the grammar forces after this text (a unique tool name's rest).
+    forced_text: Callable[[str], str] | None = None
+    speculative: bool | None = None  # None: the engine's own setting
+
+
+@dataclass
+class Generation:
+    """The final record of a request, after its text pieces."""
+
+    text: str  # everything decoded, cut at a stop string
+    finish: str  # stop | length | cancelled
+    tokens: list[int] = field(default_factory=list)  # the generated tokens, where the engine knows them
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    stats: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """A back-end that decodes requests: in this process, or on a server."""
+
+    model_path: Path
+    model_name: str
+    backend: str  # what decodes, in words: "CPU", "Metal", "llama-server at URL"
+    n_ctx: int  # the context one request may fill
+    grammar_engine: str  # llguidance | llama | llama-server
+    grammar_format: str  # the grammar execute takes: "lark" (llguidance's) or "gbnf"
+    speculative: bool  # several tokens per forward pass where that is exact
+
+    @property
+    def concurrency(self) -> int:
+        """How many requests the engine decodes at once."""
+
+    @property
+    def session(self):
+        """The local model session (tokens, KV cache), or GenerationError where there is none."""
+
+    def tokenize_segments(self, segments: Sequence[Segment]) -> list[int]: ...
+
+    def clear_kv_cache(self) -> None: ...
+
+    def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
+        """Yield decoded text pieces, then one Generation. No lock is held while a piece is out."""
+
+    def close(self) -> None: ...
+
+
+def check_gbnf_tools(n_tools: int, engine: str, instead: str) -> None:
+    """Refuse more tools than llama.cpp's GBNF sampler handles, naming the engine and the way out."""
+    if n_tools > GBNF_MAX_TOOLS:
+        raise SchemaError(
+            f"{n_tools} tools given; {engine} decodes with llama.cpp's GBNF grammar sampler, which supports at "
+            f"most {GBNF_MAX_TOOLS} (each one costs masking time on every token). Pass only the tools relevant "
+            f"to the request, or {instead}."
+        )
+
 
 
 class DecodeSession(Protocol):

@@ -26,10 +26,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import ContextLengthError, GenerationError, ModelLoadError
+from ..results import Timings, Usage
+from .base import EngineRequest, Generation, check_gbnf_tools
 
 if TYPE_CHECKING:
     from ..decoding import SamplingParams
@@ -108,7 +111,19 @@ class Completion:
 
 
 class LlamaServerEngine:
-    """A client of one llama-server; safe to share between threads (one connection per request)."""
+    """A client of one llama-server; safe to share between threads (one connection per request).
+
+    As a ToolRuntime's engine (``execute``) it decodes the runtime's prompt
+    with the runtime's GBNF grammar; ``close()`` ends the requests still
+    running (their connections close, so llama-server stops them) and refuses
+    new ones. ``generate`` is the plain client underneath.
+    """
+
+    grammar_engine = "llama-server"
+    grammar_format = "gbnf"
+    # Nothing of these runs here: the server decodes one token per step as it sees fit.
+    speculative = fast_forward = False
+    n_threads = n_gpu_layers = 0
 
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT_S, read_timeout: float = DEFAULT_READ_TIMEOUT_S,
                  connect: bool = True, api_key: str | None = None):
@@ -128,6 +143,7 @@ class LlamaServerEngine:
         self._control: dict[str, int] = {}
         self._text_cache: OrderedDict[str, list[int]] = OrderedDict()  # the tool prefix is long and repeats
         self._cache_lock = threading.Lock()
+        self._closed = False
         if connect:
             self.connect()
 
@@ -164,8 +180,54 @@ class LlamaServerEngine:
     def n_ctx(self) -> int:
         return self.info.n_ctx if self.info else 0
 
+    # -- as a ToolRuntime's engine ------------------------------------------------
+    @property
+    def engine_info(self) -> ServerInfo:
+        return self.info if self.info is not None else self.connect()
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.engine_info.model or "llama-server")
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.stem
+
+    @property
+    def backend(self) -> str:
+        return f"llama-server at {self.url}"
+
+    @property
+    def concurrency(self) -> int:
+        """llama-server's slots: requests decode side by side there."""
+        return max(1, int(self.engine_info.total_slots or 1))
+
+    @property
+    def session(self):
+        self._require_open()
+        raise GenerationError(f"this ToolRuntime decodes on llama-server at {self.url}: "
+                              "it holds no local model session (tokens, KV cache).")
+
+    def clear_kv_cache(self) -> None:
+        self.session  # noqa: B018 - raises: the KV caches are the server's slots'
+
+    def refuse_local_options(self, **options) -> None:
+        """Refuse options that only a local model can honour (draft_model, grammar_engine), naming them."""
+        local = [name for name, value in options.items() if value is not None]
+        if local:
+            raise ModelLoadError(
+                f"{' and '.join(local)} apply to a local model, but this runtime decodes on the llama-server at "
+                f"{self.url} (engine, or ${ENV_ENGINE}), which samples with its own "
+                f"GBNF grammar support; drop {' and '.join(local)} or decode locally with a model.")
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise GenerationError(f"this ToolRuntime (over llama-server at {self.url}) is closed; "
+                                  "open a new one to make more calls.")
+
     def close(self) -> None:
-        """Nothing is held between requests; kept so engines share one lifecycle."""
+        """Refuse new requests; those still running see it within POLL_S and close their connections."""
+        self._closed = True
 
     def __enter__(self) -> "LlamaServerEngine":
         return self
@@ -293,6 +355,68 @@ class LlamaServerEngine:
             cached_tokens=int(timings.get("cache_n") or 0),
             ttft_s=ttft if ttft is not None else total, total_s=total,
             stopping_word=str(final.get("stopping_word") or ""), server_timings=timings,
+        )
+
+    def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
+        """ToolRuntime's request over llama-server: text pieces, then the Generation.
+
+        Stop strings follow the in-process rules (they end text answers, never a
+        call list), so they are matched here; a hit closes the request. No lock:
+        llama-server's slots run requests side by side.
+        """
+        self._require_open()
+        if request.grammar:
+            check_gbnf_tools(request.n_tools, f"llama-server at {self.url}",
+                             "serve a local model (no --engine) with the llguidance grammar engine, "
+                             "which has no tool limit")
+        should_stop = request.should_stop
+        stops = request.stop
+        t0 = time.perf_counter()
+        prompt = self.tokenize_segments(tuple(request.prompt.prefix) + tuple(request.prompt.rest))
+        text = ""
+        emitted = 0
+        stop_hit = False
+        first_piece = None
+        completion: Completion | None = None
+
+        def asked_to_stop() -> bool:
+            return should_stop is not None and bool(should_stop())
+
+        def cancelled() -> bool:
+            return stop_hit or self._closed or asked_to_stop()
+
+        for item in self.generate(prompt, request.grammar, request.params, request.max_tokens, (), cancelled,
+                                  stream=True):
+            if isinstance(item, Completion):
+                completion = item
+                break
+            if first_piece is None:
+                first_piece = time.perf_counter()
+            text += item
+            cut = stops.find(text, emitted)
+            if cut is not None:
+                text = text[:cut]
+                stop_hit = True
+                continue  # the next poll of cancelled() closes the request
+            hold = stops.hold(text)
+            if len(text) - hold > emitted:
+                yield text[emitted:len(text) - hold]
+                emitted = len(text) - hold
+        assert completion is not None
+        if completion.finish_reason == "cancelled" and self._closed and not stop_hit and not asked_to_stop():
+            raise GenerationError(f"this ToolRuntime (over llama-server at {self.url}) was "
+                                  "closed during the request.")
+        if len(text) > emitted:
+            yield text[emitted:]
+        finish = "stop" if stop_hit else completion.finish_reason
+        total = time.perf_counter() - t0
+        # As the caller sees it: from the call (tokenizing through /tokenize included) to the first piece.
+        ttft = first_piece - t0 if first_piece is not None else total
+        yield Generation(
+            text=text, finish=finish,
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion.completion_tokens,
+                        cached_tokens=completion.cached_tokens),
+            timings=Timings(ttft_s=ttft, decode_s=total - ttft, total_s=total),
         )
 
     # -- HTTP -----------------------------------------------------------------------
@@ -499,57 +623,3 @@ def _http_error(url: str, path: str, status: int, raw: bytes) -> GenerationError
     if "context size" in message or "context length" in message:
         return ContextLengthError(f"llama-server at {url}{path}: {message}")
     return GenerationError(f"llama-server at {url}{path} answered HTTP {status}: {message}")
-
-
-def remote_stream(engine: LlamaServerEngine, parts, tools, grammar: str | None, grammar_override: bool,
-                  params: "SamplingParams", max_tokens: int, stop: Sequence[str],
-                  should_stop: Callable[[], bool] | None, syntax: str, constrained: bool):
-    """ToolRuntime.stream over llama-server: text deltas, then the same CallResult as in-process decoding.
-
-    Stop strings follow the in-process rules (they end text answers, never a
-    call list), so they are matched here; a hit closes the request.
-    """
-    from ..runtime import Timings, Usage, _find_stop, _in_call, result_from_text
-
-    t0 = time.perf_counter()
-    prompt = engine.tokenize_segments(tuple(parts.prefix) + tuple(parts.rest))
-    stops = [s for s in stop if s] if (not tools or grammar_override or not constrained) else []
-    text = ""
-    emitted = 0
-    stop_hit = False
-    first_piece = None
-    completion: Completion | None = None
-
-    def cancelled() -> bool:
-        return stop_hit or (should_stop is not None and bool(should_stop()))
-
-    for item in engine.generate(prompt, grammar, params, max_tokens, (), cancelled, stream=True):
-        if isinstance(item, Completion):
-            completion = item
-            break
-        if first_piece is None:
-            first_piece = time.perf_counter()
-        text += item
-        live = stops if stops and not _in_call(text, tools, grammar_override) else None
-        if live:
-            cut = _find_stop(text, live, emitted)
-            if cut is not None:
-                text = text[:cut]
-                stop_hit = True
-                continue  # the next poll of cancelled() closes the request
-        hold = max(len(s) for s in live) - 1 if live else 0
-        if len(text) - hold > emitted:
-            yield text[emitted:len(text) - hold]
-            emitted = len(text) - hold
-    assert completion is not None
-    if len(text) > emitted:
-        yield text[emitted:]
-    finish = "stop" if stop_hit else completion.finish_reason
-    result = result_from_text(text, tools, grammar_override, constrained, finish, syntax)
-    result.usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion.completion_tokens,
-                         cached_tokens=completion.cached_tokens)
-    total = time.perf_counter() - t0
-    # As the caller sees it: from the call (tokenizing through /tokenize included) to the first piece.
-    ttft = first_piece - t0 if first_piece is not None else total
-    result.timings = Timings(ttft_s=ttft, decode_s=total - ttft, total_s=total)
-    yield result

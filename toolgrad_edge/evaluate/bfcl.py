@@ -24,20 +24,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import ContextLengthError, EvaluationError, GenerationError, SchemaError
+from .categories import (CALL_CATEGORIES, CATEGORIES, INFERENCE_ERROR_PREFIX, LIVE, NON_LIVE,  # noqa: F401
+                         RELEVANCE_CATEGORIES)
 
 VERSION_PREFIX = "BFCL_v4"
-
-# BFCL v1 (non-live) and v2 (live) single-turn categories, in the seed table's order.
-NON_LIVE = ("simple_python", "multiple", "parallel", "parallel_multiple")
-LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
-RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
-CATEGORIES = (
-    "simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance",
-    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
-    "live_irrelevance", "live_relevance",
-)
-# Categories whose right answer is at least one call (the valid-call rate is taken over these).
-CALL_CATEGORIES = NON_LIVE + LIVE + ("live_relevance",)
 
 # --tool-choice: "auto" (calls or text, BFCL's setting) or "required" (the
 # grammar forces a call list). "required" applies to the AST categories only:
@@ -48,9 +38,6 @@ TOOL_CHOICES = ("auto", "required")
 # BFCL's generation step appends this to every Python function's description
 # (bfcl_eval.utils._get_language_specific_hint); the model saw it in training.
 PYTHON_HINT = " Note that the provided function is in Python 3 syntax."
-
-# How BFCL's generation step records an entry whose inference failed.
-INFERENCE_ERROR_PREFIX = "Error during inference: "
 
 RUN_MANIFEST = "run.json"
 

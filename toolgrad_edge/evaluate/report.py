@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from .bfcl import CALL_CATEGORIES, CATEGORIES, INFERENCE_ERROR_PREFIX, LIVE, NON_LIVE
+from .categories import CALL_CATEGORIES, CATEGORIES, INFERENCE_ERROR_PREFIX, LIVE, NON_LIVE
 
 COLUMNS = ("Simple", "Multi", "Par", "MultiPar", "Overall")
 

@@ -27,7 +27,7 @@ from .settings import ServerSettings
 
 MAX_STOP_SEQUENCES = 4  # as in OpenAI's API
 
-# Runtimes whose call grammar is GBNF (tool limit grammars.gbnf.MAX_TOOLS), by
+# Runtimes whose call grammar is GBNF (tool limit engines.base.GBNF_MAX_TOOLS), by
 # ToolRuntime.grammar_engine: what the refusal calls the engine, and what to do
 # instead. Any other engine name but "llguidance" is treated as GBNF.
 GBNF_ENGINES = {
@@ -342,7 +342,7 @@ def _check_grammar(tools: list[dict[str, Any]], syntax: str, tool_choice: str, p
     if not tools or tool_choice == "none":
         return
     from ..grammars import build_grammar, build_llg_grammar
-    from ..grammars.gbnf import MAX_TOOLS
+    from ..engines.base import GBNF_MAX_TOOLS as MAX_TOOLS
 
     lark = grammar_engine == "llguidance"
     if not lark and len(tools) > MAX_TOOLS:

@@ -1,6 +1,6 @@
 """Several GGUF files side by side: speed, memory and quality against the highest-precision one.
 
-Speed figures come from ``bench.measure_model`` (medians after a warm-up,
+Speed figures come from ``measure.measure_model`` (medians after a warm-up,
 including llama-cpp-python's own grammar path as the baseline), run in a
 fresh process per file so that each file's peak RSS is its own. Quality is
 measured in this process: for a fixed set of BFCL prompts in the ToolGrad
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,8 +20,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .convert.quantize import BITS_PER_WEIGHT
-from .errors import EvaluationError
+from ..convert.quantize import BITS_PER_WEIGHT
+from ..errors import EvaluationError
 
 QUALITY_PROMPTS = "quality_prompts.json"
 
@@ -86,9 +84,9 @@ def next_token_logits(model_path, prompts: list[QualityPrompt], *, n_threads: in
     distribution), then after each answer token, the last one predicting
     ``<end_of_turn>``.
     """
-    from .grammars import load_tools
-    from .prompt import END_OF_TURN, Segment, render_prompt
-    from .runtime import ToolRuntime
+    from ..grammars import load_tools
+    from ..prompt import END_OF_TURN, Segment, render_prompt
+    from ..runtime import ToolRuntime
 
     with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx,
                      prefix_cache=False) as rt:
@@ -169,7 +167,7 @@ def pick_reference(files: list[dict]) -> int:
 
 
 def describe_file(path: Path) -> dict:
-    from .gguf_info import read_gguf_info
+    from ..gguf_info import read_gguf_info
 
     info = read_gguf_info(path)
     return {"model": str(path), "quant": info.file_type, "file_size_bytes": Path(path).stat().st_size,
@@ -177,25 +175,6 @@ def describe_file(path: Path) -> dict:
 
 
 # --- speed, one process per file ---------------------------------------------------------
-
-def run_measure_child(cmd: list[str], path: Path, progress: Callable[[str, int], None] | None = None) -> dict:
-    """Run a measuring child process: its PROGRESS lines on stderr tick `progress`, its last stdout line is the JSON result."""
-    say = progress or (lambda label, advance: None)
-    with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
-        tail: list[str] = []
-        for line in proc.stderr:
-            if line.startswith("PROGRESS "):
-                say(f"{Path(path).name}: {line[9:].strip()}", 1)
-            else:
-                tail = (tail + [line.rstrip()])[-10:]
-        proc.wait()
-        out.seek(0)
-        text = out.read()
-    if proc.returncode != 0:
-        raise EvaluationError(f"measuring {path} failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    return json.loads(text.strip().splitlines()[-1])
-
 
 def compare_models(paths: Iterable[str | os.PathLike], *, runs: int = 5, n_threads: int | None = None,
                    n_gpu_layers="auto", max_tokens: int = 64, quality: bool = True,
@@ -212,9 +191,9 @@ def compare_models(paths: Iterable[str | os.PathLike], *, runs: int = 5, n_threa
     described = [describe_file(p) for p in files]
     ref = pick_reference(described)
     if measure is None:
-        from .bench import measure_in_subprocess
+        from .measure import measure_in_subprocess
 
-        measure = measure_in_subprocess()  # bench.measure_model in a fresh interpreter per file
+        measure = measure_in_subprocess()  # measure_model in a fresh interpreter per file
     rows = []
     for p, d in zip(files, described):
         row = measure(p, runs=runs, n_threads=n_threads, n_gpu_layers=n_gpu_layers, max_tokens=max_tokens,
@@ -237,7 +216,7 @@ def compare_models(paths: Iterable[str | os.PathLike], *, runs: int = 5, n_threa
 def machine_info(rows: list[dict]) -> dict:
     import platform
 
-    from .bench import cpu_name
+    from .measure import cpu_name
 
     first = rows[0] if rows else {}
     return {
@@ -361,7 +340,7 @@ def files_from_source(source: str, quants: list[str], workdir: Path, *, progress
     A float GGUF source is quantized with llama.cpp's quantizer and compared
     too (as the reference); a checkpoint is converted with ``convert``.
     """
-    from .convert import QUANT_TYPES, convert_checkpoint, quantize_gguf
+    from ..convert import QUANT_TYPES, convert_checkpoint, quantize_gguf
 
     workdir.mkdir(parents=True, exist_ok=True)
     src = Path(source)

@@ -1,6 +1,6 @@
 """`toolgrad-edge bench --engine URL`: the bench's tool-call workload over one llama-server.
 
-The same requests as the local bench (toolgrad_edge.bench): the shipped tool
+The same requests as the local bench (toolgrad_edge.bench.measure): the shipped tool
 prompt, one bench query per run, tool_choice="required", in both call
 syntaxes, sent through ``ToolRuntime(engine=URL)``, so rendering, /tokenize,
 the grammar, the HTTP stream and the parsing are all inside the figures. One
@@ -30,8 +30,8 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from .bench import bench_prompt, cpu_name
-from .bench_compare import _num, markdown_table, text_table
+from .compare import _num, markdown_table, text_table
+from .measure import bench_prompt, cpu_name
 
 SYNTAXES = ("python", "json")
 
@@ -95,8 +95,8 @@ def measure_engine(url, runs: int = 5, max_tokens: int = 64,
     Raises GenerationError (naming the URL) when the server is unreachable or
     fails, ModelLoadError when it does not serve a Gemma 3 vocabulary.
     """
-    from .errors import EvaluationError
-    from .runtime import ToolRuntime
+    from ..errors import EvaluationError
+    from ..runtime import ToolRuntime
 
     if runs < 1 or max_tokens < 2:
         raise EvaluationError(f"runs must be >= 1 and max_tokens >= 2, got runs={runs} max_tokens={max_tokens}.")

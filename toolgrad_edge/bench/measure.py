@@ -23,11 +23,14 @@ import sys
 import platform
 import resource
 import statistics
+import subprocess
 import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
+
+from ..errors import EvaluationError
 
 BENCH_PROMPT = "bench_prompt.json"
 
@@ -63,8 +66,8 @@ def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, 
     """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
     from llama_cpp import LlamaGrammar
 
-    from .engines.inprocess import quiet_stderr
-    from .hardware import load_llama
+    from ..engines.inprocess import quiet_stderr
+    from ..hardware import load_llama
 
     with quiet_stderr(True):
         llm = load_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
@@ -133,9 +136,9 @@ def _divergence(rt, messages, tool_dicts, syntax: str, spec, step) -> dict:
     time; a gap smaller than the batched-versus-one-token noise (up to about
     0.9 on this back-end) is a near-tie, not a bug.
     """
-    from .engines.inprocess import common_prefix
-    from .grammars import load_tools
-    from .prompt import render_prompt
+    from ..engines.inprocess import common_prefix
+    from ..grammars import load_tools
+    from ..prompt import render_prompt
 
     a, b = spec.token_ids, step.token_ids
     k = common_prefix(a, b)
@@ -227,9 +230,9 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                   max_tokens: int = 64, progress: Callable[[str], None] | None = None,
                   draft_model: str | os.PathLike | None = None, grammar_engine: str | None = None) -> dict:
     """Measure one model. Returns medians and same-run ratios (see module docstring)."""
-    from .grammars import build_grammar, load_tools
-    from .prompt import render_prompt
-    from .runtime import ToolRuntime
+    from ..grammars import build_grammar, load_tools
+    from ..prompt import render_prompt
+    from ..runtime import ToolRuntime
 
     say = progress or (lambda msg: None)
     messages, tool_dicts = bench_prompt(0)
@@ -329,14 +332,12 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
 
 
 def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_engine: str | None = None):
-    """A `measure` for bench_compare.compare_models: measure_model in a fresh interpreter per file
+    """A `measure` for compare.compare_models: measure_model in a fresh interpreter per file
     (so each file's peak RSS is its own), with this module's options."""
 
     def measure(path: Path, *, runs: int, n_threads: int | None, n_gpu_layers="auto", max_tokens: int = 64,
                 progress: Callable[[str, int], None] | None = None) -> dict:
-        from .bench_compare import run_measure_child
-
-        cmd = [sys.executable, "-m", "toolgrad_edge.bench", str(path), "--runs", str(runs),
+        cmd = [sys.executable, "-m", "toolgrad_edge.bench.measure", str(path), "--runs", str(runs),
                "--max-tokens", str(max_tokens), "--n-gpu-layers", str(n_gpu_layers)]
         if n_threads:
             cmd += ["--threads", str(n_threads)]
@@ -349,6 +350,25 @@ def measure_in_subprocess(draft_model: str | os.PathLike | None = None, grammar_
     return measure
 
 
+def run_measure_child(cmd: list[str], path: Path, progress: Callable[[str, int], None] | None = None) -> dict:
+    """Run a measuring child process: its PROGRESS lines on stderr tick `progress`, its last stdout line is the JSON result."""
+    say = progress or (lambda label, advance: None)
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        tail: list[str] = []
+        for line in proc.stderr:
+            if line.startswith("PROGRESS "):
+                say(f"{Path(path).name}: {line[9:].strip()}", 1)
+            else:
+                tail = (tail + [line.rstrip()])[-10:]
+        proc.wait()
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise EvaluationError(f"measuring {path} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return json.loads(text.strip().splitlines()[-1])
+
+
 def steps_per_file(runs: int, draft_model: bool = False) -> int:
     """Progress ticks measure_model reports per file."""
     workloads = 4 if draft_model else 2
@@ -358,9 +378,9 @@ def steps_per_file(runs: int, draft_model: bool = False) -> int:
 def _main(argv: Sequence[str]) -> int:
     import argparse
 
-    from .errors import ToolgradEdgeError
+    from ..errors import ToolgradEdgeError
 
-    parser = argparse.ArgumentParser(prog="python -m toolgrad_edge.bench")
+    parser = argparse.ArgumentParser(prog="python -m toolgrad_edge.bench.measure")
     parser.add_argument("model")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)

@@ -1,0 +1,8 @@
+"""Measurements behind `toolgrad-edge bench`, above the runtime.
+
+``measure``: one GGUF file's speed (free, constrained, stepwise decoding and
+llama-cpp-python's own grammar path, medians after a warm-up), in a child
+process per file (``python -m toolgrad_edge.bench.measure``); ``compare``:
+several files side by side, with quality against the highest-precision one;
+``remote``: the same tool-call workload over a llama-server.
+"""
