@@ -257,6 +257,17 @@ def test_llama_grammar_engine_gives_the_same_calls(gemma_270m_gguf, tools, tmp_p
 
 
 @pytest.mark.slow
+def test_the_llama_grammar_engine_refuses_more_tools_than_its_sampler_takes(gemma_270m_gguf, tmp_path):
+    from toolgrad_edge.errors import SchemaError
+
+    specs = [{"name": f"tool_{i}", "parameters": {"type": "object"}} for i in range(257)]
+    with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=256, cache_dir=tmp_path, grammar_engine="llama") as rt:
+        with pytest.raises(SchemaError, match=r"257 tools given; the llama grammar engine decodes with llama.cpp's "
+                                              r"GBNF grammar sampler, which supports at most 256.*llguidance"):
+            rt.call("Use tool 1.", specs, tool_choice="required", max_tokens=8)
+
+
+@pytest.mark.slow
 def test_draft_model_with_another_vocabulary_is_refused(gemma_270m_gguf, tmp_path):
     from toolgrad_edge.runtime import DraftModel
 
