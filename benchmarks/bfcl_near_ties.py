@@ -81,7 +81,7 @@ class TokenRecorder:
 
     def call(self, runtime, entry, run: dict):
         self.tokens = []
-        runtime._session.clear()  # the prompt evaluated from scratch, whatever ran before
+        runtime.clear_kv_cache()  # the prompt evaluated from scratch, whatever ran before
         res = runtime.call(entry.messages, entry.functions, tool_choice=category_tool_choice(entry.category,
                            run.get("tool_choice", "auto")), parallel=True, syntax=run["syntax"],
                            max_tokens=run["max_tokens"], temperature=0.0, constrained=run["grammar"],
@@ -91,13 +91,13 @@ class TokenRecorder:
 
 def margins(runtime, recorder: TokenRecorder, entry, run_a: dict, run_b: dict, text_a: str, text_b: str) -> dict:
     """Regenerate both outputs; where their tokens part, logit(A's token) - logit(B's token), two ways."""
-    session = runtime._session  # our own engine object: this diagnostic drives it directly
+    session = runtime.session  # the in-process engine's LlamaSession: this diagnostic drives it directly
     res_a, a = recorder.call(runtime, entry, run_a)
     res_b, b = recorder.call(runtime, entry, run_b)
     parts = render_prompt(entry.messages, load_tools(entry.functions), run_a["syntax"])
     prefix = runtime.tokenize_segments(parts.prefix)
     rest = runtime.tokenize_segments(parts.rest)
-    end = runtime._control[END_OF_TURN]
+    end = runtime.engine._control[END_OF_TURN]
     reproduced = {"a": res_a.raw_text == text_a, "b": res_b.raw_text == text_b}
     retokenized = a == b
     if retokenized:

@@ -99,9 +99,10 @@ class ToolRuntime:
         return self.engine.session
 
     def __getattr__(self, name: str):
-        # What only some engines have (n_threads, prefix_cache, engine_info, ...), as attributes of the runtime.
-        if name == "engine":  # not set: __init__ failed
-            raise AttributeError(name)
+        # What only some engines have (n_threads, prefix_cache, engine_info, ...), as attributes of the
+        # runtime; an engine's private state stays its own.
+        if name.startswith("_") or name == "engine":  # engine unset: __init__ failed
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.engine, name)
 
     # -- lifecycle ------------------------------------------------------------
