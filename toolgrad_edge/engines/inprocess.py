@@ -29,6 +29,7 @@ from ..errors import ContextLengthError, GenerationError, ModelLoadError
 from ..hardware import apply_kernel_plan
 
 SEQ = 0  # the one sequence this session uses
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}  # KV cache types -> ggml's type constants
 
 
 @contextmanager
@@ -72,12 +73,19 @@ class LlamaSession:
     """One model, one context, and the tokens its KV cache holds."""
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
-                 n_batch: int = 512, verbose: bool = False, output_head=None):
+                 n_batch: int = 512, verbose: bool = False, output_head=None, kv_type: str = "f16",
+                 swa_full: bool = True, n_outputs_max: int | None = None):
         import llama_cpp
 
         self._llama = llama_cpp
         self.model_path = Path(model_path)
         self.n_batch = n_batch
+        if kv_type not in KV_TYPES:
+            raise ModelLoadError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}.")
+        self.kv_type = kv_type
+        self.swa_full = swa_full
+        # The logits rows one batch may ask for; llama.cpp reserves them all (n_batch x vocabulary by default).
+        self.n_outputs = min(n_batch, n_outputs_max or n_batch)
         self._model = None
         self._ctx = None
         self._batch = None
@@ -109,9 +117,14 @@ class LlamaSession:
             cparams.n_seq_max = 1
             cparams.n_threads = n_threads
             cparams.n_threads_batch = n_threads
-            # The full-size sliding-window cache lets a saved prefix be restored
-            # and a rejected draft be removed; the default would drop old positions.
-            cparams.swa_full = True
+            # The full-size sliding-window cache keeps every position, so the cache can be rewound to any
+            # point (a common prefix with the next request); without it older positions are dropped and
+            # rewind() starts over where they would be needed.
+            cparams.swa_full = swa_full
+            cparams.n_outputs_max = self.n_outputs
+            cparams.type_k = cparams.type_v = getattr(llama_cpp, KV_TYPES[kv_type])
+            if kv_type != "f16":  # a quantized V cache needs flash attention
+                cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if self._head is not None:
                 self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
                 cparams.cb_eval = self._eval_cb
@@ -122,6 +135,7 @@ class LlamaSession:
                                      "(too little memory? try a smaller n_ctx).")
             self._ctx = ctx
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model)) if not swa_full else 0
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -218,7 +232,7 @@ class LlamaSession:
         choice: each logits row costs a pass over the 262k-row output layer.
         """
         rows = [int(r) for r in rows]
-        tokens, _ = self._check(tokens, max(1, len(rows)))
+        tokens, _ = self._check(tokens, max(1, len(rows) + (bool(rows) and rows[-1] != len(tokens) - 1)))
         if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= len(tokens):
             raise GenerationError(f"logits rows must be increasing positions in the batch of {len(tokens)}, "
                                   f"got {rows}.")
@@ -297,8 +311,10 @@ class LlamaSession:
         if not tokens:
             raise GenerationError("decode needs at least one token.")
         n_logits = max(1, min(n_logits, len(tokens)))
-        if n_logits > self.n_batch:
-            raise GenerationError(f"at most {self.n_batch} logits rows per decode, asked for {n_logits}.")
+        if n_logits > self.n_outputs:
+            # llama.cpp reserved this many rows and aborts the process past them.
+            raise GenerationError(f"at most {self.n_outputs} logits rows per decode (n_outputs_max), "
+                                  f"asked for {n_logits}.")
         if len(self._tokens) + len(tokens) > self.n_ctx:
             raise ContextLengthError(f"{len(self._tokens) + len(tokens)} tokens exceed the context of "
                                      f"{self.n_ctx} tokens.")
@@ -349,12 +365,21 @@ class LlamaSession:
         n_keep = max(0, n_keep)
         if self._ctx is None:
             return
-        if not self._llama.llama_memory_seq_rm(self._mem, SEQ, n_keep, -1):
-            # A partial removal can fail on some caches: start over from empty.
+        # Removed even at the end of the token list: a failed decode may have written past it.
+        if not self._llama.llama_memory_seq_rm(self._mem, SEQ, n_keep, -1) or not self._window_kept(n_keep):
+            # A partial removal can fail on some caches, and a sliding-window cache that is not full-size
+            # has dropped positions the next token would attend to: start over from empty.
             self._llama.llama_memory_clear(self._mem, True)
             del self._tokens[:]
             return
         del self._tokens[n_keep:]
+
+    def _window_kept(self, n_keep: int) -> bool:
+        """Whether the cache still holds the window of positions before n_keep (always, with swa_full)."""
+        if not self.n_swa or n_keep == 0:
+            return True
+        pos_min = self._llama.llama_memory_seq_pos_min(self._mem, SEQ)
+        return pos_min <= max(0, n_keep - self.n_swa)
 
     def clear(self) -> None:
         if self._ctx is not None:
