@@ -98,6 +98,8 @@ class LlamaSession:
                 self._head = None
         self._eval_cb = None
         self._want_hidden = False
+        self._verify_head = self._head is not None  # the first narrow pass also runs whole, to check the head
+        self.head_check: dict | None = None  # that check's figures (max_abs_difference, ok, ...)
         self._hidden: np.ndarray | None = None
         self._norm_nodes: set[int] = set()  # addresses at which llama.cpp's graphs held "result_norm"
         self._scan_names = True
@@ -244,7 +246,8 @@ class LlamaSession:
 
     @property
     def narrow(self) -> bool:
-        """Whether decode_narrow can skip the output layer (CPU back-end, a handled weight type)."""
+        """Whether decode_narrow can skip the output layer (CPU back-end, a handled weight type, and the
+        head matched llama.cpp's logits on the first narrow pass, or has not been checked yet)."""
         return self._head is not None
 
     def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
@@ -269,7 +272,29 @@ class LlamaSession:
                 # computed every logit; look the node up by name next time.
                 self._scan_names = True
             return self._logits_rows([last[0] - first])[0][ids]
+        if self._verify_head:
+            return self._check_head(ids, self._logits_rows([last[0] - first])[0])
         return self._head.logits(self._hidden[-self._head.n_embd:], ids)
+
+    HEAD_TOLERANCE = 1e-3  # the head's logits against llama.cpp's: about 1e-5 where it rounds as the kernels do
+
+    def _check_head(self, ids: np.ndarray, full: np.ndarray) -> np.ndarray:
+        """The first narrow pass ran whole: compare the head with llama.cpp's logits, and keep it only if exact.
+
+        The head copies the CPU kernels' rounding of the activations for the output weight's type; another
+        kernel path (AMX, repacked weights, ARM's dot products) may round otherwise, and then the head is off.
+        """
+        self._verify_head = False
+        probe = np.unique(np.concatenate([ids, np.argsort(full)[-32:]]))
+        ours = self._head.logits(self._hidden[-self._head.n_embd:], probe)
+        diff = float(np.max(np.abs(ours - full[probe])))
+        ok = diff <= self.HEAD_TOLERANCE
+        self.head_check = {"max_abs_difference": diff, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
+                           "weight_type": self._head.qtype.name, "rows": int(len(probe))}
+        if not ok:
+            # Not exact on this kernel path: every later pass computes the output layer (narrow passes off).
+            self._head = None
+        return full[ids]
 
     def _on_tensor(self, tensor, ask, _user_data) -> bool:
         """llama.cpp's eval callback: stop the pass after "result_norm" when only its hidden state is wanted.
@@ -298,7 +323,7 @@ class LlamaSession:
             hidden = np.empty(n // 4, dtype=np.float32)
             lib.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, n)
             self._hidden = hidden
-            return False
+            return self._verify_head  # stop here, unless this pass checks the head against the whole pass
         except Exception:
             self._hidden = None
             # Asked: claim nothing. Told: compute the rest, so llama.cpp's own logits are valid.
