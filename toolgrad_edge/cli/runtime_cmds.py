@@ -146,7 +146,9 @@ def info(model_file, as_json):
       toolgrad-edge info ~/.cache/toolgrad-edge/models/toolgrad-4b-Q4_K_M.gguf
       toolgrad-edge info model.gguf --json
     """
-    from ..gguf_info import SUPPORTED_ARCHITECTURES, read_gguf_info
+    from ..errors import ModelLoadError
+    from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
+    from ..hardware import plan_defaults
     from ..model_resolution import backend_name
 
     meta = read_gguf_info(model_file)
@@ -164,6 +166,16 @@ def info(model_file, as_json):
         "gguf_version": meta.version,
         "backend": backend_name(),
     }
+    if meta.architecture in SUPPORTED_ARCHITECTURES:
+        # The defaults a runtime would choose for this file here, each with its reason.
+        try:
+            hw = plan_defaults(model_shape(meta))
+            context = hw.context.reason
+        except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
+            hw, context = None, str(exc)
+        if hw is not None:
+            report.update({"threads": hw.threads, "threads_reason": hw.threads_reason, "kernels": hw.kernels.reason})
+        report["context"] = context
     if as_json:
         click.echo(json.dumps(report))
         return
