@@ -175,7 +175,8 @@ def self_test(rt) -> list[Check]:
     spec = rt.call(SELF_TEST_QUERY, SELF_TEST_TOOLS, speculative=True, **kwargs)
     head = session.head_check
     if head is not None:
-        checks.append(Check("narrow head", head["ok"],
+        # Not exact here is a note, not a failure: the session dropped the head, so answers stay exact.
+        checks.append(Check("narrow head", True if head["ok"] else None,
                             f"max |difference| {head['max_abs_difference']:.2g} against llama.cpp's logits over "
                             f"{head['rows']} tokens ({head['weight_type']} output weight, tolerance "
                             f"{head['tolerance']:g})" + ("" if head["ok"] else
