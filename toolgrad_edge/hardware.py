@@ -503,5 +503,9 @@ def cmake_cpu_args(flags: set[str], avoid_amx: bool = True) -> tuple[list[str], 
     """
     if not (avoid_amx and "amx_int8" in flags):
         return [], "native"
-    args = ["-DGGML_NATIVE=OFF"] + [f"-D{option}=ON" for flag, option in CPU_FLAG_OPTIONS if flag in flags]
-    return args, "no-amx"
+    return cmake_feature_args(flags), "no-amx"
+
+
+def cmake_feature_args(flags: set[str]) -> list[str]:
+    """A build for exactly these CPU features (AMX never among them): native off, each feature named."""
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{option}=ON" for flag, option in CPU_FLAG_OPTIONS if flag in flags]
