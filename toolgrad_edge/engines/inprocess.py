@@ -403,8 +403,8 @@ class LlamaSession:
         """Whether the cache still holds the window of positions before n_keep (always, with swa_full)."""
         if not self.n_swa or n_keep == 0:
             return True
-        pos_min = self._llama.llama_memory_seq_pos_min(self._mem, SEQ)
-        return pos_min <= max(0, n_keep - self.n_swa)
+        pos_min = self._llama.llama_memory_seq_pos_min(self._mem, SEQ)  # -1: nothing left of the window
+        return 0 <= pos_min <= max(0, n_keep - self.n_swa)
 
     def clear(self) -> None:
         if self._ctx is not None:
@@ -415,6 +415,7 @@ class LlamaSession:
         """Make the cache hold exactly `tokens`; return how many were already there."""
         common = common_prefix(self._tokens, tokens)
         self.rewind(common)
+        common = len(self._tokens)  # less where the rewind had to start over (a window-only SWA cache)
         rest = list(tokens[common:])
         if rest:
             self.decode(rest, 1)
