@@ -18,8 +18,8 @@ decode tokens/s, constrained/free, greedy agreement between speculative and
 stepwise decoding).
 
     python benchmarks/cpu_variants.py build
-    python benchmarks/cpu_variants.py measure -m gemma-3-270m-q4_k_m.gguf -m 270m-bf16.gguf -m 270m-Q4_K_M.gguf \\
-        [--runs 3] [--json out.json] [--markdown]
+    python benchmarks/cpu_variants.py measure -m gemma-3-270m-q4_k_m.gguf -m gemma3-270m-hf-BF16.gguf \\
+        --head-model gemma3-4b-random-Q4_0.gguf [--runs 3] [--json out.json] [--markdown]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _child(variant_path: Path | None, args: list[str]) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=3600)
 
 
-def measure(models: list[Path], runs: int, threads: int | None) -> dict:
+def measure(models: list[Path], runs: int, threads: int | None, head_models: list[Path] = ()) -> dict:
     from toolgrad_edge.bench import cpu_name
 
     report = {"cpu": cpu_name(), "runs": runs, "variants": {}}
@@ -125,11 +125,16 @@ def measure(models: list[Path], runs: int, threads: int | None) -> dict:
             print(f"[{name}] not built: run `python benchmarks/cpu_variants.py build` first", flush=True)
             continue
         entry = {"cmake_args": options or [], "models": {}}
-        for model in models:
+        for model in [*models, *head_models]:
             head = _child(path, ["-c", HEAD_CHILD, str(model), HEAD_TEXT])
             if head.returncode != 0:
                 raise SystemExit(f"[{name}] {model.name}: head check exited {head.returncode}\n{head.stderr[-2000:]}")
             row = json.loads(head.stdout.strip().splitlines()[-1])
+            if model in head_models:  # e.g. the 4B-shaped file for a Q6_K output weight: too slow to bench here
+                entry["models"][model.name] = row
+                print(f"[{name}] {model.name}: head {row.get('head_max_abs_difference')} ({row['weight_type']})",
+                      flush=True)
+                continue
             cmd = ["-c", "from toolgrad_edge.cli import main; main()", "bench", "-m", str(model), "--runs", str(runs),
                    "--json", "--no-quality"]
             if threads:
@@ -158,22 +163,25 @@ def markdown(report: dict) -> str:
              "constrained / free | greedy agreement |", "|---|---|---|---|---|---|---|"]
     for name, entry in report["variants"].items():
         for model, row in entry["models"].items():
-            f = _bench_figures(row["bench"])
+            f = _bench_figures(row["bench"]) if "bench" in row else {}
             head = row.get("head_max_abs_difference")
 
             def num(x, fmt):
                 return format(x, fmt) if isinstance(x, (int, float)) else "-"
 
-            lines.append(f"| {name} | {model} ({row['weight_type']}) | {num(head, '.1e')} | {num(f['prefill'], '.0f')} "
-                         f"| {num(f['free'], '.1f')} | {num(f['constrained_vs_free'], '.2f')} | "
-                         f"{num(f['greedy'], '.2f')} |")
+            lines.append(f"| {name} | {model} ({row['weight_type']}) | {num(head, '.1e')} | "
+                         f"{num(f.get('prefill'), '.0f')} | {num(f.get('free'), '.1f')} | "
+                         f"{num(f.get('constrained_vs_free'), '.2f')} | {num(f.get('greedy'), '.2f')} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["build", "measure"])
-    parser.add_argument("-m", "--model", dest="models", type=Path, action="append", default=[])
+    parser.add_argument("-m", "--model", dest="models", type=Path, action="append", default=[],
+                        help="GGUF: head check and bench (repeatable)")
+    parser.add_argument("--head-model", dest="head_models", type=Path, action="append", default=[],
+                        help="GGUF: head check only (repeatable)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=2)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.models:
         parser.error("measure needs at least one -m MODEL.gguf")
-    report = measure(args.models, args.runs, args.threads)
+    report = measure(args.models, args.runs, args.threads, args.head_models)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(markdown(report) if args.markdown else json.dumps(report, indent=2))

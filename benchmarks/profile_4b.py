@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -152,7 +150,7 @@ def pass_costs(path: Path, threads: int, runs: int) -> dict:
         s.close()
 
 
-def measure(folder: Path, threads: int, runs: int) -> dict:
+def measure(folder: Path, threads: int, runs: int, what: str = "all") -> dict:
     from toolgrad_edge import hardware
     from toolgrad_edge.bench import cpu_name
     from toolgrad_edge.gguf_info import model_shape, read_gguf_info
@@ -166,13 +164,16 @@ def measure(folder: Path, threads: int, runs: int) -> dict:
         matrix = [(n, kv, swa) for n in CONTEXTS for kv in KV_TYPES for swa in (True, False)]
         if "Q4_0" in path.name:  # the other file: the default configuration and the smallest
             matrix = [(8192, "f16", True), (2048, "q8_0", False)]
-        for n, kv, swa in matrix:
+        for n, kv, swa in (matrix if what in ("all", "memory") else []):
             got = one_config(path, n, kv, swa, threads)
             plan = hardware.choose_context(shape, None, n_ctx=n, kv_type=kv, swa_full=swa)
             entry["memory"].append({"n_ctx": n, "kv_type": kv, "swa_full": swa, **got,
                                     "planned_bytes": plan.need_bytes, "kv_bytes": plan.kv_bytes})
             print(f"{path.name} n_ctx={n} kv={kv} swa_full={swa}: peak RSS {got['peak_rss_bytes'] / 2**30:.2f} GiB "
                   f"(planned {plan.need_bytes / 2**30:.2f})", flush=True)
+        if what == "memory":
+            report["models"][path.name] = entry
+            continue
         entry.update(pass_costs(path, threads, runs))
         print(f"{path.name}: prefill {entry['prefill_tokens_per_s']:.1f} tokens/s, one-token pass "
               f"{entry['pass_ms']['1x1']:.0f} ms", flush=True)
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--what", choices=["all", "memory", "passes"], default="all",
+                        help="measure: the memory matrix, the pass costs, or both")
     args = parser.parse_args(argv)
     if args.step == "make":
         print(make(args.dir))
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from toolgrad_edge.hardware import default_threads
 
-        report = measure(args.dir, args.threads or default_threads()[0], args.runs)
+        report = measure(args.dir, args.threads or default_threads()[0], args.runs, args.what)
         text = json.dumps(report, indent=2)
         if args.json:
             args.json.write_text(text)
