@@ -110,7 +110,16 @@ tokens = [2] + [(i * 7919) % 200000 + 1000 for i in range(n_prompt - 1)]
 t = time.perf_counter()
 s.decode(tokens, 1)
 prefill = time.perf_counter() - t
-print(json.dumps({"load_s": load, "prefill_s": prefill, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+status = {}
+try:  # Linux: anonymous memory (KV cache, buffers, repacked weights) apart from mapped file pages (the GGUF)
+    for line in open("/proc/self/status"):
+        if line.startswith(("RssAnon", "RssFile")):
+            key, value = line.split(":", 1)
+            status[key] = int(value.split()[0]) * 1024
+except OSError:
+    pass
+print(json.dumps({"load_s": load, "prefill_s": prefill, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "rss_anon_bytes": status.get("RssAnon"), "rss_file_bytes": status.get("RssFile")}))
 """
 
 
