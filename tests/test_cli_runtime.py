@@ -68,6 +68,9 @@ def test_info_json(gemma_270m_gguf):
     assert report["chat_template"] in (True, False)
     assert report["backend"] == backend_name() and report["backend"] in ("cpu", "cuda", "metal", "vulkan", "hip", "sycl", "gpu")
     assert report["context_length"] == 32768
+    # The defaults a runtime chooses here, with their reasons.
+    assert report["threads"] >= 1 and report["threads_reason"]
+    assert report["kernels"] and " tokens, " in report["context"] and "KV cache" in report["context"]
 
 
 def test_missing_model_file(tmp_path):

@@ -49,6 +49,8 @@ def _narrow_matches_full(path, text: str) -> float:
             narrow = with_head.decode_narrow(tokens[k:k + 1], ids)
             worst = max(worst, float(np.abs(narrow - full[ids]).max()))
             assert int(ids[np.argmax(narrow)]) == int(ids[np.argmax(full[ids])])
+        # The first narrow pass checked the head against the whole pass and kept it.
+        assert with_head.narrow and with_head.head_check["ok"], with_head.head_check
         # The cache a narrow pass leaves is the one a whole pass leaves: the next logits are bit-identical.
         assert with_head.tokens == plain.tokens
         np.testing.assert_array_equal(with_head.decode(tokens[-1:], 1), plain.decode(tokens[-1:], 1))
@@ -86,6 +88,28 @@ def test_a_pass_that_could_not_stop_early_still_gives_the_right_logits(gemma_270
         ids = _ids(full)
         np.testing.assert_array_equal(s.decode_narrow(tokens[-1:], ids), full[ids])
         assert s._scan_names  # it looks the node up by name on the next narrow pass
+    finally:
+        s.close()
+        plain.close()
+
+
+def test_a_head_that_is_not_exact_on_this_kernel_path_is_dropped(gemma_270m_gguf):
+    """As on a path whose kernels round otherwise: the first narrow pass finds it, and answers exactly."""
+    s, plain = _session(gemma_270m_gguf), _session(gemma_270m_gguf, head=False)
+    try:
+        head = s._head
+        real = head.logits
+        head.logits = lambda hidden, ids: real(hidden, ids) + 0.01
+        tokens = s.tokenize("The quick brown fox jumps over")
+        s.decode(tokens[:-2], 1)
+        plain.decode(tokens[:-2], 1)
+        full = plain.decode(tokens[-2:-1], 1)[0]
+        ids = _ids(full)
+        np.testing.assert_array_equal(s.decode_narrow(tokens[-2:-1], ids), full[ids])
+        assert not s.narrow
+        assert s.head_check["ok"] is False and s.head_check["max_abs_difference"] == pytest.approx(0.01, abs=1e-4)
+        full = plain.decode(tokens[-1:], 1)[0]  # later passes run whole: llama.cpp's logits
+        np.testing.assert_array_equal(s.decode_narrow(tokens[-1:], ids), full[ids])
     finally:
         s.close()
         plain.close()

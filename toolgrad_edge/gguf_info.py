@@ -132,3 +132,30 @@ def check_supported(info: GGUFInfo) -> None:
         raise ModelLoadError(f"{info.path}: GGUF holds no tensors (a vocabulary-only file?).")
     if info.vocab_size == 0:
         raise ModelLoadError(f"{info.path}: GGUF has no tokenizer ({Keys.Tokenizer.LIST} is missing); re-convert with its tokenizer files.")
+
+
+# Gemma 3 puts one global-attention layer after every five sliding-window ones (llama.cpp's swa pattern 6).
+GEMMA3_SWA_PATTERN = 6
+
+
+def model_shape(info: GGUFInfo):
+    """The figures that size a context for this model (hardware.ModelShape), from its header."""
+    from .hardware import ModelShape
+
+    def need(key_template: str) -> int:
+        value = info.arch_value(key_template)
+        if value is None:
+            raise ModelLoadError(f"{info.path}: the GGUF header lacks {key_template.format(arch=info.architecture)}; "
+                                 "re-convert the model.")
+        return int(value)
+
+    n_layer = need(Keys.LLM.BLOCK_COUNT)
+    n_head = need(Keys.Attention.HEAD_COUNT)
+    n_embd = need(Keys.LLM.EMBEDDING_LENGTH)
+    head_dim = int(info.arch_value(Keys.Attention.KEY_LENGTH) or n_embd // n_head)
+    n_swa = int(info.arch_value(Keys.Attention.SLIDING_WINDOW) or 0)
+    return ModelShape(
+        n_layer=n_layer, n_head=n_head, n_head_kv=int(info.arch_value(Keys.Attention.HEAD_COUNT_KV) or n_head),
+        head_dim=head_dim, n_embd=n_embd, n_ff=need(Keys.LLM.FEED_FORWARD_LENGTH), n_vocab=info.vocab_size,
+        n_swa=n_swa, swa_layers=(n_layer - n_layer // GEMMA3_SWA_PATTERN) if n_swa else 0,
+        weights_bytes=sum(t.nbytes for t in info.tensors), trained_ctx=info.context_length or 0)

@@ -450,6 +450,16 @@ class HardwareDefaults:
                 "context": self.context.to_dict() if self.context else None, **self.extra}
 
 
+def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | str = "auto", kv_type: str = "auto",
+                  swa_full: bool = True, n_outputs: int = 16, cap: int = 8192,
+                  ram: tuple[int | None, int | None] | None = None) -> HardwareDefaults:
+    """Threads, kernels and context for this model here; given values are kept, the others chosen."""
+    threads, why = (int(n_threads), "as asked") if n_threads else default_threads()
+    total, available = ram if ram is not None else detect_ram()
+    context = choose_context(shape, available, n_ctx, kv_type, swa_full, n_outputs=n_outputs, cap=cap)
+    return HardwareDefaults(threads, why, detect_kernel_plan(), total, available, context)
+
+
 def environment_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
     env = os.environ if env is None else env
     return {name: env[name] for name in (ENV_AMX, ENV_THREADS) if name in env}
@@ -493,5 +503,9 @@ def cmake_cpu_args(flags: set[str], avoid_amx: bool = True) -> tuple[list[str], 
     """
     if not (avoid_amx and "amx_int8" in flags):
         return [], "native"
-    args = ["-DGGML_NATIVE=OFF"] + [f"-D{option}=ON" for flag, option in CPU_FLAG_OPTIONS if flag in flags]
-    return args, "no-amx"
+    return cmake_feature_args(flags), "no-amx"
+
+
+def cmake_feature_args(flags: set[str]) -> list[str]:
+    """A build for exactly these CPU features (AMX never among them): native off, each feature named."""
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{option}=ON" for flag, option in CPU_FLAG_OPTIONS if flag in flags]

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .decoding import SamplingParams
 from .engines import Engine, EngineRequest, Generation, StopStrings, open_engine
-from .engines.local import DEFAULT_CTX, DraftModel  # noqa: F401 - importable from here, as before
+from .engines.local import DEFAULT_CTX, OUTPUT_ROWS, DraftModel  # noqa: F401 - importable from here, as before
 from .errors import GenerationError, SchemaError
 from .grammar_engines import LarkGrammar
 from .grammars import Tool, build_grammar, build_llg_grammar, forced_name_suffix, load_tools
@@ -57,11 +57,11 @@ class ToolRuntime:
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
                  prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
                  grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
-                 engine: str | Engine | None = None):
+                 engine: str | Engine | None = None, kv_type: str = "auto", swa_full: bool = True):
         self.engine: Engine = open_engine(
             engine, model, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx, cache_dir=cache_dir,
             verbose=verbose, prefix_cache=prefix_cache, fast_forward=fast_forward, speculative=speculative,
-            grammar_engine=grammar_engine, draft_model=draft_model)
+            grammar_engine=grammar_engine, draft_model=draft_model, kv_type=kv_type, swa_full=swa_full)
 
     # -- the engine's facts ------------------------------------------------------
     @property

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ask": ("assistant_cmds", "ask", "Answer one question, running the tools it calls."),
     "chat": ("assistant_cmds", "chat", "Interactive assistant whose tool calls run."),
     "info": ("runtime_cmds", "info", "Describe a GGUF model file."),
+    "doctor": ("doctor_cmd", "doctor", "Check the install and self-test the model here."),
     "bench": ("bench_cmd", "bench", "Measure decode/prefill speed and quality."),
     "grammar": ("grammar_cmd", "grammar", "Print the GBNF grammar for a tools file."),
     "convert": ("convert_cmd", "convert", "Convert safetensors (folder or hub id) to GGUF."),

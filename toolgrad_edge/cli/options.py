@@ -96,10 +96,38 @@ class _QuietAliasOption(click.Option):
             self.opts = names
 
 
+class ContextLength(click.ParamType):
+    """``auto`` or a number of tokens (at least 256)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor a number of tokens", param, ctx)
+        if n < 256:
+            self.fail(f"{n} is below the smallest context, 256 tokens", param, ctx)
+        return n
+
+
 n_ctx_option = click.option(
-    "--n-ctx", "--ctx", "n_ctx", cls=_QuietAliasOption, type=click.IntRange(256), default=None,
-    help="Context size in tokens (default: min(model, 8192)).",
+    "--n-ctx", "--ctx", "n_ctx", cls=_QuietAliasOption, type=ContextLength(), default="auto", show_default=True,
+    help="Context size in tokens, or auto: the longest of 8192/4096/2048/1024/512 (at most the model's) for "
+         "which weights, KV cache and compute fit the available RAM (`toolgrad-edge doctor` shows the choice).",
 )
+kv_type_option = click.option(
+    "--kv-type", type=click.Choice(["auto", "f16", "q8_0"]), default="auto", show_default=True,
+    help="KV cache type. auto: f16, or q8_0 (with flash attention, about half the bytes) where f16 does not fit.",
+)
+swa_full_option = click.option(
+    "--swa-full/--no-swa-full", default=True, show_default=True,
+    help="Keep every position of the sliding-window layers (prefix reuse at any point relies on it). "
+         "--no-swa-full keeps only the window: on ToolGrad 4B at 8k the KV cache drops from 1.14 to 0.35 GB.",
+)
+threads_help = "CPU threads (default: the physical cores this process may use; `toolgrad-edge doctor` says why)."
 
 
 class SeedType(click.ParamType):

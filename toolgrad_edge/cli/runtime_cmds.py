@@ -7,8 +7,8 @@ import json
 import click
 
 from .options import (
-    PROMPT_TEXT, engine_option, json_option, model_option, n_ctx_option, parallel_option, seed_option,
-    syntax_option, tool_choice_option, tools_option,
+    PROMPT_TEXT, engine_option, json_option, kv_type_option, model_option, n_ctx_option, parallel_option, seed_option,
+    swa_full_option, syntax_option, threads_help, tool_choice_option, tools_option,
 )
 
 
@@ -52,16 +52,19 @@ def _print_result(result, as_json: bool) -> None:
     )
 
 
-def _open_runtime(model, n_threads, n_ctx, verbose):
+def _open_runtime(model, n_threads, n_ctx, verbose, kv_type="auto", swa_full=True):
     from ..runtime import ToolRuntime
 
-    return ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose)
+    return ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose, kv_type=kv_type,
+                       swa_full=swa_full)
 
 
 runtime_options = [
     engine_option,
-    click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all cores)."),
+    click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help=threads_help),
     n_ctx_option,
+    kv_type_option,
+    swa_full_option,
     click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
 ]
 generation_options = [
@@ -98,7 +101,7 @@ def _apply(options):
 @_apply(generation_options)
 @_apply(runtime_options)
 def call(query, tools_file, model, tool_choice, parallel, syntax, stream, no_speculative, grammar_engine, draft_model,
-         as_json, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx, verbose):
+         as_json, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx, kv_type, swa_full, verbose):
     """Turn one request into tool calls.
 
     With --json the result carries `stats`: forward passes, forced (jump-forward),
@@ -115,7 +118,8 @@ def call(query, tools_file, model, tool_choice, parallel, syntax, stream, no_spe
 
     tools = _load_tools_file(tools_file)
     with ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose, speculative=not no_speculative,
-                     grammar_engine=grammar_engine, draft_model=draft_model) as rt:
+                     grammar_engine=grammar_engine, draft_model=draft_model, kv_type=kv_type,
+                     swa_full=swa_full) as rt:
         kwargs = dict(tool_choice=tool_choice, parallel=parallel, syntax=syntax, max_tokens=max_tokens,
                       temperature=temperature, seed=seed, constrained=not no_grammar)
         if stream and not as_json:
@@ -142,7 +146,9 @@ def info(model_file, as_json):
       toolgrad-edge info ~/.cache/toolgrad-edge/models/toolgrad-4b-Q4_K_M.gguf
       toolgrad-edge info model.gguf --json
     """
-    from ..gguf_info import SUPPORTED_ARCHITECTURES, read_gguf_info
+    from ..errors import ModelLoadError
+    from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
+    from ..hardware import plan_defaults
     from ..model_resolution import backend_name
 
     meta = read_gguf_info(model_file)
@@ -160,6 +166,16 @@ def info(model_file, as_json):
         "gguf_version": meta.version,
         "backend": backend_name(),
     }
+    if meta.architecture in SUPPORTED_ARCHITECTURES:
+        # The defaults a runtime would choose for this file here, each with its reason.
+        try:
+            hw = plan_defaults(model_shape(meta))
+            context = hw.context.reason
+        except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
+            hw, context = None, str(exc)
+        if hw is not None:
+            report.update({"threads": hw.threads, "threads_reason": hw.threads_reason, "kernels": hw.kernels.reason})
+        report["context"] = context
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ToolgradEdgeError
-from .options import engine_option, model_option, n_ctx_option, syntax_option
+from .options import engine_option, kv_type_option, model_option, n_ctx_option, swa_full_option, syntax_option, threads_help
 
 
 
@@ -35,13 +35,15 @@ def _default(name: str):
               type=click.IntRange(1), help="max_tokens for requests that name none.")
 @syntax_option
 @n_ctx_option
-@click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads for llama.cpp.")
+@kv_type_option
+@swa_full_option
+@click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help=threads_help)
 @click.option("--n-gpu-layers", default="auto", show_default=True,
               help="Layers to offload when llama.cpp has a GPU back-end: 'auto' (all) or a number.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_tokens_limit,
-          default_max_tokens, syntax, n_ctx, n_threads, n_gpu_layers, log_level) -> None:
+          default_max_tokens, syntax, n_ctx, kv_type, swa_full, n_threads, n_gpu_layers, log_level) -> None:
     """Serve OpenAI's chat-completions API for the model, on this machine.
 
     POST /v1/chat/completions (tools, tool_choice, streaming, response_format),
@@ -71,7 +73,8 @@ def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_
         syntax=syntax,
     )
     gpu_layers = n_gpu_layers if n_gpu_layers == "auto" else _int_option("--n-gpu-layers", n_gpu_layers)
-    with ToolRuntime(model=model, n_gpu_layers=gpu_layers, n_threads=n_threads, n_ctx=n_ctx) as runtime:
+    with ToolRuntime(model=model, n_gpu_layers=gpu_layers, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type,
+                     swa_full=swa_full) as runtime:
         app = create_app(runtime, settings)
         shown_host = f"[{host}]" if ":" in host else host
         click.echo(f"toolgrad-edge: serving {runtime.model_path} at http://{shown_host}:{port}/v1")

@@ -29,6 +29,7 @@ from ..errors import ContextLengthError, GenerationError, ModelLoadError
 from ..hardware import apply_kernel_plan
 
 SEQ = 0  # the one sequence this session uses
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}  # KV cache types -> ggml's type constants
 
 
 @contextmanager
@@ -72,12 +73,19 @@ class LlamaSession:
     """One model, one context, and the tokens its KV cache holds."""
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
-                 n_batch: int = 512, verbose: bool = False, output_head=None):
+                 n_batch: int = 512, verbose: bool = False, output_head=None, kv_type: str = "f16",
+                 swa_full: bool = True, n_outputs_max: int | None = None):
         import llama_cpp
 
         self._llama = llama_cpp
         self.model_path = Path(model_path)
         self.n_batch = n_batch
+        if kv_type not in KV_TYPES:
+            raise ModelLoadError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}.")
+        self.kv_type = kv_type
+        self.swa_full = swa_full
+        # The logits rows one batch may ask for; llama.cpp reserves them all (n_batch x vocabulary by default).
+        self.n_outputs = min(n_batch, n_outputs_max or n_batch)
         self._model = None
         self._ctx = None
         self._batch = None
@@ -90,6 +98,8 @@ class LlamaSession:
                 self._head = None
         self._eval_cb = None
         self._want_hidden = False
+        self._verify_head = self._head is not None  # the first narrow pass also runs whole, to check the head
+        self.head_check: dict | None = None  # that check's figures (max_abs_difference, ok, ...)
         self._hidden: np.ndarray | None = None
         self._norm_nodes: set[int] = set()  # addresses at which llama.cpp's graphs held "result_norm"
         self._scan_names = True
@@ -109,9 +119,14 @@ class LlamaSession:
             cparams.n_seq_max = 1
             cparams.n_threads = n_threads
             cparams.n_threads_batch = n_threads
-            # The full-size sliding-window cache lets a saved prefix be restored
-            # and a rejected draft be removed; the default would drop old positions.
-            cparams.swa_full = True
+            # The full-size sliding-window cache keeps every position, so the cache can be rewound to any
+            # point (a common prefix with the next request); without it older positions are dropped and
+            # rewind() starts over where they would be needed.
+            cparams.swa_full = swa_full
+            cparams.n_outputs_max = self.n_outputs
+            cparams.type_k = cparams.type_v = getattr(llama_cpp, KV_TYPES[kv_type])
+            if kv_type != "f16":  # a quantized V cache needs flash attention
+                cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if self._head is not None:
                 self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
                 cparams.cb_eval = self._eval_cb
@@ -122,6 +137,7 @@ class LlamaSession:
                                      "(too little memory? try a smaller n_ctx).")
             self._ctx = ctx
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model)) if not swa_full else 0
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -218,7 +234,7 @@ class LlamaSession:
         choice: each logits row costs a pass over the 262k-row output layer.
         """
         rows = [int(r) for r in rows]
-        tokens, _ = self._check(tokens, max(1, len(rows)))
+        tokens, _ = self._check(tokens, max(1, len(rows) + (bool(rows) and rows[-1] != len(tokens) - 1)))
         if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= len(tokens):
             raise GenerationError(f"logits rows must be increasing positions in the batch of {len(tokens)}, "
                                   f"got {rows}.")
@@ -230,7 +246,8 @@ class LlamaSession:
 
     @property
     def narrow(self) -> bool:
-        """Whether decode_narrow can skip the output layer (CPU back-end, a handled weight type)."""
+        """Whether decode_narrow can skip the output layer (CPU back-end, a handled weight type, and the
+        head matched llama.cpp's logits on the first narrow pass, or has not been checked yet)."""
         return self._head is not None
 
     def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
@@ -255,7 +272,29 @@ class LlamaSession:
                 # computed every logit; look the node up by name next time.
                 self._scan_names = True
             return self._logits_rows([last[0] - first])[0][ids]
+        if self._verify_head:
+            return self._check_head(ids, self._logits_rows([last[0] - first])[0])
         return self._head.logits(self._hidden[-self._head.n_embd:], ids)
+
+    HEAD_TOLERANCE = 1e-3  # the head's logits against llama.cpp's: about 1e-5 where it rounds as the kernels do
+
+    def _check_head(self, ids: np.ndarray, full: np.ndarray) -> np.ndarray:
+        """The first narrow pass ran whole: compare the head with llama.cpp's logits, and keep it only if exact.
+
+        The head copies the CPU kernels' rounding of the activations for the output weight's type; another
+        kernel path (AMX, repacked weights, ARM's dot products) may round otherwise, and then the head is off.
+        """
+        self._verify_head = False
+        probe = np.unique(np.concatenate([ids, np.argsort(full)[-32:]]))
+        ours = self._head.logits(self._hidden[-self._head.n_embd:], probe)
+        diff = float(np.max(np.abs(ours - full[probe])))
+        ok = diff <= self.HEAD_TOLERANCE
+        self.head_check = {"max_abs_difference": diff, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
+                           "weight_type": self._head.qtype.name, "rows": int(len(probe))}
+        if not ok:
+            # Not exact on this kernel path: every later pass computes the output layer (narrow passes off).
+            self._head = None
+        return full[ids]
 
     def _on_tensor(self, tensor, ask, _user_data) -> bool:
         """llama.cpp's eval callback: stop the pass after "result_norm" when only its hidden state is wanted.
@@ -284,7 +323,7 @@ class LlamaSession:
             hidden = np.empty(n // 4, dtype=np.float32)
             lib.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, n)
             self._hidden = hidden
-            return False
+            return self._verify_head  # stop here, unless this pass checks the head against the whole pass
         except Exception:
             self._hidden = None
             # Asked: claim nothing. Told: compute the rest, so llama.cpp's own logits are valid.
@@ -297,8 +336,10 @@ class LlamaSession:
         if not tokens:
             raise GenerationError("decode needs at least one token.")
         n_logits = max(1, min(n_logits, len(tokens)))
-        if n_logits > self.n_batch:
-            raise GenerationError(f"at most {self.n_batch} logits rows per decode, asked for {n_logits}.")
+        if n_logits > self.n_outputs:
+            # llama.cpp reserved this many rows and aborts the process past them.
+            raise GenerationError(f"at most {self.n_outputs} logits rows per decode (n_outputs_max), "
+                                  f"asked for {n_logits}.")
         if len(self._tokens) + len(tokens) > self.n_ctx:
             raise ContextLengthError(f"{len(self._tokens) + len(tokens)} tokens exceed the context of "
                                      f"{self.n_ctx} tokens.")
@@ -349,12 +390,21 @@ class LlamaSession:
         n_keep = max(0, n_keep)
         if self._ctx is None:
             return
-        if not self._llama.llama_memory_seq_rm(self._mem, SEQ, n_keep, -1):
-            # A partial removal can fail on some caches: start over from empty.
+        # Removed even at the end of the token list: a failed decode may have written past it.
+        if not self._llama.llama_memory_seq_rm(self._mem, SEQ, n_keep, -1) or not self._window_kept(n_keep):
+            # A partial removal can fail on some caches, and a sliding-window cache that is not full-size
+            # has dropped positions the next token would attend to: start over from empty.
             self._llama.llama_memory_clear(self._mem, True)
             del self._tokens[:]
             return
         del self._tokens[n_keep:]
+
+    def _window_kept(self, n_keep: int) -> bool:
+        """Whether the cache still holds the window of positions before n_keep (always, with swa_full)."""
+        if not self.n_swa or n_keep == 0:
+            return True
+        pos_min = self._llama.llama_memory_seq_pos_min(self._mem, SEQ)  # -1: nothing left of the window
+        return 0 <= pos_min <= max(0, n_keep - self.n_swa)
 
     def clear(self) -> None:
         if self._ctx is not None:
@@ -365,6 +415,7 @@ class LlamaSession:
         """Make the cache hold exactly `tokens`; return how many were already there."""
         common = common_prefix(self._tokens, tokens)
         self.rewind(common)
+        common = len(self._tokens)  # less where the rewind had to start over (a window-only SWA cache)
         rest = list(tokens[common:])
         if rest:
             self.decode(rest, 1)

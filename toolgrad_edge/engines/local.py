@@ -28,8 +28,9 @@ import numpy as np
 
 from ..decoding import PromptLookupDrafter, StepDecoder, TokenChooser
 from ..errors import ContextLengthError, GenerationError, ModelLoadError
-from ..gguf_info import check_supported, read_gguf_info
+from ..gguf_info import check_supported, model_shape, read_gguf_info
 from ..grammar_engines import LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, llg_grammar, resolve_engine
+from ..hardware import plan_defaults
 from ..model_resolution import backend_name, resolve_gpu_layers, resolve_model
 from ..paths import cache_root, prefix_cache_dir
 from ..prefix_cache import PrefixCache, model_identity, prefix_key
@@ -39,7 +40,8 @@ from .base import EngineRequest, Generation, check_gbnf_tools
 from .inprocess import LlamaSession, common_prefix
 from .output_head import OutputHead
 
-DEFAULT_CTX = 8192
+DEFAULT_CTX = 8192  # the longest context chosen by default (n_ctx="auto"), where the RAM allows it
+OUTPUT_ROWS = 16  # logits rows a batch may ask for: a draft's (decoding.MAX_DRAFT) and the token after it
 
 
 class InProcessEngine:
@@ -55,7 +57,8 @@ class InProcessEngine:
                  n_threads: int | None = None, n_ctx: int | None = None,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
                  prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
-                 grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None):
+                 grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
+                 kv_type: str = "auto", swa_full: bool = True):
         import llama_cpp
 
         self.model_path = resolve_model(model)
@@ -64,11 +67,15 @@ class InProcessEngine:
         self.model_name = self.info.metadata.get("general.name") or self.model_path.stem
         self.backend = backend_name()
         self.n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
-        self.n_threads = n_threads or os.cpu_count() or 1
-        trained_ctx = self.info.context_length or DEFAULT_CTX
-        self.n_ctx = int(n_ctx or min(trained_ctx, DEFAULT_CTX))
-        if self.n_ctx < 64:
-            raise ModelLoadError(f"n_ctx must be at least 64, got {self.n_ctx}.")
+        if n_ctx not in (None, "auto") and int(n_ctx) < 64:
+            raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
+        # Threads, context length and KV cache type chosen from this machine (each with its reason).
+        self.hardware = plan_defaults(model_shape(self.info), n_threads=n_threads, n_ctx=n_ctx or "auto",
+                                      kv_type=kv_type, swa_full=swa_full, n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX)
+        self.n_threads = self.hardware.threads
+        self.n_ctx = self.hardware.context.n_ctx
+        self.kv_type = self.hardware.context.kv_type
+        self.swa_full = swa_full
         self._lock = threading.Lock()
         self._session = self._draft = self._llg_tokenizer = None
         self._owner: object | None = None  # the request whose tokens the KV cache holds
@@ -80,7 +87,8 @@ class InProcessEngine:
         self.grammar_format = "lark" if self.grammar_engine == "llguidance" else "gbnf"
         self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
                                      n_gpu_layers=self.n_gpu_layers, verbose=verbose,
-                                     output_head=OutputHead.from_gguf(self.model_path, self.info.tensors))
+                                     output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
+                                     kv_type=self.kv_type, swa_full=swa_full, n_outputs_max=OUTPUT_ROWS)
         self.n_vocab = self._session.n_vocab
         self._bos = self._session.bos
         self._control = {
@@ -110,7 +118,8 @@ class InProcessEngine:
         # still serves a repeated prefix within this object).
         self.prefix_cache = (PrefixCache(prefix_root) if prefix_cache
                              else PrefixCache(None, ram_entries=0))
-        self._cache_settings = f"ctx={self.n_ctx};swa_full=1;llama_cpp={llama_cpp.__version__}"
+        self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(swa_full)};kv={self.kv_type};"
+                                f"llama_cpp={llama_cpp.__version__}")
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
@@ -323,7 +332,7 @@ class DraftModel:
         self.path = resolve_model(path)
         check_supported(read_gguf_info(self.path))
         self.session = LlamaSession(self.path, n_ctx=target.n_ctx, n_threads=target.n_threads,
-                                    n_gpu_layers=target.n_gpu_layers, verbose=verbose)
+                                    n_gpu_layers=target.n_gpu_layers, verbose=verbose, n_outputs_max=OUTPUT_ROWS)
         target_session = target._session
         mismatch = None
         if self.session.n_vocab != target_session.n_vocab:
