@@ -133,7 +133,7 @@ def test_context_size_is_n_ctx_everywhere(command):
 def test_ctx_alias_is_parsed_as_n_ctx():
     for option in ("--n-ctx", "--ctx"):
         result = run("call", "hi", "-t", EXAMPLES, option, "100")
-        assert result.exit_code == 2 and "100 is not in the range x>=256" in result.output, result.output
+        assert result.exit_code == 2 and "100 is below the smallest context, 256 tokens" in result.output, result.output
 
 
 @pytest.mark.slow
