@@ -40,9 +40,7 @@ def test_two_rounds_reuse_the_kv_cache_with_mixed_sources(gemma_270m_gguf, tmp_p
     assert call.name == "record" and call.approved and not call.is_error
     received = json.loads(record_file.read_text().splitlines()[0])
     assert set(received) == {"city", "unit", "days"} and received["unit"] in ("celsius", "fahrenheit")
-    # Round 2 starts from round 1's KV cache: all of round 1's prompt is reused, and only the
-    # tokens after it (round 1's answer, the tool results) are evaluated.
-    assert second.cached_tokens >= first.prompt_tokens
-    # The history carries round 1's answer as the tokens it was decoded as (not a re-tokenization
-    # of its text), so the reuse reaches through the answer: all but its last sampled token.
-    assert second.cached_tokens >= first.prompt_tokens + first.completion_tokens - 1
+    # Round 2 starts from the tool prefix round 1 left in the KV cache and evaluates the rest of its
+    # prompt (round 1's query and answer, the tool results) after it, as a fresh runtime would, so that
+    # its tokens do not depend on what the KV cache held (docs/runtime.md, "One answer per request").
+    assert 0 < second.cached_tokens < first.prompt_tokens

@@ -13,6 +13,9 @@ ratio compares two figures measured in the same process on the same prompts:
 Decode speed counts the tokens after the prompt over the time after it.
 greedy_agreement is the fraction of the bench queries of the run (one per run,
 warm-up included) whose greedy output is the same text with and without speculation.
+cold_warm_agreement (python workload) is the fraction of those greedy runs, in
+both modes, whose token ids are the same again with an empty KV cache, so that
+the tool prefix is evaluated instead of kept (expected 1.0).
 """
 
 from __future__ import annotations
@@ -180,6 +183,20 @@ def _forward_costs(rt, prompt_tokens: list[int], runs: int) -> dict:
     return out
 
 
+def _cold_warm_agreement(rt, kwargs: dict, warm: dict) -> dict:
+    """Each warm greedy run {(query, speculative): token ids} again with its tool prefix evaluated."""
+    _, tool_dicts = bench_prompt(0)
+    differences = []
+    for (i, speculative), token_ids in warm.items():
+        messages, _ = bench_prompt(i)
+        rt.clear_kv_cache()
+        cold = rt.call(messages, tool_dicts, speculative=speculative, **kwargs)
+        if cold.token_ids != token_ids:
+            differences.append({"query": i, "speculative": speculative, "cold": cold.raw_text})
+    return {"cold_warm_agreement": 1 - len(differences) / len(warm) if warm else None,
+            "cold_warm_runs": len(warm), "cold_warm_differences": differences}
+
+
 def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
               with_free: bool = False) -> dict:
     """Timed free / constrained / stepwise calls, one bench query per run, and their greedy agreement."""
@@ -188,6 +205,7 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
     kwargs = dict(tool_choice="required", syntax=syntax, max_tokens=max_tokens, parallel=True)
     agree = 0
     outputs = []
+    warm = {}  # (query, speculative) -> greedy token ids with the tool prefix kept in the KV cache
     for i in range(runs + 1):
         say(f"{label} run {i}/{runs}")
         messages, _ = bench_prompt(i)
@@ -196,6 +214,7 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
         c = rt.call(messages, tool_dicts, speculative=True, **kwargs)
         s = rt.call(messages, tool_dicts, speculative=False, **kwargs)
         agree += c.raw_text == s.raw_text
+        warm[(i, True)], warm[(i, False)] = c.token_ids, s.token_ids
         if c.raw_text != s.raw_text:
             outputs.append({"query": i, "speculative": c.raw_text, "stepwise": s.raw_text,
                             **_divergence(rt, messages, tool_dicts, syntax, c, s)})
@@ -223,6 +242,7 @@ def _workload(rt, syntax: str, runs: int, max_tokens: int, say, label: str,
     if with_free:
         out["decode_tps_free"] = _median(free.tps)
         out["free_tokens"] = _median(free.tokens)
+        out.update(_cold_warm_agreement(rt, kwargs, warm))
     return out
 
 

@@ -188,29 +188,27 @@ class InProcessEngine:
 
     # -- the decode loop -------------------------------------------------------
     def _evaluate_prompt(self, prefix: list[int], prompt: list[int]) -> tuple[int, np.ndarray]:
-        """Bring the KV cache to hold `prompt`; return (tokens reused, logits after the prompt)."""
+        """Bring the KV cache to hold `prompt`; return (tokens reused, logits after the prompt).
+
+        The tool prefix is always in the layout of a restore (kept, restored, or
+        evaluated and reloaded: LlamaSession.evaluate_prefix) and the rest is
+        always decoded after it in the same batches, so the tokens a request
+        gets do not depend on what the caches held before.
+        """
         session = self._session
-        # Evaluate at least one token, for its logits.
-        common = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
-        reused = keep = common  # tokens found in a cache / tokens the cache holds before the rest
-        if common < len(prefix) < len(prompt):
-            keep = len(prefix)  # restored, or evaluated (and saved) here
+        if session.restored_prefix(prefix):
+            session.rewind(len(prefix))
+        else:
             key = prefix_key(self._model_id, prefix, self._cache_settings)
             state = self.prefix_cache.get(key)
-            if state is not None and session.load_state(state, prefix):
-                reused = keep
-            else:
+            if state is None or not session.load_state(state, prefix):
                 if state is not None:
                     self.prefix_cache.discard(key)
-                session.sync(prompt[:common])
-                session.decode(prefix[session.n_tokens:], 1)
+                state = session.evaluate_prefix(prefix)
                 if self.prefix_cache.enabled:
-                    state = session.save_state()
-                    if state:
-                        self.prefix_cache.put(key, state)
-        session.sync(prompt[:keep])
-        logits = session.decode(prompt[keep:], 1)[0]
-        return reused, logits
+                    self.prefix_cache.put(key, state)
+                return 0, session.decode(prompt[len(prefix):], 1)[0]
+        return len(prefix), session.decode(prompt[len(prefix):], 1)[0]
 
     def _matcher(self, grammar: str, forced_text=None):
         """The grammar engine's matcher for one request (``forced_text``: lookahead for the GBNF one)."""
