@@ -54,8 +54,10 @@ class LocalFakeRuntime(FakeRuntime):
         self.info = FakeInfo()
         self.n_ctx = n_ctx
         self.prompt_tokens = prompt_tokens
+        self.counted = 0
 
     def count_prompt_tokens(self, messages, tools=None, syntax="python"):
+        self.counted += 1
         return self.prompt_tokens
 
 
@@ -139,7 +141,7 @@ def test_parameter_size_is_ollamas_human_number(n, expected):
 
 def test_tool_messages_take_their_tool_name_from_the_call():
     messages = [MessageIn.model_validate(m) for m in [
-        {"role": "user", "content": "Weather?"},
+        {"role": "User", "content": "Weather?"},  # roles are read in lower case, as Ollama reads them
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "c1", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "content": "18 C", "tool_call_id": "c1"},
@@ -150,7 +152,7 @@ def test_tool_messages_take_their_tool_name_from_the_call():
     assert out[1]["tool_calls"] == [{"id": "c1", "type": "function", "function": {
         "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
     assert [m.get("name") for m in out[2:]] == ["get_weather", "get_weather", "get_time"]
-    assert out[2]["tool_call_id"] == "c1"
+    assert out[2]["tool_call_id"] == "c1" and out[0]["role"] == "user"
 
 
 def test_raw_prompt_in_gemmas_format_round_trips():
@@ -286,8 +288,10 @@ def test_num_ctx_below_the_loaded_context_limits_the_request(gguf):
         assert r.json() == {"error": "the prompt is 900 tokens and num_predict is 200, which exceeds options.num_ctx "
                             "of 1000 tokens; shorten the request, lower num_predict, or raise num_ctx (up to the "
                             "loaded context of 2048)."}
+        counted = runtime.counted
         r = chat(client, stream=False, options={"num_ctx": 8192, "num_predict": 200})  # above: the loaded one
         assert r.status_code == 200 and runtime.requests[-1]["max_tokens"] == 200
+        assert runtime.counted == counted  # nothing to count: the runtime's own check holds
         r = chat(client, stream=False, options={"num_predict": -1})  # to the end of the context, within the limit
         assert r.status_code == 200 and runtime.requests[-1]["max_tokens"] == 512
         r = chat(client, stream=False, options={"num_predict": -2, "num_ctx": 1000})

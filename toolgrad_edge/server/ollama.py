@@ -108,6 +108,11 @@ class MessageIn(_In):
     tool_name: str | None = None
     tool_call_id: str | None = None
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role_in_lower_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # as Ollama reads roles
+
 
 class OptionsIn(_In):
     # applied
@@ -275,7 +280,7 @@ class OllamaPlan:
 def parse_chat(body: bytes, settings: ServerSettings, names: ModelNames,
                grammar_engine: str | None = None) -> OllamaPlan:
     """A raw ``/api/chat`` body -> OllamaPlan, or an OpenAIError (rendered in Ollama's shape)."""
-    req = _validated(ChatRequestIn, body, settings)
+    req = validated_request(ChatRequestIn, body, settings)
     names.check(req.model)
     _check_common(req)
     if not req.messages:
@@ -296,7 +301,7 @@ def parse_chat(body: bytes, settings: ServerSettings, names: ModelNames,
 
 def parse_generate(body: bytes, settings: ServerSettings, names: ModelNames) -> OllamaPlan:
     """A raw ``/api/generate`` body -> OllamaPlan: ``system`` and ``prompt`` as one user turn, or a raw prompt."""
-    req = _validated(GenerateRequestIn, body, settings)
+    req = validated_request(GenerateRequestIn, body, settings)
     names.check(req.model)
     _check_common(req)
     if req.images:
@@ -324,7 +329,8 @@ def parse_generate(body: bytes, settings: ServerSettings, names: ModelNames) -> 
     return _plan("generate", req, messages, [], {}, "none", settings)
 
 
-def _validated(model: type[_In], body: bytes, settings: ServerSettings):
+def validated_request(model: type[_In], body: bytes, settings: ServerSettings):
+    """A raw body as one of this module's request models, or the 400 naming the field at fault."""
     if not body.strip():
         raise OpenAIError(400, "missing request body", code="invalid_json")
     data = load_json_object(body, settings)

@@ -37,11 +37,15 @@ from .ollama import (
     running_entry,
     show_body,
     ShowRequestIn,
-    _validated,
+    validated_request,
 )
 from .queue import DONE, ERROR, ITEM, Job, QueueFull
 
 log = logging.getLogger("toolgrad_edge.server")
+
+
+class _Gone(Exception):
+    """The client left while its request waited for the model to load."""
 
 
 @dataclass
@@ -70,7 +74,10 @@ def add_ollama_routes(app: FastAPI, parts: ServerParts) -> None:
     async def loaded(request: Request) -> tuple[str | None, float]:
         """The runtime's grammar engine once it is loaded, and how long this request waited for that."""
         start = time.monotonic()
-        engine = await parts.grammar_engine(request)
+        try:
+            engine = await parts.grammar_engine(request)
+        except parts.client_gone:
+            raise _Gone() from None
         if queue.load_error is not None:
             raise translate(queue.load_error)
         return engine, time.monotonic() - start
@@ -102,7 +109,7 @@ def add_ollama_routes(app: FastAPI, parts: ServerParts) -> None:
         parts.check_api_key(request)
         body = await parts.read_body(request, settings.max_body_bytes)
         await loaded(request)
-        req = _validated(ShowRequestIn, body, settings)
+        req = validated_request(ShowRequestIn, body, settings)
         served = names()
         requested = req.model or req.name or ""
         served.check(requested)
@@ -113,10 +120,7 @@ def add_ollama_routes(app: FastAPI, parts: ServerParts) -> None:
         arrived = time.monotonic()
         parts.check_api_key(request)
         body = await parts.read_body(request, settings.max_body_bytes)
-        try:
-            engine, load_s = await loaded(request)
-        except parts.client_gone:
-            return JSONResponse({}, status_code=499)
+        engine, load_s = await loaded(request)
         plan = await asyncio.to_thread(parse_chat, body, settings, names(), engine)
         return await answer(plan, request, arrived, load_s)
 
@@ -125,12 +129,13 @@ def add_ollama_routes(app: FastAPI, parts: ServerParts) -> None:
         arrived = time.monotonic()
         parts.check_api_key(request)
         body = await parts.read_body(request, settings.max_body_bytes)
-        try:
-            _, load_s = await loaded(request)
-        except parts.client_gone:
-            return JSONResponse({}, status_code=499)
+        _, load_s = await loaded(request)
         plan = await asyncio.to_thread(parse_generate, body, settings, names())
         return await answer(plan, request, arrived, load_s)
+
+    @app.exception_handler(_Gone)
+    async def _gone(request: Request, exc: _Gone) -> JSONResponse:
+        return JSONResponse({}, status_code=499)  # the client left while the model loaded: nobody reads it
 
     for path, (methods, _) in REFUSED.items():
         app.add_api_route(path, _refused(path, parts), methods=list(methods))
@@ -225,6 +230,9 @@ def fit_context(runtime: Any, plan: OllamaPlan, kwargs: dict[str, Any], syntax: 
     loaded_ctx = int(getattr(runtime, "n_ctx", 0) or 0)
     if getattr(runtime, "info", None) is None or not loaded_ctx:
         return  # a runtime over llama-server: its own context decides
+    tighter = plan.num_ctx is not None and plan.num_ctx < loaded_ctx
+    if not tighter and not plan.fill_context:
+        return  # num_ctx at or above the loaded context (Home Assistant sends 8192): nothing to count
     try:
         prompt = runtime.count_prompt_tokens(plan.chat.messages, kwargs.get("tools"), syntax)
     except GenerationError:
@@ -232,7 +240,7 @@ def fit_context(runtime: Any, plan: OllamaPlan, kwargs: dict[str, Any], syntax: 
     ctx = min(loaded_ctx, plan.num_ctx) if plan.num_ctx else loaded_ctx
     if plan.fill_context:
         kwargs["max_tokens"] = max(1, min(kwargs["max_tokens"], ctx - prompt))
-    if plan.num_ctx and plan.num_ctx < loaded_ctx and prompt + kwargs["max_tokens"] > plan.num_ctx:
+    if tighter and prompt + kwargs["max_tokens"] > plan.num_ctx:
         raise ContextLengthError(
             f"the prompt is {prompt} tokens and num_predict is {kwargs['max_tokens']}, which exceeds "
             f"options.num_ctx of {plan.num_ctx} tokens; shorten the request, lower num_predict, or raise num_ctx "
