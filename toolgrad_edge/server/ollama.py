@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -748,7 +747,3 @@ def refusal(path: str) -> OpenAIError:
     _, why = REFUSED[path]
     shown = path.replace("/{digest}", "")
     return OpenAIError(REFUSED_STATUS, f"{shown} is not supported: toolgrad-edge {why}", code="not_supported")
-
-
-def seconds_since(start: float) -> float:
-    return time.monotonic() - start
