@@ -1,4 +1,4 @@
-"""Bounded load run against the OpenAI-compatible server, on loopback.
+"""Bounded load run against the server's OpenAI and Ollama APIs, on loopback.
 
 Starts the server in this process (uvicorn on a free 127.0.0.1 port) on the
 default model, or uses --url for a server already running, then sends
@@ -13,6 +13,14 @@ JSON object.
     python benchmarks/server_load.py                      # 8 clients x 5 requests, 270M model
     python benchmarks/server_load.py --clients 4 --requests 10 --stream
     python benchmarks/server_load.py --url http://127.0.0.1:8080 --api-key KEY
+    python benchmarks/server_load.py --api mixed --clients 8 --requests 2   # Ollama against OpenAI clients
+
+--api ollama or mixed compares the two APIs on one workload: every request
+sends all the tools and must call (tool_choice "required" on /v1, the
+server's --tool-choice required default on /api/chat, which has no such
+field; parallel calls allowed on both), and every call it returns must
+validate. mixed runs half the clients on each API at the same time and
+reports latency and calls/s per API.
 
 When it starts the server itself, it also times the same requests through
 ToolRuntime.call directly (no HTTP, no queue; two per tool before the load
@@ -71,7 +79,7 @@ def direct_latencies(runtime, max_tokens: int, rounds: int = 2) -> list[float]:
     return times
 
 
-def start_server(model: str | None, n_ctx: int, max_tokens: int):
+def start_server(model: str | None, n_ctx: int, max_tokens: int, tool_choice: str = "auto"):
     """The server in a thread on a free loopback port; returns (url, stop, model name, baseline latencies)."""
     import uvicorn
 
@@ -81,7 +89,7 @@ def start_server(model: str | None, n_ctx: int, max_tokens: int):
     runtime = ToolRuntime(model, n_ctx=n_ctx)
     direct_latencies(runtime, max_tokens, rounds=1)  # warm-up: evaluates the tool prefix
     baseline = direct_latencies(runtime, max_tokens)  # again after the load run: the machine may be shared
-    app = create_app(runtime, ServerSettings(max_queue=64))
+    app = create_app(runtime, ServerSettings(max_queue=64, tool_choice=tool_choice))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -132,6 +140,91 @@ def one_request(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: 
     return {"latency": latency, "calls": calls, "tool": tool}
 
 
+def one_required_request(http: httpx.Client, url: str, api: str, seed: int, max_tokens: int,
+                         stream: bool, model: str) -> dict:
+    """The comparison workload on either API: all tools, a call required, every call checked."""
+    messages = [{"role": "user", "content": QUESTION}]
+    if api == "openai":
+        path = "/v1/chat/completions"
+        body = {"model": "local", "messages": messages, "tools": TOOLS, "tool_choice": "required",
+                "max_tokens": max_tokens, "temperature": 0, "seed": seed, "stream": stream}
+    else:
+        path = "/api/chat"  # no tool-choice field: the server's --tool-choice required applies
+        body = {"model": model, "messages": messages, "tools": TOOLS, "stream": stream,
+                "options": {"num_predict": max_tokens, "temperature": 0, "seed": seed}}
+    t0 = time.perf_counter()
+    with http.stream("POST", url + path, json=body) as r:
+        if r.status_code != 200:
+            return {"api": api, "latency": time.perf_counter() - t0, "error": f"{r.status_code}: {r.read()[:200]!r}"}
+        lines = list(r.iter_lines())
+    latency = time.perf_counter() - t0
+    calls: list[tuple[str, dict]] = []
+    if api == "ollama":
+        for line in filter(None, lines):
+            obj = json.loads(line)
+            if "error" in obj:
+                return {"api": api, "latency": latency, "error": obj["error"]}
+            calls += [(c["function"]["name"], c["function"]["arguments"])
+                      for c in obj.get("message", {}).get("tool_calls") or []]
+    elif not stream:
+        message = json.loads("".join(lines))["choices"][0]["message"]
+        calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []]
+    else:
+        got: dict[int, list[str]] = {}
+        for line in lines:
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for tc in chunk["choices"][0]["delta"].get("tool_calls") or [] if chunk["choices"] else []:
+                slot = got.setdefault(tc["index"], ["", ""])
+                slot[0] += tc.get("function", {}).get("name") or ""
+                slot[1] += tc.get("function", {}).get("arguments") or ""
+        calls = [(n, json.loads(a)) for n, a in (v for _, v in sorted(got.items()))]
+    return {"api": api, "latency": latency, "calls": calls}
+
+
+def is_valid_required(outcome: dict) -> bool:
+    if not outcome.get("calls"):
+        return False
+    try:
+        for name, arguments in outcome["calls"]:
+            jsonschema.validate(arguments, SCHEMAS[name])
+    except (KeyError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def summary(outcomes: list[dict], wall: float) -> dict:
+    latencies = sorted(o["latency"] for o in outcomes)
+    p95_index = max(0, min(len(latencies) - 1, round(0.95 * len(latencies)) - 1))
+    calls = sum(len(o.get("calls") or []) for o in outcomes)
+    return {"requests": len(outcomes), "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(latencies[p95_index], 3), "calls": calls, "calls_per_s": round(calls / wall, 3),
+            "errors": sum(1 for o in outcomes if "error" in o),
+            "invalid_calls": sum(1 for o in outcomes if "error" not in o and not is_valid_required(o))}
+
+
+def compare(args, url: str, headers: dict) -> tuple[list[dict], float]:
+    """--api ollama|mixed: the required workload; mixed puts even clients on /v1 and odd ones on /api."""
+    def api_of(i: int) -> str:
+        return "ollama" if args.api == "ollama" or i % 2 == 1 else "openai"
+
+    with httpx.Client(headers=headers, timeout=600) as warm:
+        model = warm.get(url + "/api/tags").json()["models"][0]["model"]  # the name Ollama clients must send
+        for api in sorted({api_of(i) for i in range(args.clients)}):
+            one_required_request(warm, url, api, 0, args.max_tokens, False, model)  # warm-up
+
+    def client(i: int) -> list[dict]:
+        with httpx.Client(headers=headers, timeout=600) as http:
+            return [one_required_request(http, url, api_of(i), i * 100 + j, args.max_tokens, args.stream, model)
+                    for j in range(args.requests)]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        outcomes = [o for batch in pool.map(client, range(args.clients)) for o in batch]
+    return outcomes, time.perf_counter() - t0
+
+
 def is_valid(outcome: dict) -> bool:
     calls = outcome.get("calls")
     if not calls or len(calls) != 1 or calls[0][0] != outcome["tool"]:
@@ -153,15 +246,37 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api", choices=["openai", "ollama", "mixed"], default="openai",
+                    help="openai: named tool per client on /v1 (the default run); ollama or mixed: the "
+                         "required-call workload on /api/chat, or on both APIs at once")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     stop, model, baseline = None, args.model, []
     url = args.url
     if url is None:
-        url, stop, model, baseline = start_server(args.model, args.n_ctx, args.max_tokens)
+        url, stop, model, baseline = start_server(args.model, args.n_ctx, args.max_tokens,
+                                                  "auto" if args.api == "openai" else "required")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     names = list(SCHEMAS)
+    if args.api != "openai":
+        try:
+            outcomes, wall = compare(args, url, headers)
+        finally:
+            if stop is not None:
+                stop()
+        report = {"model": str(model), "api": args.api, "clients": args.clients, "stream": args.stream,
+                  "max_tokens": args.max_tokens, "wall_s": round(wall, 2),
+                  "req_per_s": round(len(outcomes) / wall, 3), **summary(outcomes, wall),
+                  "direct_p50_s": round(statistics.median(baseline), 3) if baseline else None}
+        for api in ("openai", "ollama"):
+            mine = [o for o in outcomes if o["api"] == api]
+            if mine and args.api == "mixed":
+                report[api] = summary(mine, wall)
+        print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+        for e in [o["error"] for o in outcomes if "error" in o][:5]:
+            print("error:", e, file=sys.stderr)
+        return 0 if not report["errors"] and not report["invalid_calls"] else 1
     try:
         with httpx.Client(headers=headers, timeout=600) as warm:
             one_request(warm, url, names[0], 0, args.max_tokens, False)  # warm-up: evaluates the tool prefix

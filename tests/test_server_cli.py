@@ -61,6 +61,17 @@ def test_binds_loopback_by_default_and_says_so(started):
     assert settings.max_queue == 16 and settings.api_key is None
 
 
+def test_tool_choice_default_reaches_the_settings(started):
+    assert CliRunner().invoke(main, ["serve"]).exit_code == 0
+    assert started["app"].state.settings.tool_choice == "auto"
+    result = CliRunner().invoke(main, ["serve", "--tool-choice", "required"])
+    assert result.exit_code == 0, result.output
+    assert started["app"].state.settings.tool_choice == "required"
+    assert "/api (Ollama)" in result.output
+    bad = CliRunner().invoke(main, ["serve", "--tool-choice", "always"])
+    assert bad.exit_code == 2 and "'always' is not one of" in bad.output
+
+
 def test_other_hosts_warn_without_a_key(started):
     result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--max-queue", "3"])
     assert result.exit_code == 0

@@ -8,6 +8,7 @@ every answer the right shape, and that is what these tests check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -54,13 +55,9 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris, and what time is it in Tokyo?"}]
 
 
-@pytest.fixture(scope="module")
-def server(gemma_270m_gguf, tmp_path_factory):
-    from toolgrad_edge.runtime import ToolRuntime
-
-    runtime = ToolRuntime(gemma_270m_gguf, n_ctx=2048, cache_dir=tmp_path_factory.mktemp("prefix-cache"))
-    settings = ServerSettings(api_key=API_KEY, max_queue=16, max_tokens_limit=512)
-    app = create_app(runtime, settings)
+@contextlib.contextmanager
+def serving(app):
+    """Run ``app`` with uvicorn on a free loopback port, in a thread; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -79,6 +76,18 @@ def server(gemma_270m_gguf, tmp_path_factory):
         srv.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(gemma_270m_gguf, tmp_path_factory):
+    from toolgrad_edge.runtime import ToolRuntime
+
+    runtime = ToolRuntime(gemma_270m_gguf, n_ctx=2048, cache_dir=tmp_path_factory.mktemp("prefix-cache"))
+    settings = ServerSettings(api_key=API_KEY, max_queue=16, max_tokens_limit=512)
+    try:
+        with serving(create_app(runtime, settings)) as url:
+            yield url
+    finally:
         runtime.close()
 
 

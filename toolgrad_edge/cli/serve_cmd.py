@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..errors import ToolgradEdgeError
-from .options import engine_option, kv_type_option, model_option, n_ctx_option, swa_full_option, syntax_option, threads_help
-
+from .options import (engine_option, kv_type_option, model_option, n_ctx_option, swa_full_option, syntax_option,
+                      threads_help)
 
 
 def _default(name: str):
@@ -22,7 +22,7 @@ def _default(name: str):
               help="Address to bind. The default is loopback: only this machine can connect.")
 @click.option("--port", default=_default("port"), show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="TOOLGRAD_EDGE_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1 routes (or set $TOOLGRAD_EDGE_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' on /v1 and /api routes (or set $TOOLGRAD_EDGE_API_KEY; Ollama clients: $OLLAMA_API_KEY).")
 @click.option("--max-queue", default=_default("max_queue"), show_default=True, type=click.IntRange(1),
               help="Requests that may wait behind the running one; more get 429 with Retry-After.")
 @click.option("--max-body-bytes", default=_default("max_body_bytes"), show_default=True, type=click.IntRange(1024),
@@ -33,6 +33,10 @@ def _default(name: str):
               type=click.IntRange(1), help="Largest max_tokens a request may ask for (400 above).")
 @click.option("--default-max-tokens", default=_default("default_max_tokens"), show_default=True,
               type=click.IntRange(1), help="max_tokens for requests that name none.")
+@click.option("--tool-choice", "tool_choice", type=click.Choice(["auto", "required", "none"]),
+              default=_default("tool_choice"), show_default=True,
+              help="The tool choice of a request that sends tools but names none, on both APIs (Ollama's has "
+                   "no such field): 'required' forces a call, as clients that never send tool_choice need.")
 @syntax_option
 @n_ctx_option
 @kv_type_option
@@ -43,18 +47,22 @@ def _default(name: str):
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_tokens_limit,
-          default_max_tokens, syntax, n_ctx, kv_type, swa_full, n_threads, n_gpu_layers, log_level) -> None:
-    """Serve OpenAI's chat-completions API for the model, on this machine.
+          default_max_tokens, tool_choice, syntax, n_ctx, kv_type, swa_full, n_threads, n_gpu_layers,
+          log_level) -> None:
+    """Serve OpenAI's chat-completions API and Ollama's API for the model, on this machine.
 
     POST /v1/chat/completions (tools, tool_choice, streaming, response_format),
-    GET /v1/models and GET /health. Requests run one at a time in arrival
-    order; the tool-prefix cache is shared by all of them.
+    GET /v1/models and GET /health; Ollama's /api/chat, /api/generate,
+    /api/tags, /api/show, /api/ps and /api/version on the same port
+    (docs/ollama.md). Requests run one at a time in arrival order; the
+    tool-prefix cache is shared by all of them.
 
     \b
     Examples:
       toolgrad-edge serve
       toolgrad-edge serve --model toolgrad-4b-Q4_K_M.gguf --port 8000
       toolgrad-edge serve --api-key secret --max-queue 4
+      toolgrad-edge serve --tool-choice required --port 11434   # for Ollama apps
       OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=secret python my_agent.py
     """
     try:
@@ -70,14 +78,15 @@ def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_
     settings = ServerSettings(
         host=host, port=port, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
         max_tools=max_tools, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
-        syntax=syntax,
+        syntax=syntax, tool_choice=tool_choice,
     )
     gpu_layers = n_gpu_layers if n_gpu_layers == "auto" else _int_option("--n-gpu-layers", n_gpu_layers)
     with ToolRuntime(model=model, n_gpu_layers=gpu_layers, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type,
                      swa_full=swa_full) as runtime:
         app = create_app(runtime, settings)
         shown_host = f"[{host}]" if ":" in host else host
-        click.echo(f"toolgrad-edge: serving {runtime.model_path} at http://{shown_host}:{port}/v1")
+        click.echo(f"toolgrad-edge: serving {runtime.model_path} at http://{shown_host}:{port}/v1 "
+                   f"(OpenAI) and http://{shown_host}:{port}/api (Ollama)")
         if settings.is_loopback:
             click.echo(f"Bound to {host} (loopback): only this machine can connect. "
                        "Use --host 0.0.0.0 to accept other machines.")

@@ -1,4 +1,4 @@
-"""OpenAI-compatible local server (``toolgrad-edge serve``), in the ``[server]`` extra.
+"""The local server (``toolgrad-edge serve``): OpenAI's API and Ollama's, in the ``[server]`` extra.
 
 FastAPI is imported only when the app is built, so importing this package
 costs nothing when the server is not used.

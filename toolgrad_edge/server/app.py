@@ -1,10 +1,11 @@
-"""The FastAPI application: OpenAI's chat-completions API over one ToolRuntime.
+"""The FastAPI application: OpenAI's chat-completions API, and Ollama's API, over one ToolRuntime.
 
 ``create_app(runtime, settings)`` builds it; ``toolgrad-edge serve`` runs it
 with uvicorn. Request handlers only check, queue and translate: a single
 worker thread (``queue.RequestQueue``) owns the runtime and runs requests in
 arrival order, each to completion. Every failure leaves as an OpenAI-shaped
-error (``errors.translate``) and the server keeps serving.
+error (``errors.translate``), or in Ollama's shape on ``/api/*``
+(``ollama_routes``), and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import AUTHENTICATION, NOT_FOUND, RATE_LIMIT, SERVER, OpenAIError, translate
+from .ollama_routes import ServerParts, add_ollama_routes
 from .queue import DONE, ERROR, ITEM, Job, QueueFull, RequestQueue
 from .schemas import ChatPlan, parse_chat_request
 from .settings import ServerSettings
@@ -69,28 +71,31 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
         path = getattr(rt, "model_path", None)
         return Path(path).stem if path else "toolgrad-edge"
 
-    # -- errors: every one leaves in OpenAI's shape -------------------------
+    # -- errors: every one leaves in OpenAI's shape, or Ollama's on /api/* ------
 
-    def error_response(err: OpenAIError) -> JSONResponse:
+    def error_response(err: OpenAIError, request: Request | None = None) -> JSONResponse:
+        if request is not None and (request.url.path == "/api" or request.url.path.startswith("/api/")):
+            return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = NOT_FOUND if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(OpenAIError(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None)))
+        return error_response(OpenAIError(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None)),
+                              request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(OpenAIError(400, f"Invalid request: {exc.errors()[0].get('msg')}"))
+        return error_response(OpenAIError(400, f"Invalid request: {exc.errors()[0].get('msg')}"), request)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(translate(exc))
+        return error_response(translate(exc), request)
 
     # -- auth -----------------------------------------------------------------
 
@@ -224,6 +229,10 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
         finally:
             queue.cancel(job)
 
+    add_ollama_routes(app, ServerParts(
+        queue=queue, settings=settings, model_name=model_name, check_api_key=check_api_key,
+        grammar_engine=grammar_engine, next_event=next_event, read_body=read_body, client_gone=_ClientGone,
+    ))
     return app
 
 

@@ -241,6 +241,16 @@ def parse_chat_request(body: bytes, settings: ServerSettings, grammar_engine: st
     "llguidance" compiles the tools' Lark grammar (no tool limit); anything
     else, None included, compiles GBNF, as llama.cpp's sampler and llama-server take.
     """
+    data = load_json_object(body, settings)
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    return _plan(request, settings, grammar_engine)
+
+
+def load_json_object(body: bytes, settings: ServerSettings) -> dict[str, Any]:
+    """A request body as a JSON object whose every value a prompt can carry, or the 400/413 saying why not."""
     if len(body) > settings.max_body_bytes:
         raise OpenAIError(
             413,
@@ -261,11 +271,7 @@ def parse_chat_request(body: bytes, settings: ServerSettings, grammar_engine: st
         where, what = problem
         param = where.lstrip(".") or "body"
         raise OpenAIError(400, f"Invalid value for {param!r}: it {what}", param=param, code="invalid_value")
-    try:
-        request = ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    return _plan(request, settings, grammar_engine)
+    return data
 
 
 def _plan(req: ChatCompletionRequest, settings: ServerSettings, grammar_engine: str | None) -> ChatPlan:
@@ -284,7 +290,7 @@ def _plan(req: ChatCompletionRequest, settings: ServerSettings, grammar_engine: 
             param="tools", code="too_many_tools",
         )
     tool_schemas = _load_tools(tools)
-    tool_choice = _tool_choice(req, tool_schemas)
+    tool_choice = _tool_choice(req, tool_schemas, settings.tool_choice)
     _check_grammar(tools, settings.syntax, tool_choice, req.parallel_tool_calls is not False, grammar_engine)
     max_tokens = _max_tokens(req, settings)
     stop = _stop(req.stop)
@@ -360,7 +366,8 @@ def _check_grammar(tools: list[dict[str, Any]], syntax: str, tool_choice: str, p
         raise OpenAIError(400, f"Invalid tools: {exc}", param="tools", code="invalid_tools") from None
 
 
-def _tool_choice(req: ChatCompletionRequest, tool_schemas: dict[str, dict[str, Any]]) -> str:
+def _tool_choice(req: ChatCompletionRequest, tool_schemas: dict[str, dict[str, Any]], default: str = "auto") -> str:
+    """The request's tool choice; ``default`` (serve --tool-choice) when it sends tools and names none."""
     choice = req.tool_choice
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
@@ -374,7 +381,7 @@ def _tool_choice(req: ChatCompletionRequest, tool_schemas: dict[str, dict[str, A
             )
         return name
     if choice is None:
-        return "auto" if tool_schemas else "none"
+        return default if tool_schemas else "none"
     if choice != "none" and not tool_schemas:
         raise OpenAIError(
             400, f"tool_choice {choice!r} needs tools; send tools or use tool_choice 'none'", param="tool_choice"
@@ -452,15 +459,19 @@ def _runtime_messages(messages: list[Any]) -> list[dict[str, Any]]:
             if m.name is not None:
                 item["name"] = m.name
         out.append(item)
-    # Gemma turns alternate user/model and the model answers the last user-side turn.
-    turns = [m["role"] for m in out if m["role"] != "system"]
+    check_turn_order(out)
+    return out
+
+
+def check_turn_order(messages: list[dict[str, Any]]) -> None:
+    """Gemma turns alternate user/model and the model answers the last user-side turn."""
+    turns = [m["role"] for m in messages if m["role"] != "system"]
     if not turns or turns[0] != "user":
         raise OpenAIError(400, "messages: the conversation must start with a user message "
                           "(after any system messages)", param="messages")
     if turns[-1] not in ("user", "tool"):
         raise OpenAIError(400, f"messages: the last message is from the {turns[-1]}; it must be a user message "
                           "or a tool result, for the model to answer", param="messages")
-    return out
 
 
 def json_value_problem(value: Any) -> tuple[str, str] | None:

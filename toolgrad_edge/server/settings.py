@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..errors import ToolgradEdgeError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOOL_CHOICES = ("auto", "required", "none")  # what serve --tool-choice may make the default
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ServerSettings:
     default_max_tokens: int = 256  # when a request names no max_tokens
     syntax: str = "python"         # the call syntax the model writes
     model_name: str | None = None  # name shown by /v1/models; default: the GGUF's name
+    tool_choice: str = "auto"      # for requests that send tools but name no tool choice (both APIs)
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +54,9 @@ class ServerSettings:
             )
         if self.syntax not in ("python", "json"):
             raise ToolgradEdgeError(f"server setting syntax must be 'python' or 'json', got {self.syntax!r}")
+        if self.tool_choice not in TOOL_CHOICES:
+            raise ToolgradEdgeError(f"server setting tool_choice must be one of {', '.join(TOOL_CHOICES)}, "
+                                    f"got {self.tool_choice!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ToolgradEdgeError("--api-key is empty; give a non-empty key or leave the option out")
 
