@@ -151,25 +151,9 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
         plan = await asyncio.to_thread(parse_chat_request, body, settings, engine)
         job = Job(make_work(plan, settings.syntax), asyncio.get_running_loop())
         try:
-            queue.submit(job)
-        except QueueFull as full:
-            raise OpenAIError(
-                429, f"The server is busy: {full.waiting} requests are waiting (limit {queue.max_queue}). "
-                f"Retry after {full.retry_after} s.",
-                type=RATE_LIMIT, code="queue_full", headers={"Retry-After": str(full.retry_after)},
-            ) from None
-        try:
-            first = await next_event(job, request)
+            first = await start(job, request)
         except _ClientGone:
             return JSONResponse({}, status_code=499)  # nobody reads it
-        except BaseException:
-            queue.cancel(job)
-            raise
-        if first[0] == ERROR:
-            raise translate(first[1])
-        if first[0] == DONE:
-            raise OpenAIError(503, "The server is shutting down; the request was not run.", type=SERVER,
-                              code="shutting_down")
         if not plan.stream:
             result = first[1]
             return JSONResponse(completion_body(result, completion_id=new_completion_id(),
@@ -195,6 +179,30 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
                 raise _ClientGone()
             await asyncio.sleep(DISCONNECT_POLL_S)
         return getattr(queue.runtime, "grammar_engine", None)
+
+    async def start(job: Job, request: Request) -> tuple[str, Any]:
+        """Queue the job and wait for its first event (an item or the result); refusals and failures raise."""
+        try:
+            queue.submit(job)
+        except QueueFull as full:
+            raise OpenAIError(
+                429, f"The server is busy: {full.waiting} requests are waiting (limit {queue.max_queue}). "
+                f"Retry after {full.retry_after} s.",
+                type=RATE_LIMIT, code="queue_full", headers={"Retry-After": str(full.retry_after)},
+            ) from None
+        try:
+            first = await next_event(job, request)
+        except _ClientGone:  # next_event cancelled the job
+            raise
+        except BaseException:
+            queue.cancel(job)
+            raise
+        if first[0] == ERROR:
+            raise translate(first[1])
+        if first[0] == DONE:
+            raise OpenAIError(503, "The server is shutting down; the request was not run.", type=SERVER,
+                              code="shutting_down")
+        return first
 
     async def next_event(job: Job, request: Request) -> tuple[str, Any]:
         """The job's next event; drops the job if the client leaves while it waits."""
@@ -231,7 +239,8 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     add_ollama_routes(app, ServerParts(
         queue=queue, settings=settings, model_name=model_name, check_api_key=check_api_key,
-        grammar_engine=grammar_engine, next_event=next_event, read_body=read_body, client_gone=_ClientGone,
+        grammar_engine=grammar_engine, start=start, next_event=next_event, read_body=read_body,
+        client_gone=_ClientGone,
     ))
     return app
 

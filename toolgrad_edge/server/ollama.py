@@ -32,12 +32,12 @@ from ..errors import SchemaError
 from .errors import OpenAIError
 from .schemas import (
     SEED_END,
-    SEED_MIN,
     ChatPlan,
     ToolDef,
     _check_grammar,
     _load_tools,
     _validation_error,
+    check_seed,
     check_turn_order,
     load_json_object,
 )
@@ -149,12 +149,7 @@ class OptionsIn(_In):
     num_thread: int | None = None
     draft_num_predict: int | None = None
 
-    @field_validator("seed")
-    @classmethod
-    def _seed_is_64_bit(cls, value: int | None) -> int | None:
-        if value is not None and not SEED_MIN <= value < SEED_END:
-            raise ValueError("seed must be a 64-bit integer, from -2**63 to 2**64 - 1")
-        return value
+    _seed_is_64_bit = field_validator("seed")(check_seed)
 
 
 Format = Union[Literal["", "json"], dict[str, Any], None]

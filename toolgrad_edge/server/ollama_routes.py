@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from .. import __version__
 from ..errors import ContextLengthError, GenerationError
-from .errors import RATE_LIMIT, SERVER, OpenAIError, translate
+from .errors import translate
 from .ollama import (
     OLLAMA_API_VERSION,
     REFUSED,
@@ -39,7 +39,7 @@ from .ollama import (
     ShowRequestIn,
     validated_request,
 )
-from .queue import DONE, ERROR, ITEM, Job, QueueFull
+from .queue import ERROR, ITEM, Job
 
 log = logging.getLogger("toolgrad_edge.server")
 
@@ -57,6 +57,7 @@ class ServerParts:
     model_name: Callable[[], str]
     check_api_key: Callable[[Request], None]
     grammar_engine: Callable[[Request], Any]   # async: waits for a loading runtime
+    start: Callable[[Job, Request], Any]  # async: queue a job, wait for its first event (429/503/errors raise)
     next_event: Callable[[Job, Request], Any]  # async
     read_body: Callable[[Request, int], Any]   # async
     client_gone: type[Exception]
@@ -146,25 +147,9 @@ def add_ollama_routes(app: FastAPI, parts: ServerParts) -> None:
         headers = {"X-Toolgrad-Ignored-Options": ", ".join(plan.ignored_options)} if plan.ignored_options else {}
         job = Job(make_work(plan, settings), asyncio.get_running_loop())
         try:
-            queue.submit(job)
-        except QueueFull as full:
-            raise OpenAIError(
-                429, f"The server is busy: {full.waiting} requests are waiting (limit {queue.max_queue}). "
-                f"Retry after {full.retry_after} s.",
-                type=RATE_LIMIT, code="queue_full", headers={"Retry-After": str(full.retry_after)},
-            ) from None
-        try:
-            first = await parts.next_event(job, request)
+            first = await parts.start(job, request)
         except parts.client_gone:
             return JSONResponse({}, status_code=499)  # nobody reads it
-        except BaseException:
-            queue.cancel(job)
-            raise
-        if first[0] == ERROR:
-            raise translate(first[1])
-        if first[0] == DONE:
-            raise OpenAIError(503, "The server is shutting down; the request was not run.", type=SERVER,
-                              code="shutting_down")
         if not plan.stream:
             body = final_body(plan, first[1], time.monotonic() - arrived, load_s, streamed=False)
             return JSONResponse(body, headers=headers)

@@ -45,6 +45,13 @@ GBNF_ENGINES = {
 SEED_MIN, SEED_END = -(2**63), 2**64
 
 
+def check_seed(cls, value: int | None) -> int | None:
+    """A pydantic validator for a request's seed (OpenAI's and Ollama's): any 64-bit integer, signed or not."""
+    if value is not None and not SEED_MIN <= value < SEED_END:
+        raise ValueError("seed must be a 64-bit integer, from -2**63 to 2**64 - 1")
+    return value
+
+
 class _Model(BaseModel):
     # strict: "0.5" is not a number and 1 is not a bool; unknown fields are refused.
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
@@ -190,12 +197,7 @@ class ChatCompletionRequest(_Model):
     presence_penalty: float | None = None
     logprobs: bool | None = None
 
-    @field_validator("seed")
-    @classmethod
-    def _seed_is_64_bit(cls, value: int | None) -> int | None:
-        if value is not None and not SEED_MIN <= value < SEED_END:
-            raise ValueError("seed must be a 64-bit integer, from -2**63 to 2**64 - 1")
-        return value
+    _seed_is_64_bit = field_validator("seed")(check_seed)
 
 
 @dataclass
