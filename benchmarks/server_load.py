@@ -110,6 +110,20 @@ def start_server(model: str | None, n_ctx: int, max_tokens: int, tool_choice: st
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop, runtime.model_path.name, baseline
 
 
+def sse_calls(lines) -> list[tuple[str, str]]:
+    """(name, arguments JSON text) of each tool call in an OpenAI chat-completions SSE stream."""
+    got: dict[int, list[str]] = {}
+    for line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        for tc in chunk["choices"][0]["delta"].get("tool_calls") or [] if chunk["choices"] else []:
+            slot = got.setdefault(tc["index"], ["", ""])
+            slot[0] += tc.get("function", {}).get("name") or ""
+            slot[1] += tc.get("function", {}).get("arguments") or ""
+    return [tuple(v) for _, v in sorted(got.items())]
+
+
 def one_request(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int, stream: bool) -> dict:
     body = {"model": "local", "messages": [{"role": "user", "content": QUESTION}], "tools": TOOLS,
             "tool_choice": {"type": "function", "function": {"name": tool}}, "parallel_tool_calls": False,
@@ -123,20 +137,11 @@ def one_request(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: 
         calls = [(c["function"]["name"], c["function"]["arguments"])
                  for c in r.json()["choices"][0]["message"].get("tool_calls") or []]
     else:
-        got: dict[int, list[str]] = {}
         with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 return {"latency": time.perf_counter() - t0, "error": f"{r.status_code}: {r.read()[:200]!r}"}
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                for tc in chunk["choices"][0]["delta"].get("tool_calls") or [] if chunk["choices"] else []:
-                    slot = got.setdefault(tc["index"], ["", ""])
-                    slot[0] += tc.get("function", {}).get("name") or ""
-                    slot[1] += tc.get("function", {}).get("arguments") or ""
+            calls = sse_calls(r.iter_lines())
         latency = time.perf_counter() - t0
-        calls = [tuple(v) for _, v in sorted(got.items())]
     return {"latency": latency, "calls": calls, "tool": tool}
 
 
@@ -170,16 +175,7 @@ def one_required_request(http: httpx.Client, url: str, api: str, seed: int, max_
         message = json.loads("".join(lines))["choices"][0]["message"]
         calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []]
     else:
-        got: dict[int, list[str]] = {}
-        for line in lines:
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for tc in chunk["choices"][0]["delta"].get("tool_calls") or [] if chunk["choices"] else []:
-                slot = got.setdefault(tc["index"], ["", ""])
-                slot[0] += tc.get("function", {}).get("name") or ""
-                slot[1] += tc.get("function", {}).get("arguments") or ""
-        calls = [(n, json.loads(a)) for n, a in (v for _, v in sorted(got.items()))]
+        calls = [(n, json.loads(a)) for n, a in sse_calls(lines)]
     return {"api": api, "latency": latency, "calls": calls}
 
 

@@ -78,17 +78,22 @@ def serving(app):
         sock.close()
 
 
-@pytest.fixture(scope="module")
-def server(gemma_270m_gguf, tmp_path_factory):
+def serve_demo(gguf, tmp_path_factory, **settings):
+    """A real server on the demo model (2k context, its own prefix cache); yields its URL, then stops."""
     from toolgrad_edge.runtime import ToolRuntime
 
-    runtime = ToolRuntime(gemma_270m_gguf, n_ctx=2048, cache_dir=tmp_path_factory.mktemp("prefix-cache"))
-    settings = ServerSettings(api_key=API_KEY, max_queue=16, max_tokens_limit=512)
+    runtime = ToolRuntime(gguf, n_ctx=2048, cache_dir=tmp_path_factory.mktemp("prefix-cache"))
     try:
-        with serving(create_app(runtime, settings)) as url:
+        with serving(create_app(runtime, ServerSettings(api_key=API_KEY, max_queue=16, max_tokens_limit=512,
+                                                        **settings))) as url:
             yield url
     finally:
         runtime.close()
+
+
+@pytest.fixture(scope="module")
+def server(gemma_270m_gguf, tmp_path_factory):
+    yield from serve_demo(gemma_270m_gguf, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,8 @@ from test_server_e2e import (  # noqa: E402
     httpx,
     jsonschema,
     openai,
-    serving,
+    serve_demo,
 )
-
-from toolgrad_edge.server import ServerSettings, create_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +40,7 @@ OPTIONS = {"temperature": 0, "seed": 1, "num_predict": NUM_PREDICT}
 
 @pytest.fixture(scope="module")
 def server(gemma_270m_gguf, tmp_path_factory):
-    from toolgrad_edge.runtime import ToolRuntime
-
-    runtime = ToolRuntime(gemma_270m_gguf, n_ctx=2048, cache_dir=tmp_path_factory.mktemp("prefix-cache"))
-    settings = ServerSettings(api_key=API_KEY, max_queue=16, max_tokens_limit=512, tool_choice="required")
-    try:
-        with serving(create_app(runtime, settings)) as url:
-            yield url
-    finally:
-        runtime.close()
+    yield from serve_demo(gemma_270m_gguf, tmp_path_factory, tool_choice="required")
 
 
 @pytest.fixture(scope="module")
