@@ -116,7 +116,7 @@ def _child(variant_path: Path | None, args: list[str]) -> subprocess.CompletedPr
 
 
 def measure(models: list[Path], runs: int, threads: int | None, head_models: list[Path] = ()) -> dict:
-    from toolgrad_edge.bench import cpu_name
+    from toolgrad_edge.bench.measure import cpu_name
 
     report = {"cpu": cpu_name(), "runs": runs, "variants": {}}
     for name, options in variants().items():

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from toolgrad_edge import ToolRuntime, load_tools
-from toolgrad_edge.bench import bench_prompt
+from toolgrad_edge.bench.measure import bench_prompt
 from toolgrad_edge.prompt import render_prompt
 
 FIVE_TOOLS = Path(__file__).resolve().parent.parent / "tests" / "data" / "five_tools.json"

@@ -161,7 +161,7 @@ def pass_costs(path: Path, threads: int, runs: int) -> dict:
 
 def measure(folder: Path, threads: int, runs: int, what: str = "all") -> dict:
     from toolgrad_edge import hardware
-    from toolgrad_edge.bench import cpu_name
+    from toolgrad_edge.bench.measure import cpu_name
     from toolgrad_edge.gguf_info import model_shape, read_gguf_info
 
     report = {"cpu": cpu_name(), "threads": threads, "prompt_tokens": PROMPT_TOKENS,
