@@ -15,7 +15,7 @@ import platform
 import re
 import subprocess
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -80,8 +80,9 @@ def kernel_plan(system_info: str, extra_buffer_types: Sequence[str] | None = Non
                       f"set ${ENV_AMX}=1 with a llama.cpp that has the fix")
 
 
+@functools.lru_cache(maxsize=1)
 def _ggml_backend():
-    """ggml's device registry calls, from llama-cpp-python's ggml library."""
+    """ggml's device registry calls, from llama-cpp-python's ggml library (their signatures set once)."""
     from llama_cpp._ggml import libggml
 
     lib = libggml
@@ -442,12 +443,11 @@ class HardwareDefaults:
     ram_total: int | None
     ram_available: int | None
     context: ContextPlan | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"threads": self.threads, "threads_reason": self.threads_reason, "kernels": self.kernels.to_dict(),
                 "ram_total_bytes": self.ram_total, "ram_available_bytes": self.ram_available,
-                "context": self.context.to_dict() if self.context else None, **self.extra}
+                "context": self.context.to_dict() if self.context else None}
 
 
 def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | str = "auto", kv_type: str = "auto",

@@ -148,6 +148,7 @@ def info(model_file, as_json):
     """
     from ..errors import ModelLoadError
     from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
+    from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
     from ..hardware import plan_defaults
     from ..model_resolution import backend_name
 
@@ -169,7 +170,7 @@ def info(model_file, as_json):
     if meta.architecture in SUPPORTED_ARCHITECTURES:
         # The defaults a runtime would choose for this file here, each with its reason.
         try:
-            hw = plan_defaults(model_shape(meta))
+            hw = plan_defaults(model_shape(meta), n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX)  # as the runtime would
             context = hw.context.reason
         except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
             hw, context = None, str(exc)
