@@ -120,21 +120,47 @@ def test_kv_cache_bytes_for_gemma_3_4b():
     assert kv_cache_bytes(GEMMA_4B, 8192, "q8_0") == pytest.approx(kv_cache_bytes(GEMMA_4B, 8192) * 17 / 32, 1e-9)
 
 
-@pytest.mark.parametrize("shape, budget, n_ctx, kv", [
-    (GEMMA_270M, 20 * GiB, 8192, "f16"),  # this kind of machine: the old default
-    (GEMMA_4B, 12 * GiB, 8192, "f16"),  # a 16 GB Mac (three quarters of it)
-    (GEMMA_4B, 7 * GiB, 8192, "f16"),  # an 8 GB Raspberry Pi 5
-    (GEMMA_4B, int(3.9 * GiB), 8192, "f16"),  # about 3.80 GiB needed
-    (GEMMA_4B, int(3.5 * GiB), 8192, "q8_0"),  # 8k fits only with a q8_0 cache: a 4 GB Raspberry Pi 5
-    (GEMMA_4B, int(3.0 * GiB), 4096, "q8_0"),
-    (GEMMA_4B, int(2.8 * GiB), 2048, "q8_0"),
+@pytest.mark.parametrize("shape, budget, n_ctx, kv, swa_full", [
+    (GEMMA_270M, 20 * GiB, 8192, "f16", True),  # this kind of machine: the old default
+    (GEMMA_4B, 12 * GiB, 8192, "f16", True),  # a 16 GB Mac (three quarters of it)
+    (GEMMA_4B, 7 * GiB, 8192, "f16", True),  # an 8 GB Raspberry Pi 5
+    (GEMMA_4B, int(3.9 * GiB), 8192, "f16", True),  # about 3.80 GiB needed
+    (GEMMA_4B, int(3.5 * GiB), 8192, "q8_0", True),  # 8k fits only with a q8_0 cache: a 4 GB Raspberry Pi 5
+    # Below that, the sliding-window layers keep only their window rather than the context shrinking:
+    (GEMMA_4B, int(3.1 * GiB), 8192, "f16", False),  # 3.06 GiB: the window-only cache in f16 before q8_0
+    (GEMMA_4B, int(3.0 * GiB), 8192, "q8_0", False),
+    (GEMMA_4B, int(2.8 * GiB), 8192, "q8_0", False),  # 2.78 GiB (with the full-size cache: 2048 tokens)
+    (GEMMA_4B, int(2.7 * GiB), 1024, "q8_0", True),  # 1024 tokens: the window is the whole cache
 ])
-def test_choose_context(shape, budget, n_ctx, kv):
+def test_choose_context(shape, budget, n_ctx, kv, swa_full):
     plan = choose_context(shape, budget)
-    assert (plan.n_ctx, plan.kv_type) == (n_ctx, kv)
+    assert (plan.n_ctx, plan.kv_type, plan.swa_full) == (n_ctx, kv, swa_full)
     assert plan.need_bytes <= budget
     assert plan.flash_attn == (kv == "q8_0")
     assert f"{n_ctx} tokens, {kv} KV cache" in plan.reason
+    assert ("keep only their 1024-token window" in plan.reason) == (not swa_full)
+
+
+@pytest.mark.parametrize("budget, swa_full, n_ctx, kv", [
+    # Asked for the full-size SWA cache: the context shrinks instead.
+    (int(3.0 * GiB), True, 4096, "q8_0"),
+    (int(2.8 * GiB), True, 2048, "q8_0"),
+    # Asked for the window only: f16 at 8k where auto kept the full-size cache with q8_0.
+    (int(3.4 * GiB), False, 8192, "f16"),
+])
+def test_choose_context_swa_as_asked(budget, swa_full, n_ctx, kv):
+    plan = choose_context(GEMMA_4B, budget, swa_full=swa_full)
+    assert (plan.n_ctx, plan.kv_type, plan.swa_full) == (n_ctx, kv, swa_full)
+    assert "window" not in plan.reason  # the trade is not announced when it was asked for
+
+
+def test_choose_context_swa_auto_without_sliding_layers():
+    # A model whose layers all attend globally has no window to drop: the cache is the same either way.
+    dense = ModelShape(**{**GEMMA_4B.__dict__, "n_swa": 0, "swa_layers": 0})
+    plan = choose_context(dense, int(3.0 * GiB))
+    assert plan.swa_full and plan.n_ctx < 8192 and "window" not in plan.reason
+    with pytest.raises(ModelLoadError, match="swa_full must be auto, True or False"):
+        choose_context(GEMMA_4B, None, swa_full="yes")
 
 
 def test_choose_context_does_not_fit():
@@ -148,11 +174,15 @@ def test_choose_context_explicit_and_limits():
     assert choose_context(GEMMA_4B, 14 * GiB, n_ctx=4096).n_ctx == 4096
     tight = choose_context(GEMMA_4B, 2 * GiB, n_ctx=2048)
     assert tight.n_ctx == 2048 and "as asked" in tight.reason
+    assert (tight.kv_type, tight.swa_full) == ("q8_0", False)  # the smallest cache for that length
     # The trained context caps auto; without flash attention only f16 is offered.
     short = ModelShape(**{**GEMMA_270M.__dict__, "trained_ctx": 2048})
     assert choose_context(short, 20 * GiB).n_ctx == 2048
     no_fa = choose_context(GEMMA_4B, int(3.5 * GiB), flash_attn_ok=False)
-    assert (no_fa.n_ctx, no_fa.kv_type) == (4096, "f16") and "8192/f16" in no_fa.reason
+    assert (no_fa.n_ctx, no_fa.kv_type, no_fa.swa_full) == (8192, "f16", False)
+    assert "8192/f16/full SWA (3.80 GiB)" in no_fa.reason
+    no_fa_full = choose_context(GEMMA_4B, int(3.5 * GiB), flash_attn_ok=False, swa_full=True)
+    assert (no_fa_full.n_ctx, no_fa_full.kv_type) == (4096, "f16") and "8192/f16 (3.80 GiB)" in no_fa_full.reason
     with pytest.raises(ModelLoadError, match="needs flash attention"):
         choose_context(GEMMA_4B, 14 * GiB, kv_type="q8_0", flash_attn_ok=False)
     with pytest.raises(ModelLoadError, match="auto, f16 or q8_0"):
@@ -163,3 +193,46 @@ def test_choose_context_explicit_and_limits():
     assert choose_context(GEMMA_4B, int(3.4 * GiB)).kv_type == "q8_0"
     no_swa = choose_context(GEMMA_4B, int(3.4 * GiB), swa_full=False)
     assert (no_swa.n_ctx, no_swa.kv_type, no_swa.swa_full) == (8192, "f16", False)
+
+
+H100 = {"name": "CUDA0", "description": "NVIDIA H100 80GB HBM3", "type": "gpu",
+        "memory_total_bytes": 80 * GiB, "memory_free_bytes": 79 * GiB}
+SMALL_GPU = {"name": "CUDA0", "description": "GeForce GTX 1650", "type": "gpu",
+             "memory_total_bytes": 4 * GiB, "memory_free_bytes": int(3.0 * GiB)}
+M2 = {"name": "Metal", "description": "Apple M2", "type": "gpu",
+      "memory_total_bytes": 11 * GiB, "memory_free_bytes": 11 * GiB}
+CPU_DEV = {"name": "CPU", "description": "AMD EPYC", "type": "cpu", "memory_total_bytes": 24 * GiB,
+           "memory_free_bytes": 23 * GiB}
+
+
+@pytest.mark.parametrize("ram, devices, layers, unified, want_bytes, want_memory", [
+    (20 * GiB, [CPU_DEV], 0, False, 20 * GiB, "RAM"),  # CPU only
+    (20 * GiB, [CPU_DEV, H100], 0, False, 20 * GiB, "RAM"),  # a GPU, but no layer on it
+    (20 * GiB, [CPU_DEV, H100], 10, False, 20 * GiB, "RAM"),  # some layers on the CPU: the RAM, conservative
+    (2 * GiB, [CPU_DEV, H100], -1, False, 79 * GiB, "GPU memory (NVIDIA H100 80GB HBM3)"),  # every layer
+    (20 * GiB, [CPU_DEV, SMALL_GPU], 34, False, int(3.0 * GiB), "GPU memory (GeForce GTX 1650)"),
+    (20 * GiB, [CPU_DEV, H100, H100], -1, False, 158 * GiB, "GPU memory (NVIDIA H100 80GB HBM3, NVIDIA H100 80GB "
+                                                             "HBM3)"),  # layers split over both
+    (12 * GiB, [CPU_DEV, M2], -1, True, 11 * GiB, "GPU memory (Apple M2)"),  # unified: Metal's working set
+    (8 * GiB, [CPU_DEV, M2], -1, True, 8 * GiB, "RAM"),  # unified, less RAM free than Metal's working set
+])
+def test_memory_budget(ram, devices, layers, unified, want_bytes, want_memory):
+    budget = hardware.memory_budget(ram, devices, layers, n_layer=34, unified=unified)
+    assert (budget.bytes, budget.memory) == (want_bytes, want_memory)
+    assert budget.reason
+
+
+def test_context_planned_against_the_gpu():
+    # 2 GiB of RAM free would not hold the 4B model, but every layer goes to a 3 GiB GPU.
+    on_gpu = hardware.plan_defaults(GEMMA_4B, n_threads=2, ram=(4 * GiB, 2 * GiB), n_gpu_layers=-1,
+                                    devices=[CPU_DEV, SMALL_GPU])
+    assert on_gpu.budget.memory == "GPU memory (GeForce GTX 1650)"
+    assert (on_gpu.context.n_ctx, on_gpu.context.kv_type) == (8192, "q8_0")
+    assert "free in GPU memory (GeForce GTX 1650)" in on_gpu.context.reason
+    with pytest.raises(ModelLoadError, match=r"does not fit in the available RAM: .* 2\.00 GiB available"):
+        hardware.plan_defaults(GEMMA_4B, n_threads=2, ram=(4 * GiB, 2 * GiB), n_gpu_layers=0,
+                               devices=[CPU_DEV, SMALL_GPU])
+    tiny = {**SMALL_GPU, "memory_free_bytes": 2 * GiB}
+    with pytest.raises(ModelLoadError, match=r"does not fit in the available GPU memory \(GeForce GTX 1650\): "
+                                              r".*2\.00 GiB free in GPU memory.*offload fewer layers"):
+        hardware.plan_defaults(GEMMA_4B, n_threads=2, ram=(32 * GiB, 30 * GiB), n_gpu_layers=-1, devices=[tiny])

@@ -75,38 +75,6 @@ def _installed(module: str) -> bool:
         return False
 
 
-def devices() -> list[dict]:
-    """ggml's devices (CPU, GPUs, accelerators) with their memory."""
-    import ctypes
-
-    try:
-        from llama_cpp._ggml import libggml as lib
-    except (ImportError, OSError):
-        return []
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
-        getattr(lib, name).restype = ctypes.c_char_p
-        getattr(lib, name).argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_type.restype = ctypes.c_int
-    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_memory.restype = None
-    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                            ctypes.POINTER(ctypes.c_size_t)]
-    kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
-    out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append({"name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
-                    "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
-                    "type": kinds.get(lib.ggml_backend_dev_type(dev), "other"),
-                    "memory_total_bytes": total.value, "memory_free_bytes": free.value})
-    return out
-
-
 def environment() -> dict:
     """Everything about this install and machine that does not need a model."""
     import llama_cpp
@@ -131,7 +99,7 @@ def environment() -> dict:
             "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
         },
         "backend": {"name": backend_name(), "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-                    "devices": devices()},
+                    "devices": hardware.detect_devices()},
         "cpu": {"name": cpu_name(), "features": sorted(k for k, v in features.items() if v == "1"),
                 "system_info": info.strip()},
         "kernels": {**plan.to_dict(), "extra_buffer_types": hardware.detect_extra_buffer_types()},
@@ -232,7 +200,7 @@ def self_test(rt) -> list[Check]:
     return checks
 
 
-def run_doctor(model=None, n_threads=None, n_ctx="auto", kv_type="auto", swa_full=True) -> dict:
+def run_doctor(model=None, n_threads=None, n_ctx="auto", kv_type="auto", swa_full=None) -> dict:
     """The whole report: environment, the model's defaults and the self-test; ``ok`` is False on any failure."""
     from .runtime import ToolRuntime
 
@@ -258,7 +226,7 @@ def run_doctor(model=None, n_threads=None, n_ctx="auto", kv_type="auto", swa_ful
                                    "grammar_engine": rt.grammar_engine}
                 hw = rt.hardware
                 report["threads"] = {"n": hw.threads, "reason": hw.threads_reason}
-                report["context"] = hw.context.to_dict()
+                report["context"] = {**hw.context.to_dict(), "planned_against": hw.budget.reason}
                 checks.append(Check("model loads", True, f"{time.perf_counter() - start:.1f} s"))
                 try:
                     checks += self_test(rt)
@@ -293,6 +261,8 @@ def format_report(report: dict) -> str:
     if "context" in report:
         c = report["context"]
         rows.append(("context", f"{c['reason']}; {'full-size' if c['swa_full'] else 'window-only'} SWA cache"))
+        if gpus and c.get("planned_against"):
+            rows.append(("memory plan", c["planned_against"]))
     g = report["grammar_engine"]
     rows.append(("grammar engine", g["default"] + (f" (llguidance {g['llguidance']})" if g["llguidance"] else "")))
     rows.append(("extras", " ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in report["extras"].items())))

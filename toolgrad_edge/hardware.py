@@ -373,22 +373,30 @@ MIN_CTX = 512
 
 
 def choose_context(shape: ModelShape, budget_bytes: int | None, n_ctx: int | str = "auto",
-                   kv_type: str = "auto", swa_full: bool = True, flash_attn_ok: bool = True,
-                   n_outputs: int = 16, cap: int = 8192) -> ContextPlan:
-    """The context length and KV cache type for which weights + KV cache + compute fit the RAM budget.
+                   kv_type: str = "auto", swa_full: bool | str = "auto", flash_attn_ok: bool = True,
+                   n_outputs: int = 16, cap: int = 8192, memory: str = "RAM") -> ContextPlan:
+    """The context length, KV cache type and SWA cache size for which weights + KV + compute fit the RAM budget.
 
-    ``n_ctx="auto"`` tries 8k, 4k, 2k and 1k tokens (capped at the trained context), each first with an
-    f16 cache and then q8_0 (which needs flash attention); a number is kept as given and only the type is
-    chosen. When not even 512 tokens fit, ModelLoadError names the figures.
+    ``n_ctx="auto"`` tries 8k, 4k, 2k, 1k and 512 tokens (capped at the trained context); the longest that
+    fits wins. At one length the options are tried in this order: an f16 cache, q8_0 (which needs flash
+    attention), then, with ``swa_full="auto"``, the same two with the sliding-window layers keeping only
+    their window. So the full-size SWA cache (which prefix reuse at any point relies on) is given up only
+    where it is what keeps the longer context. A number of tokens is kept as given and only the rest is
+    chosen. When not even 512 tokens fit, ModelLoadError names the figures. ``memory`` names what the
+    budget is (the RAM, or a GPU's memory) in the reason and the error.
     """
     if kv_type not in ("auto", *KV_TYPE_BYTES):
         raise ModelLoadError(f"KV cache type must be auto, f16 or q8_0, got {kv_type!r}.")
+    if swa_full not in ("auto", True, False):
+        raise ModelLoadError(f"swa_full must be auto, True or False, got {swa_full!r}.")
     types = ["f16", "q8_0"] if kv_type == "auto" else [kv_type]
     if not flash_attn_ok:
         if kv_type == "q8_0":
             raise ModelLoadError("a q8_0 KV cache needs flash attention, which this llama.cpp back-end lacks; "
                                  "use --kv-type f16.")
         types = [t for t in types if t != "q8_0"]
+    # A model without sliding-window layers has nothing to drop: its cache is the same either way.
+    windows = [True, False] if swa_full == "auto" and shape.n_swa and shape.swa_layers else [swa_full is not False]
     limit = min(cap, shape.trained_ctx or cap)
     if n_ctx == "auto":
         lengths = [n for n in CTX_STEPS if n <= limit] or [limit]
@@ -396,37 +404,117 @@ def choose_context(shape: ModelShape, budget_bytes: int | None, n_ctx: int | str
     else:
         lengths = [int(n_ctx)]
 
-    def plan(n: int, t: str, why: str) -> ContextPlan:
+    def plan(n: int, t: str, full: bool, why: str) -> ContextPlan:
         fa = t != "f16"
-        kv = kv_cache_bytes(shape, n, t, swa_full)
+        kv = kv_cache_bytes(shape, n, t, full)
         compute = compute_buffer_bytes(shape, n, n_outputs=n_outputs, flash_attn=fa)
         need = shape.weights_bytes + kv + compute + OVERHEAD_BYTES
-        return ContextPlan(n, t, fa, swa_full, kv, compute, need, budget_bytes, why)
+        return ContextPlan(n, t, fa, full, kv, compute, need, budget_bytes, why)
+
+    def label(n: int, t: str, full: bool) -> str:
+        return f"{n}/{t}" + ("" if len(windows) == 1 else "/full SWA" if full else "/window SWA")
 
     if budget_bytes is None:
-        return plan(lengths[0], types[0], f"{lengths[0]} tokens, {types[0]} KV cache: the RAM is not known")
+        return plan(lengths[0], types[0], windows[0],
+                    f"{lengths[0]} tokens, {types[0]} KV cache: the {memory} available is not known")
+    available = "available" if memory == "RAM" else f"free in {memory}"
     tried = []
     for n in lengths:
-        for t in types:
-            p = plan(n, t, "")
-            if p.need_bytes <= budget_bytes:
-                why = (f"{n} tokens, {t} KV cache: {_gb(p.need_bytes)} (weights {_gb(shape.weights_bytes)} + KV "
-                       f"{_gb(p.kv_bytes)} + compute {_gb(p.compute_bytes)} + {_gb(OVERHEAD_BYTES)} other) of "
-                       f"{_gb(budget_bytes)} available")
-                if tried:
-                    why += f"; {', '.join(tried)} did not fit"
-                return plan(n, t, why)
-            tried.append(f"{n}/{t} ({_gb(p.need_bytes)})")
-    smallest = plan(lengths[-1], types[-1], "")
+        for full in windows:
+            for t in types:
+                p = plan(n, t, full, "")
+                if p.need_bytes <= budget_bytes:
+                    why = (f"{n} tokens, {t} KV cache: {_gb(p.need_bytes)} (weights {_gb(shape.weights_bytes)} + "
+                           f"KV {_gb(p.kv_bytes)} + compute {_gb(p.compute_bytes)} + {_gb(OVERHEAD_BYTES)} other) "
+                           f"of {_gb(budget_bytes)} {available}")
+                    if not full and len(windows) > 1:
+                        why += (f"; the sliding-window layers keep only their {shape.n_swa}-token window "
+                                f"(--swa-full keeps them all for prefix reuse at any point, at a shorter context)")
+                    if tried:
+                        why += f"; {', '.join(tried)} did not fit"
+                    return plan(n, t, full, why)
+                tried.append(f"{label(n, t, full)} ({_gb(p.need_bytes)})")
+    smallest = plan(lengths[-1], types[-1], windows[-1], "")
     if n_ctx != "auto":
         # Asked for explicitly: tried as asked, with the estimate said.
-        return plan(lengths[-1], types[-1], f"{lengths[-1]} tokens as asked, {types[-1]} KV cache: about "
-                                            f"{_gb(smallest.need_bytes)} needed, {_gb(budget_bytes)} available")
+        return plan(lengths[-1], types[-1], windows[-1],
+                    f"{lengths[-1]} tokens as asked, {types[-1]} KV cache: about {_gb(smallest.need_bytes)} "
+                    f"needed, {_gb(budget_bytes)} {available}")
+    fewer = "" if memory == "RAM" else ", offload fewer layers (--n-gpu-layers)"
     raise ModelLoadError(
-        f"the model does not fit in the available RAM: {_gb(smallest.need_bytes)} needed at {lengths[-1]} tokens "
-        f"with a {types[-1]} KV cache (weights {_gb(shape.weights_bytes)}, KV {_gb(smallest.kv_bytes)}, compute "
-        f"{_gb(smallest.compute_bytes)}), {_gb(budget_bytes)} available; use a smaller quantization (Q4_0, "
-        f"Q4_K_M), close other programs, or pass --n-ctx explicitly to try anyway.")
+        f"the model does not fit in the available {memory}: {_gb(smallest.need_bytes)} needed at {lengths[-1]} "
+        f"tokens with a {types[-1]} KV cache (weights {_gb(shape.weights_bytes)}, KV {_gb(smallest.kv_bytes)}, "
+        f"compute {_gb(smallest.compute_bytes)}), {_gb(budget_bytes)} {available}; use a smaller quantization "
+        f"(Q4_0, Q4_K_M), close other programs{fewer}, or pass --n-ctx explicitly to try anyway.")
+
+
+def detect_devices() -> list[dict]:
+    """ggml's devices (CPU, GPUs, accelerators) with their memory; [] where llama.cpp's library is missing."""
+    try:
+        from llama_cpp._ggml import libggml as lib
+    except (ImportError, OSError):
+        return []
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, name).restype = ctypes.c_char_p
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t)]
+    kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append({"name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                    "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                    "type": kinds.get(lib.ggml_backend_dev_type(dev), "other"),
+                    "memory_total_bytes": total.value, "memory_free_bytes": free.value})
+    return out
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What the context plan must fit in: the available RAM, or the free memory of the GPUs holding every layer."""
+
+    bytes: int | None
+    memory: str  # "RAM", or "GPU memory (NVIDIA ...)"
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_budget(ram_available: int | None, devices: Sequence[Mapping], n_gpu_layers: int, n_layer: int,
+                  unified: bool | None = None) -> MemoryBudget:
+    """Where weights, KV cache and compute buffer will live, and how much of it is free.
+
+    With every layer offloaded (``n_gpu_layers`` < 0 or at least ``n_layer``) they live in the GPUs' memory,
+    so the plan is made against the sum of the GPUs' free memory; on unified memory (Apple silicon, an
+    integrated GPU) that memory is the RAM too, so the smaller of the two counts. With some layers on the
+    CPU the plan stays on the RAM, which is then an overestimate of what the CPU side holds (conservative).
+    """
+    ram = MemoryBudget(ram_available, "RAM", "the available RAM (no GPU offload)")
+    gpus = [d for d in devices if d.get("type") in ("gpu", "igpu") and d.get("memory_total_bytes")]
+    if n_gpu_layers == 0 or not gpus:
+        return ram
+    names = ", ".join(d.get("description") or d.get("name") or "GPU" for d in gpus)
+    if 0 <= n_gpu_layers < n_layer:
+        return MemoryBudget(ram_available, "RAM", f"{n_gpu_layers} of {n_layer} layers on {names}: planned "
+                                                  f"against the available RAM (conservative)")
+    free = sum(int(d.get("memory_free_bytes") or 0) for d in gpus)
+    if unified is None:
+        unified = platform.system() == "Darwin" or any(d.get("type") == "igpu" for d in gpus)
+    if unified and ram_available is not None and ram_available < free:
+        return MemoryBudget(ram_available, "RAM", f"every layer on {names}, whose memory is the RAM: planned "
+                                                  f"against the available RAM, the smaller")
+    return MemoryBudget(free, f"GPU memory ({names})", f"every layer on {names}: planned against "
+                                                         f"{'its' if len(gpus) == 1 else 'their'} free memory")
 
 
 def _gb(n: int) -> str:
@@ -443,21 +531,32 @@ class HardwareDefaults:
     ram_total: int | None
     ram_available: int | None
     context: ContextPlan | None = None
+    budget: MemoryBudget | None = None
 
     def to_dict(self) -> dict:
         return {"threads": self.threads, "threads_reason": self.threads_reason, "kernels": self.kernels.to_dict(),
                 "ram_total_bytes": self.ram_total, "ram_available_bytes": self.ram_available,
-                "context": self.context.to_dict() if self.context else None}
+                "context": self.context.to_dict() if self.context else None,
+                "budget": self.budget.to_dict() if self.budget else None}
 
 
 def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | str = "auto", kv_type: str = "auto",
-                  swa_full: bool = True, n_outputs: int = 16, cap: int = 8192,
-                  ram: tuple[int | None, int | None] | None = None) -> HardwareDefaults:
-    """Threads, kernels and context for this model here; given values are kept, the others chosen."""
+                  swa_full: bool | str = "auto", n_outputs: int = 16, cap: int = 8192,
+                  ram: tuple[int | None, int | None] | None = None, n_gpu_layers: int = 0,
+                  devices: Sequence[Mapping] | None = None) -> HardwareDefaults:
+    """Threads, kernels and context for this model here; given values are kept, the others chosen.
+
+    The context is planned against the RAM, or against the GPUs' free memory when ``n_gpu_layers`` puts
+    every layer there (``memory_budget``).
+    """
     threads, why = (int(n_threads), "as asked") if n_threads else default_threads()
     total, available = ram if ram is not None else detect_ram()
-    context = choose_context(shape, available, n_ctx, kv_type, swa_full, n_outputs=n_outputs, cap=cap)
-    return HardwareDefaults(threads, why, detect_kernel_plan(), total, available, context)
+    if n_gpu_layers and devices is None:
+        devices = detect_devices()
+    budget = memory_budget(available, devices or (), n_gpu_layers, shape.n_layer)
+    context = choose_context(shape, budget.bytes, n_ctx, kv_type, swa_full, n_outputs=n_outputs, cap=cap,
+                             memory=budget.memory)
+    return HardwareDefaults(threads, why, detect_kernel_plan(), total, available, context, budget)
 
 
 def environment_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -57,7 +57,7 @@ class ToolRuntime:
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
                  prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
                  grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
-                 engine: str | Engine | None = None, kv_type: str = "auto", swa_full: bool = True):
+                 engine: str | Engine | None = None, kv_type: str = "auto", swa_full: bool | str | None = "auto"):
         self.engine: Engine = open_engine(
             engine, model, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx, cache_dir=cache_dir,
             verbose=verbose, prefix_cache=prefix_cache, fast_forward=fast_forward, speculative=speculative,

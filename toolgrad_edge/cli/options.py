@@ -123,9 +123,10 @@ kv_type_option = click.option(
     help="KV cache type. auto: f16, or q8_0 (with flash attention, about half the bytes) where f16 does not fit.",
 )
 swa_full_option = click.option(
-    "--swa-full/--no-swa-full", default=True, show_default=True,
-    help="Keep every position of the sliding-window layers (prefix reuse at any point relies on it). "
-         "--no-swa-full keeps only the window: on ToolGrad 4B at 8k the KV cache drops from 1.14 to 0.35 GB.",
+    "--swa-full/--no-swa-full", default=None,
+    help="Keep every position of the sliding-window layers (prefix reuse at any point relies on it), or only "
+         "their window (on ToolGrad 4B at 8k the KV cache drops from 1.14 to 0.35 GB). Default: kept, unless "
+         "dropping it is what lets a longer context fit in RAM (`toolgrad-edge doctor` says which).",
 )
 threads_help = "CPU threads (default: the physical cores this process may use; `toolgrad-edge doctor` says why)."
 

@@ -52,7 +52,7 @@ def _print_result(result, as_json: bool) -> None:
     )
 
 
-def _open_runtime(model, n_threads, n_ctx, verbose, kv_type="auto", swa_full=True):
+def _open_runtime(model, n_threads, n_ctx, verbose, kv_type="auto", swa_full=None):
     from ..runtime import ToolRuntime
 
     return ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose, kv_type=kv_type,
@@ -150,7 +150,7 @@ def info(model_file, as_json):
     from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
     from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
     from ..hardware import plan_defaults
-    from ..model_resolution import backend_name
+    from ..model_resolution import backend_name, resolve_gpu_layers
 
     meta = read_gguf_info(model_file)
     report = {
@@ -170,7 +170,8 @@ def info(model_file, as_json):
     if meta.architecture in SUPPORTED_ARCHITECTURES:
         # The defaults a runtime would choose for this file here, each with its reason.
         try:
-            hw = plan_defaults(model_shape(meta), n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX)  # as the runtime would
+            hw = plan_defaults(model_shape(meta), n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX,  # as the runtime would
+                               n_gpu_layers=resolve_gpu_layers("auto"))
             context = hw.context.reason
         except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
             hw, context = None, str(exc)

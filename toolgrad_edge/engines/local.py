@@ -58,7 +58,7 @@ class InProcessEngine:
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
                  prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
                  grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
-                 kv_type: str = "auto", swa_full: bool = True):
+                 kv_type: str = "auto", swa_full: bool | str | None = "auto"):
         import llama_cpp
 
         self.model_path = resolve_model(model)
@@ -71,11 +71,12 @@ class InProcessEngine:
             raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
         # Threads, context length and KV cache type chosen from this machine (each with its reason).
         self.hardware = plan_defaults(model_shape(self.info), n_threads=n_threads, n_ctx=n_ctx or "auto",
-                                      kv_type=kv_type, swa_full=swa_full, n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX)
+                                      kv_type=kv_type, swa_full="auto" if swa_full is None else swa_full,
+                                      n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=self.n_gpu_layers)
         self.n_threads = self.hardware.threads
         self.n_ctx = self.hardware.context.n_ctx
         self.kv_type = self.hardware.context.kv_type
-        self.swa_full = swa_full
+        self.swa_full = self.hardware.context.swa_full
         self._lock = threading.Lock()
         self._session = self._draft = self._llg_tokenizer = None
         self._owner: object | None = None  # the request whose tokens the KV cache holds
@@ -88,7 +89,7 @@ class InProcessEngine:
         self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
                                      n_gpu_layers=self.n_gpu_layers, verbose=verbose,
                                      output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
-                                     kv_type=self.kv_type, swa_full=swa_full, n_outputs_max=OUTPUT_ROWS)
+                                     kv_type=self.kv_type, swa_full=self.swa_full, n_outputs_max=OUTPUT_ROWS)
         self.n_vocab = self._session.n_vocab
         self._bos = self._session.bos
         self._control = {
@@ -118,7 +119,7 @@ class InProcessEngine:
         # still serves a repeated prefix within this object).
         self.prefix_cache = (PrefixCache(prefix_root) if prefix_cache
                              else PrefixCache(None, ram_entries=0))
-        self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(swa_full)};kv={self.kv_type};"
+        self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(self.swa_full)};kv={self.kv_type};"
                                 f"llama_cpp={llama_cpp.__version__}")
 
     # -- lifecycle ------------------------------------------------------------
