@@ -1,7 +1,8 @@
 """toolgrad-edge's own server against toolgrad-edge over llama.cpp's llama-server, side by side.
 
 Builds ``llama-server`` once from the llama-cpp-python source distribution of
-the installed version (CPU, cmake, cached under the project's cache dir),
+the installed version (``toolgrad-edge build-server``: CPU, cmake, cached
+under the project's cache dir),
 starts it on 127.0.0.1 with the model and N parallel slots, and measures in
 one run, at 1, 2, 4 and 8 concurrent clients:
 
@@ -30,61 +31,17 @@ import argparse
 import importlib.metadata
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from server_load import QUESTION, SCHEMAS, TOOLS, is_valid, one_request  # same requests and checks
 
-ENV_BINARY = "TOOLGRAD_EDGE_LLAMA_SERVER"
-
-
-# -- building llama-server --------------------------------------------------------------
-def build_dir(version: str) -> Path:
-    from toolgrad_edge.paths import cache_root
-
-    return cache_root() / "llama-server" / version
-
-
-def build_llama_server(jobs: int = 2) -> Path:
-    """llama-server from the sdist of the installed llama-cpp-python; built once, then reused.
-
-    On a CPU with AMX the build names the CPU's other features instead of -march=native: llama.cpp's
-    AMX kernels crash on the first prompt there (toolgrad_edge.hardware.kernel_plan, docs/engines.md).
-    """
-    from toolgrad_edge.hardware import cmake_cpu_args, cpu_flags
-
-    version = importlib.metadata.version("llama-cpp-python")
-    root = build_dir(version)
-    cpu_args, variant = cmake_cpu_args(cpu_flags())
-    build = root / ("build" if variant == "native" else f"build-{variant}")
-    binary = build / "bin" / "llama-server"
-    if binary.is_file():
-        return binary
-    for tool in ("cmake", "c++"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"building llama-server needs {tool} on PATH.")
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={version}", "-d", str(root)], check=True)
-    source = root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    if not (source / "tools" / "server").is_dir():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(root, filter="data")
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *cpu_args], check=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", f"-j{jobs}"], check=True)
-    if not binary.is_file():
-        raise SystemExit(f"the build finished without {binary}.")
-    return binary
+from toolgrad_edge.engines.server_build import ENV_BINARY, build_llama_server
 
 
 # -- servers ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The llama-server engine against a real llama-server on the Gemma 3 270M GGUF.
 
-Runs when $TOOLGRAD_EDGE_LLAMA_SERVER names a llama-server binary (the
-benchmark builds one: ``python benchmarks/engines.py --build-only`` prints
-the path); skipped otherwise. The server listens on 127.0.0.1 only.
+Runs when $TOOLGRAD_EDGE_LLAMA_SERVER names a llama-server binary
+(``toolgrad-edge build-server`` builds one from llama-cpp-python's sources and
+prints its path; .ci/run does so before the tests); skipped otherwise. The server listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations

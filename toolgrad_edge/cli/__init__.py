@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("convert_cmd", "convert", "Convert safetensors (folder or hub id) to GGUF."),
     "quantize": ("convert_cmd", "quantize", "Quantize a GGUF with llama.cpp's quantizer."),
     "serve": ("serve_cmd", "serve", "OpenAI-compatible local server."),
+    "build-server": ("build_server_cmd", "build_server", "Build llama.cpp's llama-server for this install."),
     "eval": ("eval_cmd", "eval_group", "Accuracy evaluations (BFCL)."),
 }
 
