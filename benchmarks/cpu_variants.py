@@ -9,7 +9,10 @@ process whose PYTHONPATH puts that variant's llama_cpp first. Variants:
 - ``avx2``: AVX, AVX2, FMA, F16C, BMI2 only (GGML_NATIVE off), as on older x86 laptops;
 - ``avx512``: every feature of this CPU but AMX, named one by one;
 - ``native``: the default ``pip install`` build (-march=native; on an AMX CPU
-  toolgrad-edge's guard keeps the AMX kernels out).
+  toolgrad-edge's guard keeps the AMX kernels out);
+- ``native-norepack``: the same build with ``TOOLGRAD_EDGE_REPACK=0``, the
+  weights left in the plain CPU buffer type: the kernels an AMX CPU runs with
+  the guard (no AMX, no repacking), measurable on any CPU.
 
 For each variant and each GGUF given (pick files whose output weights are
 Q8_0, Q6_K and BF16), it records the narrow head's max |difference| against
@@ -108,25 +111,29 @@ print(json.dumps(out))
 """
 
 
-def _child(variant_path: Path | None, args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _child(variant_path: Path | None, args: list[str], extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(extra_env or {})}
     if variant_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(variant_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=3600)
 
 
-def measure(models: list[Path], runs: int, threads: int | None, head_models: list[Path] = ()) -> dict:
+def measure(models: list[Path], runs: int, threads: int | None, head_models: list[Path] = (),
+            only: set[str] | None = None) -> dict:
     from toolgrad_edge.bench.measure import cpu_name
 
     report = {"cpu": cpu_name(), "runs": runs, "variants": {}}
-    for name, options in variants().items():
+    for name, options in [*variants().items(), ("native-norepack", None)]:
         path = None if options is None else variant_dir(name)
+        extra_env = {"TOOLGRAD_EDGE_REPACK": "0"} if name == "native-norepack" else None
+        if only and name not in only:
+            continue
         if path is not None and not (path / "llama_cpp").is_dir():
             print(f"[{name}] not built: run `python benchmarks/cpu_variants.py build` first", flush=True)
             continue
-        entry = {"cmake_args": options or [], "models": {}}
+        entry = {"cmake_args": options or [], "env": extra_env or {}, "models": {}}
         for model in [*models, *head_models]:
-            head = _child(path, ["-c", HEAD_CHILD, str(model), HEAD_TEXT])
+            head = _child(path, ["-c", HEAD_CHILD, str(model), HEAD_TEXT], extra_env)
             if head.returncode != 0:
                 raise SystemExit(f"[{name}] {model.name}: head check exited {head.returncode}\n{head.stderr[-2000:]}")
             row = json.loads(head.stdout.strip().splitlines()[-1])
@@ -139,7 +146,7 @@ def measure(models: list[Path], runs: int, threads: int | None, head_models: lis
                    "--json", "--no-quality"]
             if threads:
                 cmd += ["--threads", str(threads)]
-            bench = _child(path, cmd)
+            bench = _child(path, cmd, extra_env)
             if bench.returncode != 0:
                 raise SystemExit(f"[{name}] {model.name}: bench exited {bench.returncode}\n{bench.stderr[-2000:]}")
             row["bench"] = json.loads(bench.stdout)
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated variants to measure, e.g. native,native-norepack")
     args = parser.parse_args(argv)
     if args.step == "build":
         for name, options in variants().items():
@@ -195,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.models:
         parser.error("measure needs at least one -m MODEL.gguf")
-    report = measure(args.models, args.runs, args.threads, args.head_models)
+    only = set(args.only.split(",")) if args.only else None
+    report = measure(args.models, args.runs, args.threads, args.head_models, only)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(markdown(report) if args.markdown else json.dumps(report, indent=2))

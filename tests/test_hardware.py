@@ -45,6 +45,22 @@ def test_kernel_plan(info, bufts, opt_in, extra, avoided):
         assert "#20824" in plan.reason and hardware.ENV_AMX in plan.reason
 
 
+@pytest.mark.parametrize("info, bufts", [(XEON_AMX, ["AMX", "CPU_REPACK"]), (EPYC, ["CPU_REPACK"]), (MAC, [])])
+def test_repacking_turned_off_on_any_cpu(info, bufts):
+    plan = kernel_plan(info, bufts, amx_opt_in="1", repack="0")  # wins over the AMX opt-in
+    assert (plan.use_extra_bufts, plan.avoided) == (False, ("repacking",))
+    assert hardware.ENV_REPACK in plan.reason
+    assert kernel_plan(info, bufts, repack="1") == kernel_plan(info, bufts)
+
+
+def test_repack_environment_variable(monkeypatch):
+    monkeypatch.setenv(hardware.ENV_REPACK, "0")
+    assert hardware.detect_kernel_plan().avoided == ("repacking",)
+    assert hardware.environment_overrides()[hardware.ENV_REPACK] == "0"
+    monkeypatch.delenv(hardware.ENV_REPACK)
+    assert hardware.detect_kernel_plan().avoided in ((), ("AMX",))
+
+
 def test_apply_kernel_plan_sets_the_model_parameter():
     class Params:
         use_extra_bufts = True

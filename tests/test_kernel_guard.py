@@ -102,3 +102,15 @@ def test_doctor_on_the_guarded_path(amx_cpu, gemma_270m_gguf):
     assert "#20824" in text and hardware.ENV_AMX in text
     names = {c["name"] for c in report["checks"] if c["ok"]}
     assert {"narrow head", "speculative = stepwise", "prefix state round trip", "cold = warm"} <= names
+
+
+def test_repacking_turned_off_by_the_environment(monkeypatch, buffers, gemma_270m_gguf):
+    from toolgrad_edge.engines.inprocess import LlamaSession
+
+    monkeypatch.setenv(hardware.ENV_REPACK, "0")
+    s = LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2)
+    try:
+        assert s.decode(s.tokenize("Hello"), 1)[0].size == s.n_vocab
+    finally:
+        s.close()
+    assert buffers and set(buffers) == {"CPU_Mapped"}, buffers

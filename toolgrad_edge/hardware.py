@@ -23,6 +23,9 @@ from .errors import ModelLoadError
 
 # "1" lets llama.cpp use its AMX kernels again (a llama.cpp with the fix for its crash); "0" or unset avoids them.
 ENV_AMX = "TOOLGRAD_EDGE_AMX"
+# "0" keeps the weights where llama.cpp maps them on any CPU: no repacked copy (less peak RSS while loading,
+# the plain kernels), the path an AMX CPU takes with the guard. Unset or "1": llama.cpp decides.
+ENV_REPACK = "TOOLGRAD_EDGE_REPACK"
 # The thread count, overriding the detected one (the CLI's --threads and ToolRuntime(n_threads=) win over it).
 ENV_THREADS = "TOOLGRAD_EDGE_THREADS"
 
@@ -50,7 +53,7 @@ class KernelPlan:
 
 
 def kernel_plan(system_info: str, extra_buffer_types: Sequence[str] | None = None,
-                amx_opt_in: str | None = None) -> KernelPlan:
+                amx_opt_in: str | None = None, repack: str | None = None) -> KernelPlan:
     """Whether to load with llama.cpp's extra buffer types, from its system info and extra buffer type names.
 
     llama.cpp's AMX matrix kernels (``ggml_backend_amx_mul_mat``) crash on the first prompt on Sapphire
@@ -61,7 +64,11 @@ def kernel_plan(system_info: str, extra_buffer_types: Sequence[str] | None = Non
     without checking that the tensor can be repacked. So the weights stay in the plain CPU buffer type
     (``use_extra_bufts = False``); repacking made no measurable difference on that CPU (21.07 against
     21.36 ms a token on the demo model). ``amx_opt_in`` ("1", from $TOOLGRAD_EDGE_AMX) keeps AMX.
+    ``repack`` ("0", from $TOOLGRAD_EDGE_REPACK) keeps every CPU's weights in the plain buffer type.
     """
+    if (repack or "").strip() == "0":
+        return KernelPlan(False, ("repacking",), f"${ENV_REPACK}=0: weights stay in the plain CPU buffer type "
+                                                 f"(no repacked copy, no AMX)")
     features = parse_system_info(system_info)
     if extra_buffer_types is not None:
         amx = any(name.upper().startswith("AMX") for name in extra_buffer_types)
@@ -129,14 +136,14 @@ def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode(errors="replace")
 
 
-@functools.lru_cache(maxsize=1)
-def _detected_plan(opt_in: str) -> KernelPlan:
-    return kernel_plan(system_info(), detect_extra_buffer_types(), opt_in)
+@functools.lru_cache(maxsize=4)
+def _detected_plan(opt_in: str, repack: str = "") -> KernelPlan:
+    return kernel_plan(system_info(), detect_extra_buffer_types(), opt_in, repack)
 
 
 def detect_kernel_plan() -> KernelPlan:
-    """This process's plan (computed once per value of $TOOLGRAD_EDGE_AMX)."""
-    return _detected_plan(os.environ.get(ENV_AMX, ""))
+    """This process's plan (computed once per value of $TOOLGRAD_EDGE_AMX and $TOOLGRAD_EDGE_REPACK)."""
+    return _detected_plan(os.environ.get(ENV_AMX, ""), os.environ.get(ENV_REPACK, ""))
 
 
 def apply_kernel_plan(model_params, plan: KernelPlan | None = None):
@@ -561,7 +568,7 @@ def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | 
 
 def environment_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
     env = os.environ if env is None else env
-    return {name: env[name] for name in (ENV_AMX, ENV_THREADS) if name in env}
+    return {name: env[name] for name in (ENV_AMX, ENV_REPACK, ENV_THREADS) if name in env}
 
 
 # -- building llama.cpp ----------------------------------------------------------------------------------------
