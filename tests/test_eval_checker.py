@@ -91,6 +91,7 @@ def test_checker_env_not_found_without_create(tmp_path):
 
 def test_default_env_dir_follows_cache(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(checker_env.ENV_CHECKER, raising=False)  # CI sets it for the checker tests
     assert checker_env.default_env_dir().name == "bfcl-env"
     monkeypatch.setenv(checker_env.ENV_CHECKER, str(tmp_path / "mine"))
     assert checker_env.default_env_dir() == tmp_path / "mine"
@@ -106,3 +107,29 @@ def test_missing_checker_env_is_a_skip_not_a_build(tmp_path, monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="toolgrad-edge eval bfcl"):
         find_env_or_skip([tmp_path / "absent", tmp_path / "partial"])
     assert not (tmp_path / "absent").exists()
+
+
+def test_checker_env_command_prints_a_ready_environment(bfcl_env):
+    from click.testing import CliRunner
+
+    from toolgrad_edge.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "checker-env", "--path", str(bfcl_env.root)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(bfcl_env.root)
+    assert f"bfcl-eval {bfcl_env.version}" in result.stderr
+
+
+def test_checker_env_command_reports_a_failed_build(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from toolgrad_edge.cli import main
+
+    def offline(root, **kwargs):
+        raise EvaluationError("could not install bfcl-eval==2026.3.23: no route to PyPI")
+
+    monkeypatch.setattr(checker_env, "create_checker_env", offline)
+    result = CliRunner().invoke(main, ["eval", "checker-env", "--path", str(tmp_path / "env")])
+    assert result.exit_code == 1
+    assert "no route to PyPI" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "env").exists()

@@ -105,3 +105,21 @@ def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative,
         click.echo(report.format_table(result))
         click.echo()
         click.echo(report.format_category_table(result))
+
+
+@eval_group.command("checker-env")
+@click.option("--path", "root", type=click.Path(file_okay=False), default=None,
+              help="Where the environment lives (default: $TOOLGRAD_EDGE_BFCL_ENV, else the project's cache).")
+def checker_env_cmd(root):
+    """Build BFCL's official checker environment once (from PyPI), and print its path.
+
+    `eval bfcl` builds it on first use too; this builds it ahead, e.g. before
+    going offline, or for the checker's tests
+    (`export TOOLGRAD_EDGE_BFCL_ENV="$(toolgrad-edge eval checker-env)"`).
+    A ready environment is only found and printed.
+    """
+    from ..evaluate.checker_env import ENV_CHECKER, ensure_checker_env
+
+    env = ensure_checker_env(root, log=lambda message: click.echo(message, err=True))
+    click.echo(str(env.root))
+    click.echo(f"bfcl-eval {env.version}; export {ENV_CHECKER}={env.root}", err=True)
