@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             if options is not None:
                 print(build(name, options, args.jobs))
         return 0
-    if not args.models:
-        parser.error("measure needs at least one -m MODEL.gguf")
+    if not args.models and not args.head_models:
+        parser.error("measure needs at least one -m MODEL.gguf or --head-model MODEL.gguf")
     only = set(args.only.split(",")) if args.only else None
     report = measure(args.models, args.runs, args.threads, args.head_models, only)
     if args.json:

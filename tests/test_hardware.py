@@ -26,23 +26,42 @@ def test_parse_system_info():
     assert parse_system_info("") == {}
 
 
-@pytest.mark.parametrize("info, bufts, opt_in, extra, avoided", [
-    (XEON_AMX, ["AMX", "CPU_REPACK"], None, False, ("AMX",)),  # the crash: AMX avoided
-    (XEON_AMX, None, None, False, ("AMX",)),  # buffer types unknown: the system info decides
-    (XEON_AMX, ["AMX", "CPU_REPACK"], "1", True, ()),  # opted back in
-    (XEON_AMX, ["AMX", "CPU_REPACK"], "0", False, ("AMX",)),
-    (XEON_AMX, ["CPU_REPACK"], None, True, ()),  # AMX built but not offered (e.g. the CPU has no tiles)
-    (EPYC, ["CPU_REPACK"], None, True, ()),
-    (EPYC, None, None, True, ()),
-    (MAC, [], None, True, ()),
+@pytest.mark.parametrize("info, bufts, opt_in, extra, avoided, dropped", [
+    # The crash: AMX taken out of the device's list, the other repacking kept.
+    (XEON_AMX, ["AMX", "CPU_REPACK"], None, True, ("AMX",), ("AMX",)),
+    (XEON_AMX, ["AMX", "CPU_REPACK"], "0", True, ("AMX",), ("AMX",)),
+    (XEON_AMX, ["AMX"], None, False, ("AMX",), ()),  # nothing else listed: no extra buffer types at all
+    (XEON_AMX, None, None, False, ("AMX",), ()),  # the list unknown: the system info decides, no edit
+    (XEON_AMX, ["AMX", "CPU_REPACK"], "1", True, (), ()),  # opted back in
+    (XEON_AMX, ["CPU_REPACK"], None, True, (), ()),  # AMX built but not offered (e.g. the CPU has no tiles)
+    (EPYC, ["CPU_REPACK"], None, True, (), ()),
+    (EPYC, None, None, True, (), ()),
+    (MAC, [], None, True, (), ()),
 ])
-def test_kernel_plan(info, bufts, opt_in, extra, avoided):
+def test_kernel_plan(info, bufts, opt_in, extra, avoided, dropped):
     plan = kernel_plan(info, bufts, opt_in)
     assert plan.use_extra_bufts is extra
     assert plan.avoided == avoided
+    assert plan.dropped == dropped
     assert plan.reason
     if avoided:
         assert "#20824" in plan.reason and hardware.ENV_AMX in plan.reason
+    if dropped:
+        assert "repacked with CPU_REPACK" in plan.reason
+
+
+def test_the_amx_plan_falls_back_when_the_list_cannot_be_edited(monkeypatch):
+    # A llama.cpp whose list did not change (a copy handed out, say): no extra buffer types at all.
+    monkeypatch.setattr(hardware, "system_info", lambda: XEON_AMX)
+    monkeypatch.setattr(hardware, "detect_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
+    monkeypatch.setattr(hardware, "restrict_extra_buffer_types", lambda drop=(): ["AMX", "CPU_REPACK"])
+    hardware._detected_plan.cache_clear()
+    try:
+        plan = hardware.detect_kernel_plan()
+    finally:
+        hardware._detected_plan.cache_clear()
+    assert (plan.use_extra_bufts, plan.avoided, plan.dropped) == (False, ("AMX",), ())
+    assert "could not be taken out" in plan.reason and "no AMX, no repacking" in plan.reason
 
 
 @pytest.mark.parametrize("info, bufts", [(XEON_AMX, ["AMX", "CPU_REPACK"]), (EPYC, ["CPU_REPACK"]), (MAC, [])])
@@ -70,14 +89,19 @@ def test_apply_kernel_plan_sets_the_model_parameter():
 
 
 def test_this_machines_plan_matches_its_llama_cpp():
-    """The plan detected here agrees with the decision taken from this build's own system info."""
+    """The plan detected here agrees with the decision taken from this build's own strings, and the
+    device's list afterwards holds exactly what the plan keeps (on an AMX CPU: no AMX)."""
     hardware._detected_plan.cache_clear()
+    original = hardware.restrict_extra_buffer_types(())  # the list as llama.cpp made it
+    assert original is not None  # llama-cpp-python exposes ggml's device registry
     plan = hardware.detect_kernel_plan()
-    names = hardware.detect_extra_buffer_types()
-    assert names is not None  # llama-cpp-python exposes ggml's device registry
-    assert plan == kernel_plan(hardware.system_info(), names, "")
-    if "AMX_INT8 = 1" in hardware.system_info() and "AMX" in names:
-        assert not plan.use_extra_bufts
+    env = hardware.os.environ
+    assert plan == kernel_plan(hardware.system_info(), original, env.get(hardware.ENV_AMX, ""),
+                               env.get(hardware.ENV_REPACK, ""))
+    now = hardware.detect_extra_buffer_types()
+    assert now == [name for name in original if name not in plan.dropped]
+    if "AMX_INT8 = 1" in hardware.system_info() and "AMX" in original and env.get(hardware.ENV_AMX) != "1":
+        assert "AMX" not in now or not plan.use_extra_bufts
 
 
 def test_cmake_args_avoid_amx_only_where_the_cpu_has_it():

@@ -1,11 +1,12 @@
 """The AMX guard on every path that loads a model, checked on any CPU from llama.cpp's own log.
 
-On an Intel Xeon with AMX the kernel plan keeps the weights out of llama.cpp's extra buffer types
-(``use_extra_bufts = False``), because its AMX kernels crash on the first prompt there. Here the
-plan an AMX CPU gets is forced, and llama.cpp's log says which buffers each load made: with the
-guard only the plain ``CPU_Mapped`` buffer, without it (this machine's own plan) the repacked
-``CPU_REPACK`` one too where the build has it. The guarded path then has to decode exactly what a
-user on such a CPU would get: the doctor's self-test passes through every decode path.
+On an Intel Xeon with AMX the kernel plan takes AMX out of the CPU device's list of extra buffer
+types before any model loads (the other repacking stays), or, where that list cannot be edited,
+keeps the weights out of every extra buffer type (``use_extra_bufts = False``), because llama.cpp's
+AMX kernels crash on the first prompt there. llama.cpp's log says which buffers each load made:
+``CPU_Mapped`` (the file, in place), ``CPU_REPACK`` (repacked copies), ``AMX``. Here the list edit
+is shown on the type this CPU has (CPU_REPACK stands in for AMX), the fallback plan is forced on
+every load path, and the doctor's self-test runs on both of an AMX CPU's plans.
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def buffers():
         llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+XEON_PLAN = kernel_plan(XEON_INFO, ["AMX", "CPU_REPACK"], "")  # AMX dropped from the list, repacking kept
+FALLBACK_PLAN = hardware.plain_plan("AMX could not be taken out of llama.cpp's list (forced by the test)")
+
+
 @pytest.fixture
-def amx_cpu(monkeypatch):
-    """This process plans as it would on a Sapphire Rapids Xeon whose llama.cpp lists an AMX buffer type."""
-    plan = kernel_plan(XEON_INFO, ["AMX", "CPU_REPACK"], "")
-    assert not plan.use_extra_bufts and plan.avoided == ("AMX",)
-    monkeypatch.setattr(hardware, "detect_kernel_plan", lambda: plan)
-    return plan
+def fallback_plan(monkeypatch):
+    """This process plans as an AMX Xeon does where the list cannot be edited: no extra buffer types."""
+    assert XEON_PLAN.dropped == ("AMX",) and XEON_PLAN.use_extra_bufts
+    assert not FALLBACK_PLAN.use_extra_bufts and FALLBACK_PLAN.avoided == ("AMX",)
+    monkeypatch.setattr(hardware, "detect_kernel_plan", lambda: FALLBACK_PLAN)
+    return FALLBACK_PLAN
 
 
 def _repacks_here() -> bool:
@@ -70,13 +75,34 @@ def test_the_log_shows_repacking_without_the_guard(buffers, gemma_270m_gguf):
     assert "CPU_REPACK" in buffers, buffers
 
 
-def test_every_load_path_keeps_the_weights_unpacked(amx_cpu, buffers, gemma_270m_gguf):
+def test_a_type_taken_out_of_the_list_is_not_used_and_comes_back(buffers, gemma_270m_gguf):
+    # What the plan does to AMX on a Xeon, done here to the extra type this build lists.
+    from toolgrad_edge.engines.inprocess import LlamaSession
+
+    if not _repacks_here():
+        pytest.skip("this llama.cpp build lists no extra buffer type here")
+    try:
+        assert hardware.restrict_extra_buffer_types(["CPU_REPACK"]) == []
+        s = LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2)
+        try:
+            assert s.decode(s.tokenize("Hello"), 1)[0].size == s.n_vocab
+        finally:
+            s.close()
+        assert buffers and set(buffers) == {"CPU_Mapped"}, buffers
+    finally:
+        assert hardware.restrict_extra_buffer_types(()) == ["CPU_REPACK"]
+    buffers.clear()
+    LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2).close()
+    assert "CPU_REPACK" in buffers, buffers
+
+
+def test_every_load_path_applies_the_fallback_plan(fallback_plan, buffers, gemma_270m_gguf):
     from toolgrad_edge.bench.measure import _baseline_decode
     from toolgrad_edge.runtime import ToolRuntime
 
     # The runtime and its draft model (the in-process engine's two LlamaSessions) ...
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=1024, draft_model=gemma_270m_gguf) as rt:
-        assert rt.hardware.kernels is amx_cpu
+        assert rt.hardware.kernels is fallback_plan
         result = rt.call("Get the weather in Paris, in celsius.", str(TOOLS), tool_choice="required",
                          max_tokens=32)
     assert result.parse_error is None and [c.name for c in result.tool_calls] == ["get_weather"]
@@ -89,17 +115,21 @@ def test_every_load_path_keeps_the_weights_unpacked(amx_cpu, buffers, gemma_270m
     assert len(buffers) > len(after_runtime) and set(buffers) == {"CPU_Mapped"}, buffers
 
 
-def test_doctor_on_the_guarded_path(amx_cpu, gemma_270m_gguf):
+@pytest.mark.parametrize("plan, says", [
+    (XEON_PLAN, "AMX is taken out of that list before any model loads and the weights are repacked with CPU_REPACK"),
+    (FALLBACK_PLAN, "could not be taken out"),
+])
+def test_doctor_on_an_amx_cpus_plans(monkeypatch, plan, says, gemma_270m_gguf):
     # What `toolgrad-edge doctor` reports on an AMX CPU, and its self-test through every decode path
-    # (narrow head against llama.cpp's logits, speculative = stepwise, prefix state round trip) on
-    # weights left where llama.cpp mapped them.
+    # (narrow head against llama.cpp's logits, speculative = stepwise, prefix state round trip).
     from toolgrad_edge.doctor import format_report, run_doctor
 
+    monkeypatch.setattr(hardware, "detect_kernel_plan", lambda: plan)
     report = run_doctor(gemma_270m_gguf, n_threads=2, n_ctx=1024)
     assert report["ok"], format_report(report)
     text = format_report(report)
-    assert "avoided AMX: llama.cpp's CPU device lists the extra buffer types AMX, CPU_REPACK" in text
-    assert "#20824" in text and hardware.ENV_AMX in text
+    assert "kernels           avoided AMX: " in text and says in text
+    assert report["kernels"]["dropped"] == list(plan.dropped)
     names = {c["name"] for c in report["checks"] if c["ok"]}
     assert {"narrow head", "speculative = stepwise", "prefix state round trip", "cold = warm"} <= names
 
