@@ -53,7 +53,7 @@ def test_kernel_plan(info, bufts, opt_in, extra, avoided, dropped):
 def test_the_amx_plan_falls_back_when_the_list_cannot_be_edited(monkeypatch):
     # A llama.cpp whose list did not change (a copy handed out, say): no extra buffer types at all.
     monkeypatch.setattr(hardware, "system_info", lambda: XEON_AMX)
-    monkeypatch.setattr(hardware, "detect_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
+    monkeypatch.setattr(hardware, "original_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
     monkeypatch.setattr(hardware, "restrict_extra_buffer_types", lambda drop=(): ["AMX", "CPU_REPACK"])
     hardware._detected_plan.cache_clear()
     try:
@@ -92,7 +92,7 @@ def test_this_machines_plan_matches_its_llama_cpp():
     """The plan detected here agrees with the decision taken from this build's own strings, and the
     device's list afterwards holds exactly what the plan keeps (on an AMX CPU: no AMX)."""
     hardware._detected_plan.cache_clear()
-    original = hardware.restrict_extra_buffer_types(())  # the list as llama.cpp made it
+    original = hardware.original_extra_buffer_types()  # the list as llama.cpp made it
     assert original is not None  # llama-cpp-python exposes ggml's device registry
     plan = hardware.detect_kernel_plan()
     env = hardware.os.environ

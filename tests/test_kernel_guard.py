@@ -59,40 +59,42 @@ def fallback_plan(monkeypatch):
     return FALLBACK_PLAN
 
 
+def _load_and_decode(path) -> None:
+    """One LlamaSession on the model: loaded (llama.cpp logs its buffers), one token decoded, closed."""
+    from toolgrad_edge.engines.inprocess import LlamaSession
+
+    s = LlamaSession(path, n_ctx=256, n_threads=2)
+    try:
+        assert s.decode(s.tokenize("Hello"), 1)[0].size == s.n_vocab
+    finally:
+        s.close()
+
+
 def _repacks_here() -> bool:
     return "CPU_REPACK" in (hardware.detect_extra_buffer_types() or [])
 
 
 def test_the_log_shows_repacking_without_the_guard(buffers, gemma_270m_gguf):
     # The witness for the tests below: on this machine's own plan the same load does repack.
-    from toolgrad_edge.engines.inprocess import LlamaSession
-
     plan = hardware.detect_kernel_plan()
     if not (plan.use_extra_bufts and _repacks_here()):
         pytest.skip(f"this llama.cpp build repacks nothing here ({plan.reason})")
-    s = LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2)
-    s.close()
+    _load_and_decode(gemma_270m_gguf)
     assert "CPU_REPACK" in buffers, buffers
 
 
 def test_a_type_taken_out_of_the_list_is_not_used_and_comes_back(buffers, gemma_270m_gguf):
     # What the plan does to AMX on a Xeon, done here to the extra type this build lists.
-    from toolgrad_edge.engines.inprocess import LlamaSession
-
     if not _repacks_here():
         pytest.skip("this llama.cpp build lists no extra buffer type here")
     try:
         assert hardware.restrict_extra_buffer_types(["CPU_REPACK"]) == []
-        s = LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2)
-        try:
-            assert s.decode(s.tokenize("Hello"), 1)[0].size == s.n_vocab
-        finally:
-            s.close()
+        _load_and_decode(gemma_270m_gguf)
         assert buffers and set(buffers) == {"CPU_Mapped"}, buffers
     finally:
         assert hardware.restrict_extra_buffer_types(()) == ["CPU_REPACK"]
     buffers.clear()
-    LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2).close()
+    _load_and_decode(gemma_270m_gguf)
     assert "CPU_REPACK" in buffers, buffers
 
 
@@ -135,12 +137,6 @@ def test_doctor_on_an_amx_cpus_plans(monkeypatch, plan, says, gemma_270m_gguf):
 
 
 def test_repacking_turned_off_by_the_environment(monkeypatch, buffers, gemma_270m_gguf):
-    from toolgrad_edge.engines.inprocess import LlamaSession
-
     monkeypatch.setenv(hardware.ENV_REPACK, "0")
-    s = LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2)
-    try:
-        assert s.decode(s.tokenize("Hello"), 1)[0].size == s.n_vocab
-    finally:
-        s.close()
+    _load_and_decode(gemma_270m_gguf)
     assert buffers and set(buffers) == {"CPU_Mapped"}, buffers

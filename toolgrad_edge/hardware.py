@@ -179,6 +179,27 @@ _ORIGINAL_EXTRA: list[int] | None = None  # the list as llama.cpp made it, befor
 _EXTRA_LOCK = threading.Lock()
 
 
+def _remember_original(array) -> list[int]:
+    global _ORIGINAL_EXTRA
+    if _ORIGINAL_EXTRA is None:
+        _ORIGINAL_EXTRA = _entries(array)
+    return _ORIGINAL_EXTRA
+
+
+def original_extra_buffer_types() -> list[str] | None:
+    """The CPU device's extra buffer types as llama.cpp listed them, whatever an edit here left (None if unknown)."""
+    try:
+        with _EXTRA_LOCK:
+            array = _extra_buffer_list()
+            if array is None:
+                return None
+            entries = _remember_original(array) if array else []
+        lib = _ggml_backend()
+        return [lib.ggml_backend_buft_name(entry).decode(errors="replace") for entry in entries]
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+
+
 def restrict_extra_buffer_types(drop: Sequence[str] = ()) -> list[str] | None:
     """Make the CPU device list its extra buffer types minus ``drop`` (by name), in their order.
 
@@ -187,14 +208,12 @@ def restrict_extra_buffer_types(drop: Sequence[str] = ()) -> list[str] | None:
     afterwards choose their weights' buffer types from what is left; models already loaded keep theirs.
     Returns the names now listed, or None when the list cannot be read.
     """
-    global _ORIGINAL_EXTRA
     try:
         with _EXTRA_LOCK:
             array = _extra_buffer_list()
             if not array:
                 return None if array is None else []
-            if _ORIGINAL_EXTRA is None:
-                _ORIGINAL_EXTRA = _entries(array)
+            _remember_original(array)
             lib = _ggml_backend()
             unwanted = {name.upper() for name in drop}
             keep = [entry for entry in _ORIGINAL_EXTRA
@@ -214,10 +233,11 @@ def system_info() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _detected_plan(opt_in: str, repack: str = "") -> KernelPlan:
-    restrict_extra_buffer_types(())  # the plan is made from llama.cpp's own list, whatever an earlier plan did
-    plan = kernel_plan(system_info(), detect_extra_buffer_types(), opt_in, repack)
+    # The plan is made from llama.cpp's own list, whatever an earlier plan in this process left in it, and
+    # the list is then written once, to what this plan keeps (no moment with AMX back in it).
+    plan = kernel_plan(system_info(), original_extra_buffer_types(), opt_in, repack)
+    left = restrict_extra_buffer_types(plan.dropped)
     if plan.dropped:
-        left = restrict_extra_buffer_types(plan.dropped)
         if left is None or any(_is_amx(name) for name in left):
             return plain_plan(f"{plan.reason.split(': ')[0]}: AMX could not be taken out of llama.cpp's list of "
                               f"extra buffer types (it lists {left}), so weights stay in the plain CPU buffer "
