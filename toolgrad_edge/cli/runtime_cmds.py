@@ -172,7 +172,7 @@ def info(model_file, as_json):
         try:
             hw = plan_defaults(model_shape(meta), n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX,  # as the runtime would
                                n_gpu_layers=resolve_gpu_layers("auto"))
-            context = hw.context.reason
+            context = f"{hw.context.reason}; {'full-size' if hw.context.swa_full else 'window-only'} SWA cache"
         except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
             hw, context = None, str(exc)
         if hw is not None:
