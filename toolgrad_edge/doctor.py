@@ -260,7 +260,7 @@ def format_report(report: dict) -> str:
     rows.append(("threads", f"{t['n']} ({t['reason']})"))
     if "context" in report:
         c = report["context"]
-        rows.append(("context", f"{c['reason']}; {'full-size' if c['swa_full'] else 'window-only'} SWA cache"))
+        rows.append(("context", f"{c['reason']}; {hardware.swa_label(c['swa_full'])}"))
         if gpus and c.get("planned_against"):
             rows.append(("memory plan", c["planned_against"]))
     g = report["grammar_engine"]

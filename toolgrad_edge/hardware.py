@@ -93,15 +93,21 @@ def kernel_plan(system_info: str, extra_buffer_types: Sequence[str] | None = Non
                                     "llama.cpp does so")
     if (amx_opt_in or "").strip() == "1":
         return KernelPlan(True, (), f"AMX kernels kept (${ENV_AMX}=1): {where}")
-    crash = (f"{where}: its AMX kernels crash on the first prompt on such CPUs (llama.cpp issue #20824), so ")
-    fix = f"; set ${ENV_AMX}=1 with a llama.cpp that has the fix"
     others = [name for name in extra_buffer_types or () if not _is_amx(name)]
     if others:
         dropped = tuple(name for name in extra_buffer_types if _is_amx(name))
-        return KernelPlan(True, ("AMX",), crash + f"AMX is taken out of that list before any model loads and "
-                                                  f"the weights are repacked with {', '.join(others)}" + fix,
-                          dropped=dropped)
-    return plain_plan(crash + "weights stay in the plain CPU buffer type (no AMX, no repacking)" + fix)
+        return KernelPlan(True, ("AMX",), _amx_reason(where, f"AMX is taken out of that list before any model "
+                                                             f"loads and the weights are repacked with "
+                                                             f"{', '.join(others)}"), dropped=dropped)
+    return plain_plan(_amx_reason(where, PLAIN_WEIGHTS))
+
+
+PLAIN_WEIGHTS = "weights stay in the plain CPU buffer type (no AMX, no repacking)"
+
+
+def _amx_reason(where: str, how: str) -> str:
+    return (f"{where}: its AMX kernels crash on the first prompt on such CPUs (llama.cpp issue #20824), so {how}; "
+            f"set ${ENV_AMX}=1 with a llama.cpp that has the fix")
 
 
 def plain_plan(reason: str) -> KernelPlan:
@@ -163,14 +169,16 @@ def _entries(array) -> list[int]:
     return out
 
 
+def _names(entries: Sequence[int]) -> list[str]:
+    lib = _ggml_backend()
+    return [lib.ggml_backend_buft_name(entry).decode(errors="replace") for entry in entries]
+
+
 def detect_extra_buffer_types() -> list[str] | None:
     """The names of the CPU device's extra buffer types (e.g. ``AMX``, ``CPU_REPACK``); None if unknown."""
     try:
         array = _extra_buffer_list()
-        if array is None:
-            return None
-        lib = _ggml_backend()
-        return [lib.ggml_backend_buft_name(entry).decode(errors="replace") for entry in _entries(array)]
+        return None if array is None else _names(_entries(array))
     except (ImportError, OSError, AttributeError, ValueError):
         return None
 
@@ -194,8 +202,7 @@ def original_extra_buffer_types() -> list[str] | None:
             if array is None:
                 return None
             entries = _remember_original(array) if array else []
-        lib = _ggml_backend()
-        return [lib.ggml_backend_buft_name(entry).decode(errors="replace") for entry in entries]
+        return _names(entries)
     except (ImportError, OSError, AttributeError, ValueError):
         return None
 
@@ -213,12 +220,10 @@ def restrict_extra_buffer_types(drop: Sequence[str] = ()) -> list[str] | None:
             array = _extra_buffer_list()
             if not array:
                 return None if array is None else []
-            _remember_original(array)
-            lib = _ggml_backend()
+            original = _remember_original(array)
             unwanted = {name.upper() for name in drop}
-            keep = [entry for entry in _ORIGINAL_EXTRA
-                    if lib.ggml_backend_buft_name(entry).decode(errors="replace").upper() not in unwanted]
-            for i in range(len(_ORIGINAL_EXTRA)):
+            keep = [entry for entry, name in zip(original, _names(original)) if name.upper() not in unwanted]
+            for i in range(len(original)):
                 array[i] = keep[i] if i < len(keep) else None
         return detect_extra_buffer_types()
     except (ImportError, OSError, AttributeError, ValueError):
@@ -237,11 +242,9 @@ def _detected_plan(opt_in: str, repack: str = "") -> KernelPlan:
     # the list is then written once, to what this plan keeps (no moment with AMX back in it).
     plan = kernel_plan(system_info(), original_extra_buffer_types(), opt_in, repack)
     left = restrict_extra_buffer_types(plan.dropped)
-    if plan.dropped:
-        if left is None or any(_is_amx(name) for name in left):
-            return plain_plan(f"{plan.reason.split(': ')[0]}: AMX could not be taken out of llama.cpp's list of "
-                              f"extra buffer types (it lists {left}), so weights stay in the plain CPU buffer "
-                              f"type (no AMX, no repacking)")
+    if plan.dropped and (left is None or any(_is_amx(name) for name in left)):
+        return plain_plan(_amx_reason(f"AMX could not be taken out of llama.cpp's list of extra buffer types (it "
+                                      f"lists {left})", PLAIN_WEIGHTS))
     return plan
 
 
@@ -479,12 +482,17 @@ class ContextPlan:
         return asdict(self)
 
 
+def swa_label(swa_full: bool) -> str:
+    """How info and doctor name the SWA cache a context plan chose."""
+    return "full-size SWA cache" if swa_full else "window-only SWA cache"
+
+
 CTX_STEPS = (8192, 4096, 2048, 1024)
 MIN_CTX = 512
 
 
 def choose_context(shape: ModelShape, budget_bytes: int | None, n_ctx: int | str = "auto",
-                   kv_type: str = "auto", swa_full: bool | str = "auto", flash_attn_ok: bool = True,
+                   kv_type: str = "auto", swa_full: bool | str | None = "auto", flash_attn_ok: bool = True,
                    n_outputs: int = 16, cap: int = 8192, memory: str = "RAM") -> ContextPlan:
     """The context length, KV cache type and SWA cache size for which weights + KV + compute fit the RAM budget.
 
@@ -498,6 +506,8 @@ def choose_context(shape: ModelShape, budget_bytes: int | None, n_ctx: int | str
     """
     if kv_type not in ("auto", *KV_TYPE_BYTES):
         raise ModelLoadError(f"KV cache type must be auto, f16 or q8_0, got {kv_type!r}.")
+    if swa_full is None:  # not given (the CLI's default)
+        swa_full = "auto"
     if swa_full not in ("auto", True, False):
         raise ModelLoadError(f"swa_full must be auto, True or False, got {swa_full!r}.")
     types = ["f16", "q8_0"] if kv_type == "auto" else [kv_type]
@@ -641,7 +651,7 @@ class HardwareDefaults:
 
 
 def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | str = "auto", kv_type: str = "auto",
-                  swa_full: bool | str = "auto", n_outputs: int = 16, cap: int = 8192,
+                  swa_full: bool | str | None = "auto", n_outputs: int = 16, cap: int = 8192,
                   ram: tuple[int | None, int | None] | None = None, n_gpu_layers: int = 0,
                   devices: Sequence[Mapping] | None = None) -> HardwareDefaults:
     """Threads, kernels and context for this model here; given values are kept, the others chosen.

@@ -149,7 +149,7 @@ def info(model_file, as_json):
     from ..errors import ModelLoadError
     from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
     from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
-    from ..hardware import plan_defaults
+    from ..hardware import plan_defaults, swa_label
     from ..model_resolution import backend_name, resolve_gpu_layers
 
     meta = read_gguf_info(model_file)
@@ -172,7 +172,7 @@ def info(model_file, as_json):
         try:
             hw = plan_defaults(model_shape(meta), n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX,  # as the runtime would
                                n_gpu_layers=resolve_gpu_layers("auto"))
-            context = f"{hw.context.reason}; {'full-size' if hw.context.swa_full else 'window-only'} SWA cache"
+            context = f"{hw.context.reason}; {swa_label(hw.context.swa_full)}"
         except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
             hw, context = None, str(exc)
         if hw is not None:

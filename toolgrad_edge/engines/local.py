@@ -71,7 +71,7 @@ class InProcessEngine:
             raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
         # Threads, context length and KV cache type chosen from this machine (each with its reason).
         self.hardware = plan_defaults(model_shape(self.info), n_threads=n_threads, n_ctx=n_ctx or "auto",
-                                      kv_type=kv_type, swa_full="auto" if swa_full is None else swa_full,
+                                      kv_type=kv_type, swa_full=swa_full,
                                       n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=self.n_gpu_layers)
         self.n_threads = self.hardware.threads
         self.n_ctx = self.hardware.context.n_ctx
