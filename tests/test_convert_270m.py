@@ -27,7 +27,7 @@ from convert_fixtures import gguf_vocabulary, llama_logits, load_270m_builder, r
 from toolgrad_edge.convert import convert_checkpoint  # noqa: E402
 from toolgrad_edge.convert.tokenizer import read_vocabulary  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model  # the 270M GGUF, rebuilt as a checkpoint and converted again
 
 # Code, JSON, whitespace runs, tabs and newlines, CJK, emoji and the chat control tokens.
 TOKENIZATION_CASES = [

@@ -131,7 +131,8 @@ class StandIn:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll: stop() waits for it, after every test that uses the stand-in.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
     def completions(self) -> list[dict]:
@@ -251,19 +252,16 @@ def test_http_500_is_a_clear_error(stand_in):
 def test_a_stream_cut_halfway_is_an_error_not_a_hang(stand_in):
     engine = LlamaServerEngine(stand_in.url, read_timeout=5)
     stand_in.mode = "cut"
-    t0 = time.monotonic()
+    # The error names the cut: had the engine waited for more, it would name the read timeout.
     with pytest.raises(GenerationError, match="ended before the completion finished"):
         list(engine.generate([2, 105], None, max_tokens=64, stream=True))
-    assert time.monotonic() - t0 < 3
 
 
 def test_a_silent_server_times_out(stand_in):
     engine = LlamaServerEngine(stand_in.url, read_timeout=0.5)
-    stand_in.mode = "hang"
-    t0 = time.monotonic()
+    stand_in.mode = "hang"  # silent for 15 s: the message says the 0.5 s read timeout ended the wait
     with pytest.raises(GenerationError, match=r"no answer for 0.5 s"):
         list(engine.generate([2, 105], None, max_tokens=8, stream=True))
-    assert time.monotonic() - t0 < 3
 
 
 def test_cancelling_closes_the_connection_so_the_server_stops(stand_in):
@@ -291,7 +289,7 @@ def test_cancelling_while_the_server_is_silent_returns_promptly(stand_in):
     t0 = time.monotonic()
     items = list(engine.generate([2, 105], None, max_tokens=8, should_stop=lambda: time.monotonic() > deadline))
     assert items[-1].finish_reason == "cancelled"
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10  # about 0.3 s; the stand-in stays silent for 15 s, the read timeout is 30 s
 
 
 def test_output_that_ignores_the_grammar_reaches_the_parser_unchanged(stand_in):

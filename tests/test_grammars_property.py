@@ -170,6 +170,7 @@ def tools_and_meaning(draw):
     return params, meant
 
 
+@pytest.mark.slow  # needs nothing, but 1,500 examples take about a minute on 2 cores
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.filter_too_much])
 @given(schema=tools_and_meaning(), syntax=st.sampled_from(["python", "json"]), seed=st.integers(0, 2**32))

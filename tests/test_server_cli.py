@@ -106,7 +106,7 @@ def test_missing_model_is_one_line(tmp_path):
     assert "Error:" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_serve_starts_answers_and_stops(gemma_270m_gguf):
     import httpx
 

@@ -244,10 +244,15 @@ def test_a_failed_decode_mid_draft_leaves_the_cache_consistent():
     assert (PROMPT + full)[: len(session.tokens)] == session.tokens
 
 
-def test_stop_after_the_grammar_finishes_without_another_pass():
-    out, dec, session = run(SamplingParams(), max_tokens=60, jump_forward=True, drafter=PromptLookupDrafter(ngram_min=1))
-    if len(out) == 30:
-        assert dec.done and session.tokens == dec.kv_tokens
+@pytest.mark.parametrize("draft", [False, True])
+def test_stop_after_the_grammar_finishes_without_another_pass(draft):
+    drafter = PromptLookupDrafter(ngram_min=1) if draft else None
+    out, dec, session = run(SamplingParams(), max_tokens=60, jump_forward=True, drafter=drafter)
+    assert len(out) == 30 and dec.done  # ToyGrammar is finished after 30 tokens, well within the budget
+    assert session.tokens == dec.kv_tokens and session.passes == dec.stats.forward_passes
+    if not draft:  # one token a pass: the last one is never decoded, nothing would read its logits
+        assert session.tokens == PROMPT + out[:-1]
+    assert dec.step(10) == [] and session.passes == dec.stats.forward_passes
 
 
 def test_prompt_lookup_ignores_what_comes_before_its_start():
@@ -273,8 +278,10 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
 @pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1, 0])
 def test_any_64_bit_seed(seed):
-    chooser = TokenChooser(SamplingParams(temperature=1.0, seed=seed))
-    chooser.choose(model_logits([1]))
+    logits = model_logits([1])
+    a, b = (TokenChooser(SamplingParams(temperature=1.0, seed=seed)) for _ in range(2))
+    picks = [a.choose(logits) for _ in range(8)]
+    assert all(0 <= t < V for t in picks) and picks == [b.choose(logits) for _ in range(8)]
 
 
 def test_negative_seed_is_its_twos_complement():

@@ -7,6 +7,7 @@ Run as ``python tests/mcp_fixtures/recorder_server.py`` (stdio), or with
 * ``lookup``: read-only; returns a fixed value, or an environment variable.
 * ``fail``: raises, so the call comes back with isError.
 * ``slow``: sleeps, to run past a caller's timeout.
+* ``meet``: answers once ``parties`` calls of it run at the same time (fails after 30 s alone).
 * ``huge``: returns a result of the requested size.
 * ``freeze``: the process stops (SIGSTOP) in the middle of the call: a hung server.
 * ``die``: the process exits in the middle of the call.
@@ -20,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Literal
 
@@ -76,6 +78,20 @@ def slow(seconds: float) -> str:
     _log("slow", seconds=seconds)
     time.sleep(seconds)
     return "slept"
+
+
+_MEETINGS: dict[int, threading.Barrier] = {}
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def meet(parties: int) -> str:
+    """Wait until `parties` calls of meet run at the same time."""
+    _log("meet", parties=parties)
+    try:
+        _MEETINGS.setdefault(parties, threading.Barrier(parties, timeout=30)).wait()
+    except threading.BrokenBarrierError:
+        raise ToolError(f"fewer than {parties} calls of meet ran at the same time") from None
+    return "met"
 
 
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
