@@ -9,8 +9,8 @@ Tiers (pyproject.toml's markers; the README's "Development" section has the comm
 - ``model``: the real Gemma 3 270M GGUF of the demo package;
 - ``tiny``: tiny Gemma 3 checkpoints the tests build (torch, transformers, the 270M's tokenizer);
 - ``server``: real servers the tests start (uvicorn serving the app, llama-server, MCP servers);
-- ``pure``: none of these. ``slow`` is kept as "any of the first three", so ``-m "not slow"``
-  is ``-m pure``.
+- ``pure``: none of these, and not marked ``slow`` by hand (a test that needs nothing but
+  takes long). Every test of the first three is ``slow`` too, so ``-m "not slow"`` is ``-m pure``.
 
 A test's tier follows from the fixtures it uses, directly or through other fixtures
 (TIER_FIXTURES); a test that needs something without a fixture is marked in its module.
@@ -63,11 +63,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("pure")
 
 
+def _may_use_the_model(item) -> bool:
+    return bool(item.get_closest_marker("model") or item.get_closest_marker("tiny"))
+
+
 @pytest.fixture(autouse=True)
 def demo_model_only_where_marked(request, monkeypatch):
     """The demo package cannot be imported by a test that does not say it needs the model."""
-    if not (request.node.get_closest_marker("model") or request.node.get_closest_marker("tiny")):
+    if not _may_use_the_model(request.node):
         monkeypatch.setitem(sys.modules, DEMO_PACKAGE, None)  # `import` raises ImportError
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and not _may_use_the_model(item) and "toolgrad-edge[demo]" in report.longreprtext:
+        report.sections.append(("tiers", "This test looked for the demo model, which tests not marked "
+                                         "`model` cannot see: mark it `model` (tests/conftest.py)."))
+    return report
 
 
 @pytest.fixture(autouse=True)
