@@ -89,9 +89,11 @@ class Chat:
 
 
 @pytest.mark.slow
-# Ctrl-C at chat's prompt quits, as Ctrl-D does (exit 0); SIGTERM exits as the shell reports it (128 + 15).
-@pytest.mark.parametrize("signum, code, last_line", [(signal.SIGTERM, 143, "Terminated."), (signal.SIGINT, 0, "")])
-def test_a_signal_ends_chat_and_its_mcp_servers(gemma_270m_gguf, signum, code, last_line):
+# SIGTERM exits as the shell reports it (128 + 15). Ctrl-C at chat's prompt quits as Ctrl-D does (exit 0);
+# the ready line is printed a moment before the prompt is read, and Ctrl-C then is an interruption (130).
+@pytest.mark.parametrize("signum, codes, last_line", [(signal.SIGTERM, {143}, "Terminated."),
+                                                       (signal.SIGINT, {0, 130}, "")])
+def test_a_signal_ends_chat_and_its_mcp_servers(gemma_270m_gguf, signum, codes, last_line):
     pytest.importorskip("mcp_server_time")
     time_server = f"{sys.executable} -m mcp_server_time --local-timezone UTC"
     chat = Chat(gemma_270m_gguf, time_server, time_server)
@@ -100,7 +102,7 @@ def test_a_signal_ends_chat_and_its_mcp_servers(gemma_270m_gguf, signum, code, l
     assert len(servers) == 2 and all(map(_alive, servers))
     chat.proc.send_signal(signum)
     returncode, stderr = chat.finish()
-    assert returncode == code, stderr
+    assert returncode in codes, stderr
     assert "Traceback" not in stderr
     assert stderr.rstrip().endswith(last_line)
     assert not [pid for pid in servers if _alive(pid)], "an MCP server outlived the chat"

@@ -88,17 +88,54 @@ def _handle(signum: int, frame) -> None:
     raise Terminated
 
 
+def _raise_after_callback(unraisable) -> None:
+    """sys.unraisablehook: our signal's exception, dropped by ctypes in a C callback, is raised again later.
+
+    A handler runs at the main thread's next Python instruction; during a long C call
+    (llama_decode, a model load) that is inside a Python callback the C code calls
+    (llama.cpp's log and eval callbacks), and ctypes prints and drops what a callback
+    raises. So the exception is raised again by a profile function at the first call
+    or return outside that callback, once the C code has returned.
+    """
+    exc = unraisable.exc_value
+    if not (_stopping and isinstance(exc, (Terminated, KeyboardInterrupt))):
+        _previous_hook(unraisable)
+        return
+    callback = getattr(unraisable.object, "__code__", None)
+    skip = {callback, _raise_after_callback.__code__, _raise_when_out.__code__}
+
+    def profile(frame, event, arg):
+        _raise_when_out(frame, skip, exc)
+
+    sys.setprofile(profile)
+
+
+def _raise_when_out(frame, skip, exc) -> None:
+    while frame is not None:
+        if frame.f_code in skip:
+            return
+        frame = frame.f_back
+    sys.setprofile(None)
+    raise exc
+
+
+_previous_hook = sys.unraisablehook
+
+
 @contextlib.contextmanager
 def stop_on_signals(enabled: bool = True) -> Iterator[None]:
     """Within this block, SIGTERM raises Terminated and a second signal exits at once (main thread only)."""
-    global _stopping
+    global _stopping, _previous_hook
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
     _stopping = False
     previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _previous_hook, sys.unraisablehook = sys.unraisablehook, _raise_after_callback
     try:
         yield
     finally:
+        sys.unraisablehook = _previous_hook
+        sys.setprofile(None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
