@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
@@ -61,9 +62,11 @@ def child_pids() -> list[int]:
     return pids
 
 
-def kill_children() -> None:
-    """SIGKILL every child, and the process group of those that lead one (MCP servers, cmake and its compilers)."""
-    for pid in child_pids():
+def kill_children(reap_within_s: float = 1.0) -> None:
+    """SIGKILL every child, and the process group of those that lead one (MCP servers, cmake and its
+    compilers); then reap them, so that none is left a zombie for an init that may not reap."""
+    children = child_pids()
+    for pid in children:
         try:
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGKILL)
@@ -71,6 +74,15 @@ def kill_children() -> None:
                 os.kill(pid, signal.SIGKILL)
         except OSError:
             pass  # gone meanwhile
+    deadline = time.monotonic() + reap_within_s
+    for pid in children:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                break  # reaped by someone else (asyncio's child watcher)
+            time.sleep(0.005)
 
 
 def _handle(signum: int, frame) -> None:
