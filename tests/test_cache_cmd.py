@@ -25,6 +25,7 @@ def laid_out(monkeypatch, tmp_path):
     root = cache_root()
     files = {
         "models/toolgrad-4b-Q4_K_M.gguf": 3000,
+        "models/.toolgrad-4b-Q4_K_M.gguf.sha256": 10,  # its check record: not an item, removed with it
         f"models/.toolgrad-4b-BF16.gguf.{proc.pid}.intermediate": 7000,  # SIGKILLed convert
         "prefix/aaa.state": 100,
         "prefix/bbb.state": 200,
@@ -83,6 +84,7 @@ def test_dry_run_removes_nothing_and_clean_removes_what_it_named(laid_out):
 
     one = _json("toolgrad-4b-Q4_K_M.gguf", "--clean")
     assert one["removed"] == [str(root / "models" / "toolgrad-4b-Q4_K_M.gguf")]
+    assert not (root / "models" / ".toolgrad-4b-Q4_K_M.gguf.sha256").exists()
     everything = _json("all", "--clean")
     assert everything["freed_bytes"] == 400 + 500 + 60
     assert [i["path"] for i in _json()["items"]] == [str(running)]

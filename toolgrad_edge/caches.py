@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .evaluate.checker_env import default_env_dir
 from .leftovers import find_leftovers, remove, tree_size, writer_pid
+from .model_resolution import check_record
 from .paths import cache_root, llama_server_dir, llguidance_dir, models_dir, prefix_cache_dir
 
 # The sections, in the order they are listed: name -> what it is.
@@ -63,7 +64,7 @@ def _dirs(folder: Path) -> list[Path]:
 def inventory() -> list[CacheItem]:
     """Every item of every section, leftovers last."""
     items: list[CacheItem] = []
-    for path in _files(models_dir(), "*"):
+    for path in _files(models_dir(), "[!.]*"):  # hidden files there are a model's check record (removed with it)
         items.append(CacheItem("models", path, tree_size(path)))
     states = _files(prefix_cache_dir(), "*.state")
     if states:
@@ -117,5 +118,7 @@ def clean(items: list[CacheItem]) -> list[CacheItem]:
                 remove(path)
         else:
             remove(item.path)
+            if item.section == "models":
+                remove(check_record(item.path))
         removed.append(item)
     return removed

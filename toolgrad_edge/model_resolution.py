@@ -63,7 +63,7 @@ def demo_model_path() -> Path | None:
 
     Checked before it is trusted: against the sha256 the package ships, hashed
     again whenever the file's size or modification time differ from the last
-    check (recorded beside it, :func:`_stamp_path`). A damaged file is assembled
+    check (recorded beside it, :func:`check_record`). A damaged file is assembled
     again, with one warning, and never loaded.
     """
     try:
@@ -96,7 +96,7 @@ def demo_model_path() -> Path | None:
     return target
 
 
-def _stamp_path(model: Path) -> Path:
+def check_record(model: Path) -> Path:
     """``.NAME.sha256`` beside the model: its sha256, size and mtime when last checked (JSON)."""
     return model.with_name(f".{model.name}.sha256")
 
@@ -107,7 +107,7 @@ def _checked(path: Path, expected: str | None) -> bool:
     The full hash is computed only when the size or mtime differ from the recorded check.
     """
     stat = path.stat()
-    stamp_file = _stamp_path(path)
+    stamp_file = check_record(path)
     try:
         stamp = json.loads(stamp_file.read_text())
     except (OSError, ValueError):
