@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..leftovers import temp_path
 from ..paths import models_dir
 from .output import atomic_output, check_free_space, output_name
 from .plan import build_plan, hparams_from_config, read_config
@@ -93,7 +94,7 @@ def convert_checkpoint(
                     finals[intermediate] = folder / output_name(src.name, intermediate)
                     float_targets.append(intermediate)
                 else:
-                    scratch = folder / f".{output_name(src.name, intermediate)}.{os.getpid()}.intermediate"
+                    scratch = temp_path(folder / output_name(src.name, intermediate), "intermediate")
 
             needed = sum(expected_file_size(plan, vocab, FLOAT_TYPES[q][0]) for q in float_targets)
             if scratch is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -9,8 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..leftovers import describe_removed, remove_leftovers, temp_path
 
-PARTIAL_SUFFIX = ".partial"
+log = logging.getLogger("toolgrad_edge.convert")
 
 
 def output_name(source_name: str, quant: str) -> str:
@@ -39,10 +41,16 @@ def make_output_folder(folder: Path) -> Path:
 
 
 def check_free_space(folder: Path, needed: int) -> None:
-    """Create the output folder, then check it has room for ``needed`` bytes (if not, remove what was created)."""
+    """Create the output folder, then check it has room for ``needed`` bytes (if not, remove what was created).
+
+    What a killed run left there (leftovers.py) is removed first: it is exactly what eats the space.
+    """
     folder = Path(folder)
     new_folders = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     make_output_folder(folder)
+    removed = remove_leftovers(folder)
+    if removed:
+        log.warning(describe_removed(folder, removed))
     free = shutil.disk_usage(folder).free
     if free < needed:
         for p in new_folders:
@@ -57,11 +65,12 @@ def check_free_space(folder: Path, needed: int) -> None:
 def atomic_output(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename on success, delete on any failure.
 
-    Covers KeyboardInterrupt too: an interrupted run leaves nothing that looks finished.
+    Covers KeyboardInterrupt and the CLI's SIGTERM too: an interrupted run leaves nothing that looks
+    finished. The name carries this process's pid, so after a SIGKILL the next run removes it.
     """
     final = Path(final)
     make_output_folder(final.parent)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    tmp = temp_path(final, "partial")
     try:
         yield tmp
         if not tmp.is_file():

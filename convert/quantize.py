@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +121,30 @@ def quantize_gguf(infile: str | os.PathLike, outfile: str | os.PathLike, quant: 
     llama_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
         with atomic_output(outfile) as tmp:
-            rc = llama_cpp.llama_model_quantize(str(infile).encode(), str(tmp).encode(), ctypes.byref(params))
+            rc = _waited_for(llama_cpp.llama_model_quantize, str(infile).encode(), str(tmp).encode(),
+                             ctypes.byref(params))
             if rc != 0:
                 raise ConversionError(f"llama.cpp failed to quantize {infile} to {quant} (code {rc}); rerun with verbose for its log")
     finally:
         llama_logger.setLevel(level)
     return outfile
+
+
+def _waited_for(c_function, *args) -> int:
+    """Call ``c_function`` in a thread of its own and wait for it here.
+
+    llama.cpp's quantizer is one C call (minutes on a 4B model) that logs
+    through a Python callback. Called from the main thread, a Ctrl-C or
+    SIGTERM would wait for it to end, and the exception the signal raises
+    would be raised inside that callback, where ctypes prints and drops it:
+    the conversion would go on. Waited for here, the wait is interrupted at
+    once; the caller removes the half-written file, and the quantizer's
+    thread (a daemon) ends with the process.
+    """
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(c_function(*args)), name="llama-quantize", daemon=True)
+    worker.start()
+    worker.join()
+    if not result:
+        raise ConversionError("llama.cpp's quantizer ended without a result; rerun with verbose for its log")
+    return result[0]

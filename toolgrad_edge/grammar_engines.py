@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import math
 import os
 import struct
@@ -31,6 +32,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .errors import GenerationError
+from .leftovers import remove_leftovers, temp_prefix
 
 ENGINES = ("llguidance", "llama")
 DEFAULT_ENGINE = "llguidance"
@@ -171,23 +173,42 @@ def _token_bytes(vocab, n_tokens: int, cancel: threading.Event | None) -> list[b
     return tokens
 
 
-TOKEN_CACHE_MAGIC = b"TGELLGT1"
+# Version 2 carries a sha256 of everything after it, like the prefix cache's entries.
+TOKEN_CACHE_MAGIC = b"TGELLGT2"
+_OLDER_TOKEN_CACHES = (b"TGELLGT1",)  # older layouts: rebuilt without a warning
 
 
 def _read_token_cache(path: Path, n_tokens: int) -> list[bytes] | None:
-    """The cached token bytes, or None when missing or not matching (never trusted blindly)."""
+    """The cached token bytes, or None when missing or not matching (never trusted blindly).
+
+    A file that is there but damaged (wrong checksum, lengths or count) is removed
+    with one warning; the caller rebuilds it.
+    """
     try:
         blob = path.read_bytes()
     except OSError:
         return None
-    head = len(TOKEN_CACHE_MAGIC) + 4
-    if not blob.startswith(TOKEN_CACHE_MAGIC) or len(blob) < head + 4 * n_tokens:
+    if blob.startswith(_OLDER_TOKEN_CACHES):
         return None
-    (n,) = struct.unpack_from("<I", blob, len(TOKEN_CACHE_MAGIC))
-    if n != n_tokens:
-        return None
-    lengths = np.frombuffer(blob, dtype="<u4", count=n, offset=head)
-    if head + 4 * n + int(lengths.sum()) != len(blob):
+    head = len(TOKEN_CACHE_MAGIC) + 4 + 32
+    problem = None
+    if not blob.startswith(TOKEN_CACHE_MAGIC) or len(blob) < head:
+        problem = "not a token cache file"
+    else:
+        (n,) = struct.unpack_from("<I", blob, len(TOKEN_CACHE_MAGIC))
+        if hashlib.sha256(memoryview(blob)[head:]).digest() != blob[head - 32:head]:
+            problem = "checksum mismatch"
+        elif n != n_tokens:
+            return None  # another vocabulary: not damaged, just not this model's (rewritten)
+        elif len(blob) < head + 4 * n:
+            problem = "shorter than its token count"
+    if problem is None:
+        lengths = np.frombuffer(blob, dtype="<u4", count=n, offset=head)
+        if head + 4 * n + int(lengths.sum()) != len(blob):
+            problem = "lengths do not match the file size"
+    if problem is not None:
+        _note(f"warning: {path}: damaged llguidance token cache ({problem}); rebuilding it.")
+        path.unlink(missing_ok=True)
         return None
     ends = np.cumsum(lengths) + head + 4 * n
     starts = ends - lengths
@@ -197,15 +218,16 @@ def _read_token_cache(path: Path, n_tokens: int) -> list[bytes] | None:
 def _write_token_cache(path: Path, tokens: list[bytes]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lengths = np.array([len(t) for t in tokens], dtype="<u4")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        body = np.array([len(t) for t in tokens], dtype="<u4").tobytes() + b"".join(tokens)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix("tmp"))
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(TOKEN_CACHE_MAGIC + struct.pack("<I", len(tokens)) + lengths.tobytes() + b"".join(tokens))
+                fh.write(TOKEN_CACHE_MAGIC + struct.pack("<I", len(tokens)) + hashlib.sha256(body).digest() + body)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        remove_leftovers(path.parent)
     except OSError:
         pass  # a read-only cache costs time, never correctness
 

@@ -31,3 +31,13 @@ def models_dir() -> Path:
 def prefix_cache_dir() -> Path:
     """Saved llama.cpp states of evaluated tool prefixes."""
     return cache_root() / "prefix"
+
+
+def llguidance_dir() -> Path:
+    """llguidance's token files, one per model file and llama.cpp version."""
+    return cache_root() / "llguidance"
+
+
+def llama_server_dir() -> Path:
+    """llama-server builds, one folder per llama-cpp-python version (``build-server``)."""
+    return cache_root() / "llama-server"

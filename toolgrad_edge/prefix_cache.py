@@ -23,6 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .leftovers import remove_leftovers, temp_prefix
+
 ENTRY_MAGIC = b"TGEPFX1\n"
 DEFAULT_DISK_LIMIT_BYTES = 2 * 1024**3
 DEFAULT_RAM_ENTRIES = 4
@@ -136,7 +138,7 @@ class PrefixCache:
             return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".state")
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=temp_prefix("tmp"), suffix=".state")
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(_encode_entry(key, state))
@@ -163,7 +165,8 @@ class PrefixCache:
                 break
             path.unlink(missing_ok=True)
             total -= size
-        # Temporary files left by a killed writer.
+        # Temporary files left by a killed writer: named after it (leftovers.py), or older names by age.
+        remove_leftovers(self.directory)
         cutoff = time.time() - 3600
         for path in self.directory.glob(".tmp-*"):
             try:

@@ -219,13 +219,21 @@ class McpServer:
     def start(self) -> None:
         """Spawn or connect, initialize, list the tools; ToolSourceError quoting the command line if that fails."""
         _imports()
+        starting = self._loop.submit(self._start())
         try:
-            self._loop.run(self._start())
+            starting.result()
         except ToolSourceError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - any failure to start is reported the same way
+        except Exception as exc:  # noqa: BLE001 - any failure to start is reported the same way
             self.state = "gone"
             raise ToolSourceError(self._start_failure(_describe(exc))) from None
+        except BaseException:
+            # Ctrl-C or SIGTERM (the CLI raises it) while it starts: cancelling the start ends the
+            # process it spawned; the interruption goes on.
+            starting.cancel()
+            concurrent.futures.wait([starting], timeout=START_TIMEOUT_S)
+            self.state = "gone"
+            raise
 
     def _start_failure(self, reason: str) -> str:
         message = f"MCP server {self.name!r} failed to start: {self.spec.command_line} ({reason})."

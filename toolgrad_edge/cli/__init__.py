@@ -13,6 +13,10 @@ import sys
 import click
 
 from ..errors import ToolgradEdgeError
+from .stopping import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, stop_on_signals
+
+# Commands that stop on SIGTERM/SIGINT their own way (uvicorn's shutdown); the others unwind (cli/stopping.py).
+HANDLES_ITS_OWN_SIGNALS = {"serve"}
 
 # name -> (module under toolgrad_edge.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -27,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quantize": ("convert_cmd", "quantize", "Quantize a GGUF with llama.cpp's quantizer."),
     "serve": ("serve_cmd", "serve", "OpenAI-compatible local server."),
     "build-server": ("build_server_cmd", "build_server", "Build llama.cpp's llama-server for this install."),
+    "cache": ("cache_cmd", "cache", "List the caches and their sizes; clean them."),
     "eval": ("eval_cmd", "eval_group", "Accuracy evaluations (BFCL)."),
 }
 
@@ -48,13 +53,26 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with stop_on_signals(_command_name(ctx) not in HANDLES_ITS_OWN_SIGNALS):
+                return super().invoke(ctx)
         except ToolgradEdgeError as exc:
             # One clear line and exit 1: users never see a traceback.
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            click.echo("Terminated.", err=True)
+            sys.exit(EXIT_TERMINATED)
+
+
+def _command_name(ctx: click.Context) -> str | None:
+    # The subcommand's name is the first argument click has not parsed yet (protected_args before click 8.2).
+    protected = getattr(ctx, "_protected_args", None)
+    if protected is None:
+        protected = getattr(ctx, "protected_args", None) or []
+    args = [*protected, *ctx.args]
+    return args[0] if args else None
 
 
 @click.group(cls=LazyGroup)

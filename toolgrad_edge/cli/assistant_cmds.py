@@ -14,6 +14,7 @@ import click
 
 from .options import PROMPT_TEXT, json_option, model_option, tool_choice_option
 from .runtime_cmds import _apply, _open_runtime, generation_options, runtime_options
+from .stopping import rearm
 
 RESULT_PREVIEW_CHARS = 200
 
@@ -225,6 +226,7 @@ def chat(model, mcp_commands, mcp_config, function_refs, tool_files, tool_choice
             click.echo(f"Model: {rt.model_path.name} on {rt.backend}. {len(assistant.entries)} tools. "
                        "Ctrl-D to quit.", err=True)
             while True:
+                rearm()  # back at the prompt: Ctrl-C quits from here, SIGTERM unwinds (cli/stopping.py)
                 try:
                     line = input("> " if sys.stdin.isatty() else "")
                 except (EOFError, KeyboardInterrupt):

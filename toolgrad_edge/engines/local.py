@@ -32,7 +32,7 @@ from ..gguf_info import check_supported, model_shape, read_gguf_info
 from ..grammar_engines import LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, llg_grammar, resolve_engine
 from ..hardware import plan_defaults
 from ..model_resolution import backend_name, resolve_gpu_layers, resolve_model
-from ..paths import cache_root, prefix_cache_dir
+from ..paths import llguidance_dir, prefix_cache_dir
 from ..prefix_cache import PrefixCache, model_identity, prefix_key
 from ..prompt import END_OF_TURN, START_OF_TURN, Segment
 from ..results import Timings, Usage
@@ -105,7 +105,7 @@ class InProcessEngine:
         if self.grammar_engine == "llguidance":
             vocab = self._session.vocab
             eos = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab), self._control[END_OF_TURN]}
-            token_file = cache_root() / "llguidance" / f"{self._model_id[:32]}-{llama_cpp.__version__}.tokens"
+            token_file = llguidance_dir() / f"{self._model_id[:32]}-{llama_cpp.__version__}.tokens"
             self._llg_tokenizer = LlguidanceTokenizer(vocab, sorted(t for t in eos if t >= 0), token_file)
         self._draft = None
         if draft_model is not None:

@@ -13,9 +13,11 @@ On a CPU with AMX the build names the CPU's other features instead of
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -25,7 +27,8 @@ from typing import TextIO
 
 from ..errors import ToolgradEdgeError
 from ..hardware import cmake_cpu_args, cpu_flags
-from ..paths import cache_root
+from ..leftovers import describe_removed, remove_leftovers, temp_prefix
+from ..paths import llama_server_dir
 
 # Set by callers (tests, benchmarks, ``serve --engine``'s users) to a llama-server binary.
 ENV_BINARY = "TOOLGRAD_EDGE_LLAMA_SERVER"
@@ -37,7 +40,7 @@ class ServerBuildError(ToolgradEdgeError):
 
 def build_root(version: str | None = None) -> Path:
     version = version or importlib.metadata.version("llama-cpp-python")
-    return cache_root() / "llama-server" / version
+    return llama_server_dir() / version
 
 
 def server_binary(version: str | None = None, flags: set[str] | None = None) -> Path:
@@ -47,10 +50,25 @@ def server_binary(version: str | None = None, flags: set[str] | None = None) -> 
 
 
 def _run(cmd: list[str], log: TextIO, what: str) -> None:
+    """Run ``cmd`` in a process group of its own, ended whole if this process is interrupted.
+
+    cmake starts make and the compilers; ending cmake alone would leave them compiling.
+    """
     try:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         raise ServerBuildError(f"{what} could not start ({exc}).") from None
+    try:
+        proc.wait()
+    except BaseException:  # Ctrl-C (the group has its own session: the terminal's signal misses it), SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     if proc.returncode != 0:
         raise ServerBuildError(f"{what} failed with exit code {proc.returncode} (command: {' '.join(cmd)}); its "
                                f"output is above.")
@@ -63,7 +81,7 @@ def _source(root: Path, version: str, log: TextIO) -> Path:
         return source
     sdist = root / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.is_file():
-        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        with tempfile.TemporaryDirectory(dir=root, prefix=temp_prefix("download")) as tmp:
             _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                   f"llama-cpp-python=={version}", "-d", tmp], log,
                  f"downloading the llama-cpp-python {version} source distribution")
@@ -71,7 +89,7 @@ def _source(root: Path, version: str, log: TextIO) -> Path:
             if found is None:
                 raise ServerBuildError(f"pip download gave no llama_cpp_python-{version}.tar.gz.")
             os.replace(found, sdist)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".unpack-") as tmp:
+    with tempfile.TemporaryDirectory(dir=root, prefix=temp_prefix("unpack")) as tmp:
         try:
             with tarfile.open(sdist) as tar:
                 tar.extractall(tmp, filter="data")
@@ -107,6 +125,9 @@ def build_llama_server(jobs: int | None = None, log: TextIO | None = None) -> Pa
                                    f"g++; macOS: xcode-select --install and brew install cmake).")
     root = build_root(version)
     root.mkdir(parents=True, exist_ok=True)
+    removed = remove_leftovers(root)  # a download or unpacking that a SIGKILL cut short
+    if removed:
+        print(describe_removed(root, removed), file=log, flush=True)
     source = _source(root, version, log)
     build = binary.parent.parent
     print(f"building llama-server {version} ({variant}) in {build}", file=log, flush=True)
