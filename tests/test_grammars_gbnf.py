@@ -39,7 +39,8 @@ NESTED = load_tools([
         "stops": {"type": "array", "items": {"type": "string"}},
         "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
         "opts": {"type": "object", "properties": {"k": {"type": "integer"},
-                                                  "tags": {"type": "array", "items": {"type": "string"}}}},
+                                                  "tags": {"type": "array", "items": {"type": "string"}}},
+                 "additionalProperties": True},
         "shut": {"type": "object", "properties": {"k": {"type": "integer"}}, "additionalProperties": False},
         "any": {},
     }, "required": ["stops"]}},
@@ -52,7 +53,7 @@ LAYOUT_CASES = [
     # the canonical layout: accepted by both
     ("python", "[plan(stops=['a, b', \"c = d: e\"], grid=[[1, 2], [], [3]], opts={'k': 1, 'tags': ['x y', 'z']}, "
                "shut={'k': -2}, any={'a': [1, {'b': None}]}), now(), plan(stops=[])]", True, True),
-    ("python", "[plan(stops=['a'], opts={'other': [1, 2], \"k\": 1.5}, any=[True, 'x'])]", True, True),
+    ("python", "[plan(stops=['a'], opts={\"k\": 1, 'other': [1, 2], \"k2\": 1.5}, any=[True, 'x'])]", True, True),
     ("python", "[plan(stops=['a'], opts={}, shut={}, any={})]", True, True),
     ("json", '[{"name": "plan", "arguments": {"stops": ["a, b", "c: d"], "grid": [[1, 2], []], '
              '"opts": {"k": 1, "other": {"x": null}}, "any": [1, {"b": "c , d"}]}}, {"name": "now", "arguments": {}}]',
