@@ -162,9 +162,9 @@ def _merge_alternatives(out: dict, a: dict, b: dict, ptr: str) -> None:
 
 def _merge_members(out: dict, a: dict, b: dict, ptr: str) -> None:
     pa, pb = a.get("properties") or {}, b.get("properties") or {}
-    # Absent additionalProperties stays absent (None) when neither schema gives it: the
-    # merged object is then closed over all the declared keys (see closed_object), as
-    # llama.cpp merges allOf. For one schema's own keys it allows any value, as JSON Schema reads it.
+    # additionalProperties stays absent (None) when neither schema gives it: the merged
+    # object is then closed over the keys both declare (additional_properties), as
+    # llama.cpp merges allOf. For the other schema's own keys it allows any value.
     xa, xb = a.get("additionalProperties"), b.get("additionalProperties")
     props: dict = {}
     for name in list(dict.fromkeys(list(pa) + list(pb))):

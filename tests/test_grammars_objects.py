@@ -197,6 +197,9 @@ def test_an_undeclared_key_written_twice_is_refused_never_returned():
      "[book(o={'a': 1, 'c': 2})]", "the object at /o has the undeclared key 'c'; it declares 'a', 'b'"),
     ({"type": "object", "properties": {"o": {"type": "object", "properties": {}}}},
      "[book(o={'a': 1})]", "it declares no keys"),
+    ({"type": "object", "$defs": {"c": CITY},
+      "properties": {"o": {"anyOf": [{"$ref": "#/$defs/c"}, {"type": "null"}]}}},
+     "[book(o={'city': 'P', 'x': 1})]", "the object at /o has the undeclared key 'x'"),
     ({"type": "object", "properties": {"o": {"type": "object", "properties": {}, "required": ["a"]}}},
      "[book(o={'a': 1, 'b': 2})]", "the object at /o has the undeclared key 'b'; it declares 'a'"),
 ])
@@ -209,6 +212,8 @@ def test_parser_refuses_undeclared_keys_in_closed_objects(params, text, message)
     ({"type": "object", "properties": {"o": {"type": "object"}}}, "[book(o={'a': 1, 'b': {'c': 2}})]"),
     ({"type": "object", "properties": {"o": OPEN}}, "[book(o={'city': 'P', 'x': 1})]"),
     ({"type": "object", "properties": {"o": {"anyOf": [CITY, {"type": "object"}]}}}, "[book(o={'z': 1})]"),
+    ({"type": "object", "$defs": {"c": CITY},
+      "properties": {"o": {"anyOf": [{"$ref": "#/$defs/c"}, {"type": "null"}]}}}, "[book(o={'city': 'P'})]"),
     ({"type": "object", "properties": {"o": {"allOf": [{"properties": {"a": {}}}, {"additionalProperties": True}]}}},
      "[book(o={'a': 1, 'c': 2})]"),
 ])
