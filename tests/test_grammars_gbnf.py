@@ -406,8 +406,9 @@ def test_bfcl_sample_coverage_and_completeness(engine):
             rejected.append(entry["id"])
             continue
         assert parse_calls(text, tools) == calls
-    # its ground truth names an argument the function does not have
-    assert rejected == ["live_multiple_862-181-3"]
+    # 862 names an argument the function does not have; 189 writes keys beside the placeholder
+    # properties of an object without additionalProperties (closed: issue 27, docs/grammars.md)
+    assert rejected == ["live_multiple_189-83-0", "live_multiple_862-181-3"]
 
 
 def test_random_answers_from_the_grammar_parse_and_validate(engine):
