@@ -44,17 +44,31 @@ def tok():
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()))
 
 
-@pytest.fixture(params=["gbnf", "llguidance"])
+@pytest.fixture(params=["gbnf", "llguidance", "llguidance-reading-gbnf"])
 def engine(request):
-    """(grammar for tools, grammar for one schema) -> a function telling whether a text is accepted."""
+    """(grammar for tools, grammar for one schema) -> a function telling whether a text is accepted.
+
+    "llguidance-reading-gbnf" is the GBNF grammar as llguidance converts it: how the
+    server's ``format`` / ``response_format`` grammar runs on the llguidance engine.
+    """
     if request.param == "gbnf":
         return (lambda tools, syntax: gbnf(build_grammar(tools, syntax=syntax)).accepts,
                 lambda schema, syntax="json": gbnf(schema_grammar(schema, syntax)).accepts)
     from test_grammars_llg import accepts
 
     tok = request.getfixturevalue("tok")
-    return (lambda tools, syntax: lambda text: accepts(tok, build_llg_grammar(tools, syntax=syntax), text),
-            lambda schema, syntax="json": lambda text: accepts(tok, llg_schema_grammar(schema, syntax), text))
+    if request.param == "llguidance":
+        calls, schema_text = build_llg_grammar, llg_schema_grammar
+    else:
+        from llguidance import grammar_from
+
+        def calls(tools, syntax):
+            return grammar_from("gbnf", build_grammar(tools, syntax=syntax))
+
+        def schema_text(schema, syntax):
+            return grammar_from("gbnf", schema_grammar(schema, syntax))
+    return (lambda tools, syntax: lambda text: accepts(tok, calls(tools, syntax=syntax), text),
+            lambda schema, syntax="json": lambda text: accepts(tok, schema_text(schema, syntax), text))
 
 
 # -- format / response_format: one JSON value ----------------------------------------
