@@ -189,7 +189,8 @@ class _KeySpelling:
         return "key-sq-char" if quote == "'" else "key-dq-char"
 
     def char(self, quote: str, raws: Iterable[str] = (), escapes: Iterable[str] = ()) -> str:
-        """One character of an undeclared key, other than the raw ``raws`` and the escapes ``\\e`` for e in ``escapes``."""
+        """One character of an undeclared key's name, other than the raw characters ``raws``
+        and the escapes ``\\e`` for each e in ``escapes``."""
         if not raws and not escapes and self.any_char(quote):
             return self.any_char(quote)
         excluded = "".join(self.class_char(c) for c in [quote, "\\", *sorted(set(raws))])

@@ -91,6 +91,7 @@ for _syntax in SYNTAXES:
         "ws": '" "?',  # the flexible layout's optional space
     })
 
+
 class _KeyRegex(_KeySpelling):
     """gbnf._key_except's expression as one regex (one lexeme for llguidance)."""
 
