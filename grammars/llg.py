@@ -18,7 +18,9 @@ engine could not afford is enforced here while the model writes:
 What llguidance cannot express is still checked after generation by
 parse_calls (see docs/grammars.md): ``uniqueItems``, ``oneOf`` exclusivity,
 ``minProperties``/``maxProperties``, a pattern llguidance's regex engine
-refuses (look-around, backreferences), number bounds beyond its range.
+refuses (look-around, backreferences), number bounds beyond its range, and
+an undeclared key written twice (a declared one cannot be: undeclared key
+names are one regex that leaves the declared names out, gbnf._key_except).
 """
 
 from __future__ import annotations
