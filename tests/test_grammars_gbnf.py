@@ -323,7 +323,7 @@ def test_schema_features_in_llama_cpp(engine):
             "maybe": {"type": ["string", "null"]},
             "either": {"anyOf": [{"type": "integer", "minimum": -3, "maximum": 250}, {"const": "n/a"}]},
             "odd": {"enum": ["a\"b", "c\\d", "é", 1.5, None, [1, 2]]},
-            "open": {"type": "object", "properties": {"k": {"type": "integer"}}},
+            "open": {"type": "object", "properties": {"k": {"type": "integer"}}, "additionalProperties": True},
         },
         "required": ["p", "code"],
         "additionalProperties": False,

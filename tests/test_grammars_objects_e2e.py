@@ -49,11 +49,10 @@ def grammars_for(runtime, schema: dict) -> list:
     return out
 
 
-@pytest.mark.parametrize("prompt", [
-    "Where is the Empire State Building? Answer in JSON.",
-    "Give the address of the Eiffel Tower as JSON.",
-])
-def test_a_format_object_ends_with_declared_keys_only(runtime, prompt):
+def test_a_format_object_ends_with_declared_keys_only(runtime):
+    # Before: '{"state": "https://www.google.com/search?q=Empire+State+Building", "city": "New York",
+    # "site": "https://www.google.com/search?' (length), on llama.cpp's sampler.
+    prompt = "Where is the Empire State Building? Answer in JSON."
     for grammar in grammars_for(runtime, PLACE):
         # num_predict 48, as in the issue's Ollama generate call
         result = runtime.call([{"role": "user", "content": prompt}], grammar=grammar, max_tokens=48, seed=0)
@@ -65,11 +64,14 @@ def test_a_format_object_ends_with_declared_keys_only(runtime, prompt):
 
 @pytest.mark.parametrize("syntax", ["python", "json"])
 def test_a_nested_tool_argument_ends_with_declared_keys_only(runtime, syntax):
+    # One call: the base 270M model otherwise repeats whole calls up to max_tokens (each of
+    # them ended); what is tested here is that the trip object ends. Before: '[book(trip={"city":
+    # "Paris", "adults": 1000000000000000000, "type": "object", "properties": {...' (length).
     result = runtime.call("Book a trip to Paris for two adults.", BOOK, tool_choice="required",
-                          syntax=syntax, max_tokens=64, seed=0)
+                          parallel=False, syntax=syntax, max_tokens=64, seed=0)
     assert result.finish_reason == "tool_calls" and result.parse_error is None, result.raw_text
-    for call in result.tool_calls:
-        assert call.name == "book"
-        assert set(call.arguments["trip"]) <= {"city", "adults"}, result.raw_text
-        assert isinstance(call.arguments["trip"]["adults"], int)
-        jsonschema.validate(call.arguments, BOOK[0].parameters)
+    [call] = result.tool_calls
+    assert call.name == "book"
+    assert set(call.arguments["trip"]) == {"city", "adults"}, result.raw_text
+    assert isinstance(call.arguments["trip"]["adults"], int)
+    jsonschema.validate(call.arguments, BOOK[0].parameters)

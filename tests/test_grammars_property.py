@@ -24,7 +24,7 @@ from toolgrad_edge.grammars import build_grammar, load_tools, parse_calls
 from toolgrad_edge.grammars.gbnf import _NoValue as NoValue  # a schema no value satisfies
 
 # Multi-letter declared names. The grammar keeps undeclared keys off them; an undeclared
-# key the sampler writes twice (no grammar can prevent that) is refused by the parser (_parsed).
+# key the sampler writes twice (no grammar can prevent that) is refused by the parser (parsed).
 NAMES = ["alpha", "beta", "gamma", "delta"]
 
 scalars = st.one_of(st.text(st.characters(blacklist_categories=("Cs",), max_codepoint=0x2FFF), max_size=4),
@@ -193,7 +193,7 @@ def test_sentences_the_grammar_accepts_are_valid_calls(schema, syntax, seed):
     rng = random.Random(seed)
     for _ in range(6):
         text = grammar.sample(rng, budget=300)
-        calls = _parsed(text, tools, syntax)
+        calls = parsed(text, tools, syntax)
         assert calls or calls is None, text
         for call in calls or []:
             errors = [e.message for e in validator.iter_errors(call.arguments)]
@@ -201,11 +201,11 @@ def test_sentences_the_grammar_accepts_are_valid_calls(schema, syntax, seed):
     auto = Grammar(build_grammar(tools, syntax=syntax, tool_choice="auto"))
     for _ in range(4):
         text = auto.sample(rng, budget=200)
-        for call in _parsed(text, tools, syntax) or []:
+        for call in parsed(text, tools, syntax) or []:
             assert validator.is_valid(call.arguments), (text, call.arguments)
 
 
-def _parsed(text: str, tools, syntax: str):
+def parsed(text: str, tools, syntax: str):
     """parse_calls' calls, or None where the text writes one undeclared key twice: the one
     thing no grammar can prevent, which the parser refuses (docs/grammars.md, "Objects end")."""
     try:
