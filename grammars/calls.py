@@ -17,7 +17,8 @@ from typing import Any, Iterable
 import jsonschema
 
 from ..errors import ToolCallError
-from .merge import MergeError, declared_arguments
+from .merge import (ANNOTATIONS, MergeError, additional_properties, declared_arguments, declared_members,
+                    flatten)
 from .pyliteral import Reader, render_value
 from .tools import CALL_NAME, Tool, as_tools
 
@@ -192,7 +193,66 @@ def _validated(name: str, args: dict, by_name: dict[str, Tool], index: int, offs
             f"call {index} at offset {offset} ({name}): arguments at {pointer} "
             f"do not match the schema: {error.message}"
         )
+    undeclared = _undeclared_key(args, tool.parameters, _validator(_canonical(tool.parameters)), "", 0)
+    if undeclared is not None:
+        pointer, key, declared_keys = undeclared
+        raise ToolCallError(
+            f"call {index} at offset {offset} ({name}): the object at {pointer} has the undeclared "
+            f"key {key!r}; it declares {', '.join(map(repr, declared_keys)) or 'no keys'} (an object "
+            'with "properties" takes no other keys unless its "additionalProperties" allows them).'
+        )
     return ToolCall(name, args)
+
+
+def _undeclared_key(value: Any, schema: Any, validator: jsonschema.Draft202012Validator, pointer: str,
+                    depth: int) -> tuple[str, str, list[str]] | None:
+    """The first key of ``value`` (valid for ``schema`` as JSON Schema reads it) that a closed
+    object does not declare: (its object's pointer, the key, the declared keys), or None.
+
+    The grammars' reading (merge.additional_properties): an object with ``properties``
+    and no ``additionalProperties`` takes its declared keys only, after ``$ref`` and
+    ``allOf`` are merged; of anyOf/oneOf members, one the value matches must agree.
+    """
+    if depth > 64 or not isinstance(value, (dict, list)) or not isinstance(schema, dict):
+        return None
+    try:
+        schema, _ = flatten(schema, validator.schema)
+    except MergeError:
+        return None
+    if not isinstance(schema, dict) or "enum" in schema or "const" in schema:
+        return None
+    for keyword in ("anyOf", "oneOf"):
+        members = schema.get(keyword)
+        if not isinstance(members, list):
+            continue
+        base = {k: v for k, v in schema.items() if k != keyword and k not in ANNOTATIONS}
+        first = None
+        for member in members:
+            member = {"allOf": [base, member]} if base else member
+            if not validator.evolve(schema=member).is_valid(value):
+                continue
+            found = _undeclared_key(value, member, validator, pointer, depth + 1)
+            if found is None:
+                return None
+            first = first or found
+        return first
+    if isinstance(value, list):
+        items = schema.get("items")
+        for i, item in enumerate(value):
+            found = _undeclared_key(item, items, validator, f"{pointer}/{i}", depth + 1)
+            if found:
+                return found
+        return None
+    props = declared_members(schema)
+    extra = additional_properties(schema)
+    for key, item in value.items():
+        if key not in props and extra is False:
+            return pointer or "/", key, list(props)
+        found = _undeclared_key(item, props.get(key, extra), validator,
+                                f"{pointer}/{key.replace('~', '~0').replace('/', '~1')}", depth + 1)
+        if found:
+            return found
+    return None
 
 
 def _canonical(schema: dict) -> str:

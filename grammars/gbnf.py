@@ -37,7 +37,7 @@ import jsonschema
 
 from ..errors import SchemaError
 from .calls import PY_ARG_NAME, SYNTAXES, TEXT_START_EXCLUDED
-from .merge import ANNOTATIONS, MergeError, flatten, same_value
+from .merge import ANNOTATIONS, MergeError, additional_properties, declared_members, flatten, same_value
 from .pyliteral import py_string_forms, render_value
 from .tools import TOOL_CHECKS, Tool, as_tools
 
@@ -119,6 +119,9 @@ _COMMON_RULES = {
     "number-nonneg": r"uint frac? exp?",
     # \u escapes exclude surrogates: a lone one is not a character.
     "esc-u": r'"u" ([0-9a-cA-Ce-fE-F] hex{3} | [dD] [0-7] hex{2})',
+    # A character of an undeclared key's name: one spelling each (see _key_units).
+    "key-dq-char": r'[^"\\\x00-\x1F] | "\\" ["\\bfnrt]',
+    "key-sq-char": r"""[^'\\\x00-\x1F] | "\\" ['\\bfnrt]""",
 }
 
 
@@ -138,7 +141,92 @@ def _class_char(ch: str, special: str = "[]^-\\") -> str:
         return "\\" + ch
     if 0x20 < code < 0x7F:
         return ch
-    return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}"
+    if code <= 0xFF:
+        return f"\\x{code:02X}"
+    return f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
+
+
+# An undeclared key's name is spelled with these escapes only (besides its
+# quote and the backslash), so that every name has exactly one spelling and
+# the grammar can leave out the declared ones: no \u, \x or \/ spellings of a
+# declared name slip through. A name holding another control character cannot
+# be an undeclared key in a grammar.
+_KEY_ESCAPES = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
+
+
+def _key_units(name: str, quote: str) -> list[str] | None:
+    """``name`` as the characters and two-character escapes of its one spelling in an undeclared key."""
+    units = []
+    for ch in name:
+        if ch in (quote, "\\"):
+            units.append("\\" + ch)
+        elif ch in _KEY_ESCAPES:
+            units.append("\\" + _KEY_ESCAPES[ch])
+        elif ord(ch) < 0x20:
+            return None  # not writable as an undeclared key anyway
+        else:
+            units.append(ch)
+    return units
+
+
+class _KeySpelling:
+    """How ``_key_except`` writes its expression: GBNF here, one regex in llg.py."""
+
+    def lit(self, text: str) -> str:
+        return _lit(text)
+
+    def class_char(self, ch: str) -> str:
+        return _class_char(ch)
+
+    def group(self, alts: list[str]) -> str:
+        return "(" + " | ".join(alts) + ")"
+
+    def seq(self, *parts: str) -> str:
+        return " ".join(parts)
+
+    def any_char(self, quote: str) -> str | None:
+        """A rule for any character of an undeclared key's name, if the dialect names one."""
+        return "key-sq-char" if quote == "'" else "key-dq-char"
+
+    def char(self, quote: str, raws: Iterable[str] = (), escapes: Iterable[str] = ()) -> str:
+        """One character of an undeclared key's name, other than the raw characters ``raws``
+        and the escapes ``\\e`` for each e in ``escapes``."""
+        if not raws and not escapes and self.any_char(quote):
+            return self.any_char(quote)
+        excluded = "".join(self.class_char(c) for c in [quote, "\\", *sorted(set(raws))])
+        raw = f"[^{excluded}{self.class_char(chr(0))}-{self.class_char(chr(0x1F))}]"
+        letters = sorted(set(quote + "\\bfnrt") - set(escapes))
+        if not letters:
+            return raw
+        return self.group([raw, self.seq(self.lit("\\"), "[" + "".join(map(self.class_char, letters)) + "]")])
+
+
+def _key_except(names: Iterable[str], quote: str, spell: _KeySpelling) -> str:
+    """A quoted key (in ``quote``) whose name is none of ``names``: a trie of the names, each
+    node adding "any other character, then anything"."""
+    end = ""  # marks the end of a name in the trie (no unit is empty)
+    trie: dict = {}
+    for name in names:
+        units = _key_units(name, quote)
+        if units is None:
+            continue
+        node = trie
+        for unit in units:
+            node = node.setdefault(unit, {})
+        node[end] = {}
+
+    def node_expr(node: dict) -> str:
+        alts, raws, escapes = [], [], []
+        for unit, child in node.items():
+            if unit == end:
+                continue
+            alts.append(spell.seq(spell.lit(unit), node_expr(child)))
+            (escapes if len(unit) == 2 else raws).append(unit[-1])
+        alts.append(spell.seq(spell.char(quote, raws, escapes), spell.char(quote) + "*"))
+        body = spell.group(alts)
+        return body if end in node else body + "?"  # a name itself needs one more character
+
+    return spell.seq(spell.lit(quote), node_expr(trie), spell.lit(quote))
 
 
 _SYNTAX_RULES = {
@@ -559,22 +647,32 @@ class _Compiler:
         inner = self.object_members(schema, ctx, ptr, "obj", kwargs=False)
         return self.add("object", _seq('"{"', pad, inner))
 
-    def extra_pair(self, schema: dict, ctx: _Context, ptr: str) -> str:
-        """The rule for one undeclared key and its value if the object allows them (JSON Schema's default), else ''."""
-        extra = schema.get("additionalProperties", True)
+    def extra_pair(self, schema: dict, ctx: _Context, ptr: str, declared: Iterable[str] = ()) -> str:
+        """The rule for one undeclared key and its value if the object allows them, else ''.
+
+        Closed (``''``) where the schema has ``properties`` and no
+        ``additionalProperties`` (merge.additional_properties). The key is
+        none of the ``declared`` names, so a declared key appears at most once.
+        """
+        extra = additional_properties(schema)
         if extra is False:
             return ""
         value = self.expr(extra, ctx, f"{ptr}/additionalProperties")
-        if value == "value":
+        declared = tuple(declared)
+        if value == "value" and not declared:
             return self.use("pair")
-        return self.add("pair", f'{self.use("string")} {self.layout.colon} {value}')
+        key = self.extra_key(declared) if declared else self.use("string")
+        return self.add("pair", f"{key} {self.layout.colon} {value}")
+
+    def extra_key(self, declared: tuple[str, ...]) -> str:
+        """A string key that is none of the ``declared`` names (in either quote in python)."""
+        quotes = ("'", '"') if self.syntax == "python" else ('"',)
+        return self.add("key", " | ".join(_key_except(declared, q, _KeySpelling()) for q in quotes))
 
     def object_members(self, schema: dict, ctx: _Context, ptr: str, hint: str, kwargs: bool) -> str:
         """The members of an object and its closing bracket, in a flexible order."""
-        props = schema.get("properties") or {}
+        props = declared_members(schema)  # no properties: the keys it requires, any value
         required = schema.get("required") or []
-        if not props and required:
-            props = {name: {} for name in required}  # keys the schema demands, any value
         for name in required:
             if name not in props:
                 raise ctx.fail(f"{ptr}/required",
@@ -604,7 +702,7 @@ class _Compiler:
         close = _seq(self.layout.pad, '")"' if kwargs else '"}"')
         first_close = close  # closing when no member has been written yet
         if not kwargs:
-            pair = self.extra_pair(schema, ctx, ptr)
+            pair = self.extra_pair(schema, ctx, ptr, props)
             if pair:
                 extra = self.add("extra", f"({self.layout.comma} {pair})*")
                 first_close = f"({pair} {extra} {close} | {close})"

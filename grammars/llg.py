@@ -18,7 +18,9 @@ engine could not afford is enforced here while the model writes:
 What llguidance cannot express is still checked after generation by
 parse_calls (see docs/grammars.md): ``uniqueItems``, ``oneOf`` exclusivity,
 ``minProperties``/``maxProperties``, a pattern llguidance's regex engine
-refuses (look-around, backreferences), number bounds beyond its range.
+refuses (look-around, backreferences), number bounds beyond its range, and
+an undeclared key written twice (a declared one cannot be: undeclared key
+names are one regex that leaves the declared names out, gbnf._key_except).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any, Iterable
 
 from .calls import SYNTAXES, TEXT_START_EXCLUDED
 from .gbnf import (DEFAULT_WHITESPACE, ORDER_STATES, _compile, _Compiler, _container_rules, _Context,
-                   _int_range, _integer_bounds, _num, _seq, _tool_choice, check_whitespace)
+                   _int_range, _integer_bounds, _key_except, _KeySpelling, _num, _seq, _tool_choice,
+                   check_whitespace)
 from .gbnf import _class_char as _gbnf_class_char  # same rule, plus "/" (Lark's regex delimiter)
 from .tools import Tool, as_tools
 
@@ -89,6 +92,27 @@ for _syntax in SYNTAXES:
         "value": "object | array | string | number | boolean | null",
         "ws": '" "?',  # the flexible layout's optional space
     })
+
+
+class _KeyRegex(_KeySpelling):
+    """gbnf._key_except's expression as one regex (one lexeme for llguidance)."""
+
+    def lit(self, text: str) -> str:
+        return "".join(map(self.class_char, text))
+
+    def class_char(self, ch: str) -> str:
+        """Letters and digits as they are, any other character as \\x{...} (in or out of a class)."""
+        return ch if ch.isascii() and ch.isalnum() else f"\\x{{{ord(ch):X}}}"
+
+    def group(self, alts: list[str]) -> str:
+        return "(?:" + "|".join(alts) + ")"
+
+    def seq(self, *parts: str) -> str:
+        return "".join(parts)
+
+    def any_char(self, quote: str) -> None:
+        return None  # a regex has no rules to name
+
 
 _NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 _STRING_KEYWORDS = ("minLength", "maxLength", "pattern", "format")
@@ -180,6 +204,10 @@ class _LarkCompiler(_Compiler):
     def leaf(self, hint: str, body: str) -> str:
         """A rule for a lexeme (a regex or an embedded JSON Schema), shared when equal."""
         return self.add(hint, body)
+
+    def extra_key(self, declared: tuple[str, ...]) -> str:
+        quotes = ("'", '"') if self.syntax == "python" else ('"',)
+        return self.leaf("key", "/" + "|".join(_key_except(declared, q, _KeyRegex()) for q in quotes) + "/")
 
     # -- leaves -------------------------------------------------------------------
     def json_leaf(self, hint: str, schema: dict, escapes: str | None = None) -> str | None:

@@ -162,21 +162,27 @@ def _merge_alternatives(out: dict, a: dict, b: dict, ptr: str) -> None:
 
 def _merge_members(out: dict, a: dict, b: dict, ptr: str) -> None:
     pa, pb = a.get("properties") or {}, b.get("properties") or {}
-    xa, xb = a.get("additionalProperties", True), b.get("additionalProperties", True)
+    # additionalProperties stays absent (None) when neither schema gives it: the merged
+    # object is then closed over the keys both declare (additional_properties), as
+    # llama.cpp merges allOf. For the other schema's own keys it allows any value.
+    xa, xb = a.get("additionalProperties"), b.get("additionalProperties")
     props: dict = {}
     for name in list(dict.fromkeys(list(pa) + list(pb))):
-        sa = pa[name] if name in pa else xa
-        sb = pb[name] if name in pb else xb
+        sa = pa[name] if name in pa else (True if xa is None else xa)
+        sb = pb[name] if name in pb else (True if xb is None else xb)
         props[name] = False if sa is False or sb is False else _both(sa, sb)
-    extra = False if xa is False or xb is False else _both(xa, xb)
+    if xa is None or xb is None:
+        extra = xb if xa is None else xa
+    else:
+        extra = False if xa is False or xb is False else _both(xa, xb)
     for name in out.get("required") or []:
         if name not in props:
-            props[name] = extra
+            props[name] = True if extra is None else extra
         if props[name] is False:
             raise MergeError(f"{ptr}/required", f"{name!r} is required, but another schema "
                              "forbids that key (additionalProperties: false or a false schema)", True)
     out["properties"] = props
-    if extra is True or extra == {}:
+    if extra is None:
         out.pop("additionalProperties", None)
     else:
         out["additionalProperties"] = extra
@@ -224,6 +230,29 @@ def same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def additional_properties(schema: dict) -> Any:
+    """The schema every undeclared key of an object must match (``False``: none may appear).
+
+    An object with ``properties`` and no ``additionalProperties`` is closed: it
+    takes its declared keys only, as llama.cpp's json-schema-to-grammar (and so
+    Ollama) and OpenAI's strict mode read it. ``additionalProperties: true``
+    gives back JSON Schema's literal reading. An object without ``properties``
+    (``{"type": "object"}``, or ``required`` alone) takes any keys.
+    """
+    if "additionalProperties" in schema:
+        return schema["additionalProperties"]
+    return False if "properties" in schema else True
+
+
+def declared_members(schema: dict) -> dict:
+    """The keys an object schema declares, with their schemas: its ``properties``, or, where it
+    has none, the keys it requires (any value)."""
+    props = schema.get("properties") or {}
+    if not props and schema.get("required"):
+        return {name: {} for name in schema["required"]}
+    return props
+
+
 def top_level(parameters: dict) -> dict:
     """A tool's parameter schema flattened at its top (``$ref``/``allOf`` merged)."""
     merged, _ = flatten(parameters, parameters)
@@ -232,7 +261,4 @@ def top_level(parameters: dict) -> dict:
 
 def declared_arguments(parameters: dict) -> list[str]:
     """The argument names a tool declares: the only ones a call may carry."""
-    top = top_level(parameters)
-    props = top.get("properties") or {}
-    names = [name for name, sub in props.items() if sub is not False]
-    return names or list(top.get("required") or [])
+    return [name for name, sub in declared_members(top_level(parameters)).items() if sub is not False]

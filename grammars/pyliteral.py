@@ -206,9 +206,14 @@ class Reader:
             first = False
             if self.peek() not in ("'", '"') or (self.json and self.peek() != '"'):
                 raise self.error("a string key")
+            key_at = self.pos
             key = self.string()
+            if key in out:
+                # A grammar cannot stop an undeclared key from coming back (docs/grammars.md):
+                # refused here, never returned with one of the values dropped.
+                raise self.error(f"no second value for the key {key!r} in the dict opened at offset "
+                                 f"{self.offset + start}", key_at)
             self.expect(":")
-            # Later keys win, as in Python and JSON.
             out[key] = self.value(depth + 1)
 
 

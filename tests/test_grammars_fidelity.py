@@ -55,13 +55,19 @@ def test_top_level_is_closed_even_when_the_schema_says_otherwise():
 
 
 def test_nested_objects_follow_their_additional_properties():
+    # Issue 27: properties without additionalProperties is closed (llama.cpp's and OpenAI's
+    # reading); additionalProperties: true opens it (tests/test_grammars_objects.py has the rest).
     tools = tool({"type": "object", "properties": {
-        "open": {"type": "object", "properties": {"k": {"type": "integer"}}},
+        "open": {"type": "object", "properties": {"k": {"type": "integer"}}, "additionalProperties": True},
+        "plain": {"type": "object", "properties": {"k": {"type": "integer"}}},
         "closed": {"type": "object", "properties": {"k": {"type": "integer"}}, "additionalProperties": False},
     }})
     assert accepts(tools, '[{"name": "f", "arguments": {"open": {"k": 1, "x": 2}}}]', "json")
+    assert not accepts(tools, '[{"name": "f", "arguments": {"plain": {"k": 1, "x": 2}}}]', "json")
     assert not accepts(tools, '[{"name": "f", "arguments": {"closed": {"k": 1, "x": 2}}}]', "json")
     assert parse_calls('[{"name": "f", "arguments": {"open": {"k": 1, "x": 2}}}]', tools, "json")
+    with pytest.raises(ToolCallError, match="the object at /plain has the undeclared key 'x'"):
+        parse_calls('[{"name": "f", "arguments": {"plain": {"k": 1, "x": 2}}}]', tools, "json")
 
 
 # -- 2. the text branch never hides a call ------------------------------------------

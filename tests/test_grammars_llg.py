@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_grammars_gbnf import NESTED, layout_cases
+from test_grammars_property import parsed
 from test_grammars_property import tools_and_meaning
 from toolgrad_edge.errors import SchemaError
 from toolgrad_edge.grammars import build_grammar, load_tools, parse_calls, render_calls
@@ -277,7 +278,7 @@ def test_walks_over_generated_schemas_are_valid_calls(tok, data, syntax, seed):
         text = walk(tok, grammar, rng, steps=400)
         if text is None:
             continue
-        for call in parse_calls(text, tools, syntax):
+        for call in parsed(text, tools, syntax) or []:  # None: an undeclared key written twice
             assert validator.is_valid(call.arguments), (text, call.arguments)
 
 
@@ -341,8 +342,9 @@ def test_bfcl_ground_truth_token_by_token_with_gemma(gemma_tok):
         ok = ok and m.is_accepting()
         assert ok is _gbnf_accepts(build_grammar(tools), text), (entry["id"], text)
         (accepted if ok else rejected).append(entry["id"])
-    assert len(accepted) >= 20
-    assert rejected == ["live_multiple_862-181-3"]  # its ground truth names an undeclared argument
+    assert len(accepted) >= 19
+    # an undeclared argument (862), undeclared keys in a closed object (189; see test_grammars_gbnf)
+    assert rejected == ["live_multiple_189-83-0", "live_multiple_862-181-3"]
 
 
 def test_schema_grammar_for_response_format(tok):
