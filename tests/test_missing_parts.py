@@ -129,3 +129,13 @@ def test_info_on_a_sound_install(gemma_270m_gguf):
     lines = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in result.output.splitlines()}
     assert lines["off"] == "nothing: every library part loaded"
     assert lines["cpu"] == hardware.detect_cpu_description().summary()
+
+
+@pytest.mark.slow
+def test_doctor_self_test_without_the_bindings(no_ggml, gemma_270m_gguf):
+    # Every other check still runs and passes; the narrow head's check says why it did not run.
+    report = doctor.run_doctor(gemma_270m_gguf, n_threads=2, n_ctx=1024)
+    assert report["ok"], doctor.format_report(report)
+    head = next(c for c in report["checks"] if c["name"] == "narrow head")
+    assert head["ok"] is None and head["detail"].startswith("skipped: narrow output head: llama_cpp._ggml could "
+                                                            "not be loaded (OSError: libggml.so")

@@ -217,7 +217,8 @@ def self_test(rt) -> list[Check]:
                             f"{head['tolerance']:g})" + ("" if head["ok"] else
                                                          "; narrow passes are off on this kernel path"), head))
     else:
-        why = ("GPU offload keeps the output layer" if rt.n_gpu_layers else
+        off = [m for m in missing_parts() if m.capability == "narrow output head"]
+        why = ("GPU offload keeps the output layer" if rt.n_gpu_layers else off[0].line() if off else
                "narrow passes did not run (the output weight's type is not handled, or no pass allowed few tokens)")
         checks.append(Check("narrow head", None, f"skipped: {why}"))
     step = rt.call(SELF_TEST_QUERY, SELF_TEST_TOOLS, speculative=False, **kwargs)

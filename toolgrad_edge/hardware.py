@@ -1,9 +1,12 @@
 """What this machine is, which llama.cpp kernels to avoid on it, and the defaults chosen from it.
 
 Every choice here is a pure function of given figures (system-info strings,
-CPU counts, RAM and model shapes), so it is table-tested on any machine; the
-``detect_*`` functions read those figures from this machine and llama.cpp.
-``doctor`` and ``info`` print each choice with its reason.
+CPU counts, RAM and model shapes), and the CPU's description a pure function of
+what the OS reports (/proc/cpuinfo, the device tree, cpu_capacity, sysctl), so
+both are table-tested on any machine; the ``detect_*`` and ``read_*`` functions
+read those figures from this machine and llama.cpp. ``doctor`` and ``info``
+print each choice with its reason. The kernel plan is carried out where models
+load (engines/kernel_guard.py): this module only plans.
 """
 
 from __future__ import annotations
