@@ -145,7 +145,7 @@ quantize_gguf({src!r}, {dst!r}, "Q4_K_M")
 
 DECODE = """
 import json, time, statistics, numpy as np, llama_cpp
-from toolgrad_edge.hardware import load_llama
+from toolgrad_edge.engines.kernel_guard import load_llama
 llm = load_llama({path!r}, n_ctx=512, n_threads={threads}, n_batch=64, verbose=False)
 prompt = llm.tokenize(b"<start_of_turn>user\\nWhat is the weather in Paris?<end_of_turn>\\n<start_of_turn>model\\n")
 t = time.perf_counter(); llm.eval(prompt); prefill = time.perf_counter() - t

@@ -89,10 +89,11 @@ from toolgrad_edge.convert.gguf_header import read_gguf_header
 from toolgrad_edge.engines.inprocess import LlamaSession
 from toolgrad_edge.engines.output_head import OutputHead
 from toolgrad_edge import hardware
+from toolgrad_edge.engines.kernel_guard import detect_kernel_plan
 path, text = sys.argv[1], sys.argv[2]
 head = OutputHead.from_gguf(path, read_gguf_header(path).tensors)
 out = {"llama_cpp": llama_cpp.__file__, "system_info": hardware.system_info().strip(),
-       "kernels": hardware.detect_kernel_plan().reason, "weight_type": head.qtype.name if head else None}
+       "kernels": detect_kernel_plan().reason, "weight_type": head.qtype.name if head else None}
 if head is not None:
     plain = LlamaSession(path, n_ctx=512, n_threads=2)
     tokens = plain.tokenize(text)
@@ -120,7 +121,7 @@ def _child(variant_path: Path | None, args: list[str], extra_env: dict | None = 
 
 def measure(models: list[Path], runs: int, threads: int | None, head_models: list[Path] = (),
             only: set[str] | None = None) -> dict:
-    from toolgrad_edge.bench.measure import cpu_name
+    from toolgrad_edge.hardware import cpu_name
 
     report = {"cpu": cpu_name(), "runs": runs, "variants": {}}
     for name, options in [*variants().items(), ("native-norepack", None)]:

@@ -161,11 +161,12 @@ def pass_costs(path: Path, threads: int, runs: int) -> dict:
 
 def measure(folder: Path, threads: int, runs: int, what: str = "all") -> dict:
     from toolgrad_edge import hardware
-    from toolgrad_edge.bench.measure import cpu_name
+    from toolgrad_edge.engines.kernel_guard import detect_kernel_plan
+    from toolgrad_edge.hardware import cpu_name
     from toolgrad_edge.gguf_info import model_shape, read_gguf_info
 
     report = {"cpu": cpu_name(), "threads": threads, "prompt_tokens": PROMPT_TOKENS,
-              "kernels": hardware.detect_kernel_plan().reason, "models": {}}
+              "kernels": detect_kernel_plan().reason, "models": {}}
     for path in gguf_files(folder):
         info = read_gguf_info(path)
         shape = model_shape(info)

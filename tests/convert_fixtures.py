@@ -174,7 +174,7 @@ def llama_tokens(gguf_path: Path, text: str) -> list[int]:
 
 
 def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
-    from toolgrad_edge.hardware import load_llama
+    from toolgrad_edge.engines.kernel_guard import load_llama
 
     # With the kernel plan: llama.cpp's AMX kernels crash where they are selected.
     llm = load_llama(gguf_path, n_ctx=max(64, len(tokens) + 8), n_batch=512, logits_all=True,

@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from toolgrad_edge import hardware
+from toolgrad_edge.engines import kernel_guard
 from toolgrad_edge.cli import main
 
 CHECKS = {"model loads", "narrow head", "speculative = stepwise", "valid call (speculative)",
@@ -37,7 +37,7 @@ def test_doctor_on_the_demo_model(gemma_270m_gguf):
     import llama_cpp
 
     assert report["versions"]["llama_cpp_python"] == llama_cpp.__version__
-    assert report["kernels"]["use_extra_bufts"] == hardware.detect_kernel_plan().use_extra_bufts
+    assert report["kernels"]["use_extra_bufts"] == kernel_guard.detect_kernel_plan().use_extra_bufts
     assert report["kernels"]["reason"]
     assert report["threads"] == {"n": 2, "reason": "as asked"}
     assert report["context"]["n_ctx"] in (512, 1024, 2048, 4096, 8192) and report["context"]["reason"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from toolgrad_edge import hardware
+from toolgrad_edge.engines import kernel_guard
 from toolgrad_edge.errors import ModelLoadError
 from toolgrad_edge.hardware import (GiB, MiB, CpuFigures, ModelShape, choose_context, choose_threads,
                                     cmake_cpu_args, kernel_plan, kv_cache_bytes, parse_system_info)
@@ -17,6 +18,7 @@ EPYC = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | 
         "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
 MAC = ("MTL : EMBED_LIBRARY = 1 | CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | MATMUL_INT8 = 1 | DOTPROD = 1 | "
        "ACCELERATE = 1 | REPACK = 1 | ")
+EPYC_PLAN = kernel_plan(EPYC, ["CPU_REPACK"])
 
 
 def test_parse_system_info():
@@ -52,14 +54,14 @@ def test_kernel_plan(info, bufts, opt_in, extra, avoided, dropped):
 
 def test_the_amx_plan_falls_back_when_the_list_cannot_be_edited(monkeypatch):
     # A llama.cpp whose list did not change (a copy handed out, say): no extra buffer types at all.
-    monkeypatch.setattr(hardware, "system_info", lambda: XEON_AMX)
-    monkeypatch.setattr(hardware, "original_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
-    monkeypatch.setattr(hardware, "restrict_extra_buffer_types", lambda drop=(): ["AMX", "CPU_REPACK"])
-    hardware._detected_plan.cache_clear()
+    monkeypatch.setattr(kernel_guard, "system_info", lambda: XEON_AMX)
+    monkeypatch.setattr(kernel_guard, "original_extra_buffer_types", lambda: ["AMX", "CPU_REPACK"])
+    monkeypatch.setattr(kernel_guard, "restrict_extra_buffer_types", lambda drop=(): ["AMX", "CPU_REPACK"])
+    kernel_guard._detected_plan.cache_clear()
     try:
-        plan = hardware.detect_kernel_plan()
+        plan = kernel_guard.detect_kernel_plan()
     finally:
-        hardware._detected_plan.cache_clear()
+        kernel_guard._detected_plan.cache_clear()
     assert (plan.use_extra_bufts, plan.avoided, plan.dropped) == (False, ("AMX",), ())
     assert "could not be taken out" in plan.reason and "no AMX, no repacking" in plan.reason
 
@@ -74,31 +76,31 @@ def test_repacking_turned_off_on_any_cpu(info, bufts):
 
 def test_repack_environment_variable(monkeypatch):
     monkeypatch.setenv(hardware.ENV_REPACK, "0")
-    assert hardware.detect_kernel_plan().avoided == ("repacking",)
+    assert kernel_guard.detect_kernel_plan().avoided == ("repacking",)
     assert hardware.environment_overrides()[hardware.ENV_REPACK] == "0"
     monkeypatch.delenv(hardware.ENV_REPACK)
-    assert hardware.detect_kernel_plan().avoided in ((), ("AMX",))
+    assert kernel_guard.detect_kernel_plan().avoided in ((), ("AMX",))
 
 
 def test_apply_kernel_plan_sets_the_model_parameter():
     class Params:
         use_extra_bufts = True
 
-    assert hardware.apply_kernel_plan(Params(), kernel_plan(XEON_AMX, ["AMX"])).use_extra_bufts is False
-    assert hardware.apply_kernel_plan(Params(), kernel_plan(EPYC, ["CPU_REPACK"])).use_extra_bufts is True
+    assert kernel_guard.apply_kernel_plan(Params(), kernel_plan(XEON_AMX, ["AMX"])).use_extra_bufts is False
+    assert kernel_guard.apply_kernel_plan(Params(), kernel_plan(EPYC, ["CPU_REPACK"])).use_extra_bufts is True
 
 
 def test_this_machines_plan_matches_its_llama_cpp():
     """The plan detected here agrees with the decision taken from this build's own strings, and the
     device's list afterwards holds exactly what the plan keeps (on an AMX CPU: no AMX)."""
-    hardware._detected_plan.cache_clear()
-    original = hardware.original_extra_buffer_types()  # the list as llama.cpp made it
+    kernel_guard._detected_plan.cache_clear()
+    original = kernel_guard.original_extra_buffer_types()  # the list as llama.cpp made it
     assert original is not None  # llama-cpp-python exposes ggml's device registry
-    plan = hardware.detect_kernel_plan()
+    plan = kernel_guard.detect_kernel_plan()
     env = hardware.os.environ
     assert plan == kernel_plan(hardware.system_info(), original, env.get(hardware.ENV_AMX, ""),
                                env.get(hardware.ENV_REPACK, ""))
-    now = hardware.detect_extra_buffer_types()
+    now = kernel_guard.detect_extra_buffer_types()
     assert now == [name for name in original if name not in plan.dropped]
     if "AMX_INT8 = 1" in hardware.system_info() and "AMX" in original and env.get(hardware.ENV_AMX) != "1":
         assert "AMX" not in now or not plan.use_extra_bufts
@@ -264,15 +266,16 @@ def test_memory_budget(ram, devices, layers, unified, want_bytes, want_memory):
 
 def test_context_planned_against_the_gpu():
     # 2 GiB of RAM free would not hold the 4B model, but every layer goes to a 3 GiB GPU.
-    on_gpu = hardware.plan_defaults(GEMMA_4B, n_threads=2, ram=(4 * GiB, 2 * GiB), n_gpu_layers=-1,
+    on_gpu = hardware.plan_defaults(GEMMA_4B, EPYC_PLAN, n_threads=2, ram=(4 * GiB, 2 * GiB), n_gpu_layers=-1,
                                     devices=[CPU_DEV, SMALL_GPU])
     assert on_gpu.budget.memory == "GPU memory (GeForce GTX 1650)"
     assert (on_gpu.context.n_ctx, on_gpu.context.kv_type) == (8192, "q8_0")
     assert "free in GPU memory (GeForce GTX 1650)" in on_gpu.context.reason
     with pytest.raises(ModelLoadError, match=r"does not fit in the available RAM: .* 2\.00 GiB available"):
-        hardware.plan_defaults(GEMMA_4B, n_threads=2, ram=(4 * GiB, 2 * GiB), n_gpu_layers=0,
+        hardware.plan_defaults(GEMMA_4B, EPYC_PLAN, n_threads=2, ram=(4 * GiB, 2 * GiB), n_gpu_layers=0,
                                devices=[CPU_DEV, SMALL_GPU])
     tiny = {**SMALL_GPU, "memory_free_bytes": 2 * GiB}
     with pytest.raises(ModelLoadError, match=r"does not fit in the available GPU memory \(GeForce GTX 1650\): "
                                               r".*2\.00 GiB free in GPU memory.*offload fewer layers"):
-        hardware.plan_defaults(GEMMA_4B, n_threads=2, ram=(32 * GiB, 30 * GiB), n_gpu_layers=-1, devices=[tiny])
+        hardware.plan_defaults(GEMMA_4B, EPYC_PLAN, n_threads=2, ram=(32 * GiB, 30 * GiB), n_gpu_layers=-1,
+                               devices=[tiny])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from toolgrad_edge import hardware
+from toolgrad_edge.engines import kernel_guard
 from toolgrad_edge.hardware import kernel_plan
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -55,7 +56,7 @@ def fallback_plan(monkeypatch):
     """This process plans as an AMX Xeon does where the list cannot be edited: no extra buffer types."""
     assert XEON_PLAN.dropped == ("AMX",) and XEON_PLAN.use_extra_bufts
     assert not FALLBACK_PLAN.use_extra_bufts and FALLBACK_PLAN.avoided == ("AMX",)
-    monkeypatch.setattr(hardware, "detect_kernel_plan", lambda: FALLBACK_PLAN)
+    monkeypatch.setattr(kernel_guard, "detect_kernel_plan", lambda: FALLBACK_PLAN)
     return FALLBACK_PLAN
 
 
@@ -71,12 +72,12 @@ def _load_and_decode(path) -> None:
 
 
 def _repacks_here() -> bool:
-    return "CPU_REPACK" in (hardware.detect_extra_buffer_types() or [])
+    return "CPU_REPACK" in (kernel_guard.detect_extra_buffer_types() or [])
 
 
 def test_the_log_shows_repacking_without_the_guard(buffers, gemma_270m_gguf):
     # The witness for the tests below: on this machine's own plan the same load does repack.
-    plan = hardware.detect_kernel_plan()
+    plan = kernel_guard.detect_kernel_plan()
     if not (plan.use_extra_bufts and _repacks_here()):
         pytest.skip(f"this llama.cpp build repacks nothing here ({plan.reason})")
     _load_and_decode(gemma_270m_gguf)
@@ -88,11 +89,11 @@ def test_a_type_taken_out_of_the_list_is_not_used_and_comes_back(buffers, gemma_
     if not _repacks_here():
         pytest.skip("this llama.cpp build lists no extra buffer type here")
     try:
-        assert hardware.restrict_extra_buffer_types(["CPU_REPACK"]) == []
+        assert kernel_guard.restrict_extra_buffer_types(["CPU_REPACK"]) == []
         _load_and_decode(gemma_270m_gguf)
         assert buffers and set(buffers) == {"CPU_Mapped"}, buffers
     finally:
-        assert hardware.restrict_extra_buffer_types(()) == ["CPU_REPACK"]
+        assert kernel_guard.restrict_extra_buffer_types(()) == ["CPU_REPACK"]
     buffers.clear()
     _load_and_decode(gemma_270m_gguf)
     assert "CPU_REPACK" in buffers, buffers
@@ -126,7 +127,7 @@ def test_doctor_on_an_amx_cpus_plans(monkeypatch, plan, says, gemma_270m_gguf):
     # (narrow head against llama.cpp's logits, speculative = stepwise, prefix state round trip).
     from toolgrad_edge.doctor import format_report, run_doctor
 
-    monkeypatch.setattr(hardware, "detect_kernel_plan", lambda: plan)
+    monkeypatch.setattr(kernel_guard, "detect_kernel_plan", lambda: plan)
     report = run_doctor(gemma_270m_gguf, n_threads=2, n_ctx=1024)
     assert report["ok"], format_report(report)
     text = format_report(report)

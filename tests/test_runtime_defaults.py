@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from toolgrad_edge import ToolRuntime, hardware
+from toolgrad_edge.engines import kernel_guard
 from toolgrad_edge.engines.inprocess import LlamaSession
 from toolgrad_edge.errors import GenerationError, ModelLoadError
 
@@ -22,7 +23,7 @@ def test_auto_defaults_come_from_the_machine(gemma_270m_gguf):
         plan = rt.hardware.context
         assert rt.n_ctx == plan.n_ctx == rt.session.n_ctx and rt.kv_type == plan.kv_type
         assert f"{plan.n_ctx} tokens, {plan.kv_type} KV cache" in plan.reason
-        assert rt.hardware.kernels == hardware.detect_kernel_plan()
+        assert rt.hardware.kernels == kernel_guard.detect_kernel_plan()
         assert rt.session.n_outputs == 16  # not llama.cpp's n_batch (512 rows of 262k logits)
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import hardware
+from .engines import kernel_guard
 from .errors import ToolgradEdgeError
 
 # The fixed self-test request: one tool, a forced call.
@@ -53,6 +54,71 @@ EXTRAS = {
 }
 
 
+# What runs instead where a library part cannot be loaded (doctor's "off" lines, missing_parts).
+NARROW_HEAD_OFF = "every pass computes the whole output layer (slower one-token passes on a CPU)"
+DEVICES_OFF = ("the device list and the extra buffer types are unknown: the kernel plan is made from llama.cpp's "
+               "system info alone, and AMX, where built, cannot be dropped alone (weights stay in the plain CPU "
+               "buffer type)")
+LLGUIDANCE_OFF = "calls decode with llama.cpp's slower GBNF sampler"
+
+
+@dataclass(frozen=True)
+class MissingPart:
+    """A library part that could not be loaded, and the capability that is off because of it."""
+
+    part: str  # e.g. "llama_cpp._ggml"
+    error: str  # what loading it raised, one line
+    capability: str  # e.g. "narrow output head"
+    effect: str  # what happens instead
+
+    def line(self) -> str:
+        """doctor's line: what failed to load, what is off and what runs instead."""
+        return f"{self.capability}: {self.part} could not be loaded ({self.error}); {self.effect}"
+
+
+def _error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _cpu_buffer_types() -> None:
+    if kernel_guard.read_extra_buffer_types() is None:
+        raise LookupError("this llama.cpp has no CPU device")
+
+
+def missing_parts() -> list[MissingPart]:
+    """Every capability that is off here because a library part could not be loaded (none on a sound install).
+
+    Each is probed with the loader its capability uses, so what this says is what a run gets.
+    """
+    from .engines.inprocess import ggml_tensor_api
+    from .grammar_engines import llguidance_load_error
+
+    probes = (
+        ("llama_cpp._ggml", ggml_tensor_api, "narrow output head", NARROW_HEAD_OFF),
+        ("llama_cpp._ggml", hardware.ggml_device_api, "ggml's device registry", DEVICES_OFF),
+        ("llama.cpp's list of extra buffer types", _cpu_buffer_types, "the kernel guard's list edit", DEVICES_OFF),
+    )
+    out: list[MissingPart] = []
+    for part, load, capability, effect in probes:
+        if any(m.effect == effect for m in out):
+            continue  # the registry is missing, so its list is too: one line says it
+        try:
+            load()
+        except Exception as exc:  # each loader's ImportError, OSError, AttributeError...: said, not raised
+            out.append(MissingPart(part, _error(exc), capability, effect))
+    why = llguidance_load_error()
+    if why not in (None, "not installed"):  # not installed is the grammar engine check's note
+        out.append(MissingPart("llguidance", why, "llguidance grammar engine", LLGUIDANCE_OFF))
+    return out
+
+
+def missing_parts_line(parts: list[MissingPart] | list[dict]) -> str:
+    """info's one line: each capability off and the part it lacks."""
+    parts = [p if isinstance(p, MissingPart) else MissingPart(**p) for p in parts]
+    return "; ".join(f"{p.capability} ({p.part}: {p.error})" for p in parts) or "nothing: every library part loaded"
+
+
 @dataclass
 class Check:
     name: str
@@ -79,7 +145,6 @@ def environment() -> dict:
     """Everything about this install and machine that does not need a model."""
     import llama_cpp
 
-    from .bench.measure import cpu_name
     from .grammar_engines import resolve_engine
     from .model_resolution import backend_name
 
@@ -90,7 +155,8 @@ def environment() -> dict:
     total, available = hardware.detect_ram()
     notes: list[str] = []
     engine = resolve_engine(None, warn=notes.append)
-    plan = hardware.detect_kernel_plan()
+    plan = kernel_guard.detect_kernel_plan()
+    cpu = hardware.detect_cpu_description()
     return {
         "versions": {
             "toolgrad_edge": _version("toolgrad-edge"),
@@ -100,15 +166,16 @@ def environment() -> dict:
         },
         "backend": {"name": backend_name(), "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
                     "devices": hardware.detect_devices()},
-        "cpu": {"name": cpu_name(), "features": sorted(k for k, v in features.items() if v == "1"),
-                "system_info": info.strip()},
-        "kernels": {**plan.to_dict(), "extra_buffer_types": hardware.detect_extra_buffer_types()},
+        "cpu": {**cpu.to_dict(), "summary": cpu.summary(),
+                "llama_cpp_features": sorted(k for k, v in features.items() if v == "1"), "system_info": info.strip()},
+        "kernels": {**plan.to_dict(), "extra_buffer_types": kernel_guard.detect_extra_buffer_types()},
         "memory": {"total_bytes": total, "available_bytes": available},
         "threads": {"n": threads, "reason": threads_reason},
         "grammar_engine": {"default": engine, "notes": notes,
                            "llguidance": _version("llguidance") if _installed("llguidance") else None},
         "extras": {name: all(_installed(m) for m in modules) for name, modules in EXTRAS.items()},
         "environment": hardware.environment_overrides(),
+        "missing_parts": [asdict(m) for m in missing_parts()],
     }
 
 
@@ -150,7 +217,8 @@ def self_test(rt) -> list[Check]:
                             f"{head['tolerance']:g})" + ("" if head["ok"] else
                                                          "; narrow passes are off on this kernel path"), head))
     else:
-        why = ("GPU offload keeps the output layer" if rt.n_gpu_layers else
+        off = [m for m in missing_parts() if m.capability == "narrow output head"]
+        why = ("GPU offload keeps the output layer" if rt.n_gpu_layers else off[0].line() if off else
                "narrow passes did not run (the output weight's type is not handled, or no pass allowed few tokens)")
         checks.append(Check("narrow head", None, f"skipped: {why}"))
     step = rt.call(SELF_TEST_QUERY, SELF_TEST_TOOLS, speculative=False, **kwargs)
@@ -249,7 +317,15 @@ def format_report(report: dict) -> str:
     rows.append(("back-end", b["name"] + (": " + ", ".join(
         f"{d['description']} ({d['memory_total_bytes'] / gib:.0f} GiB)" for d in gpus) if gpus else
         " (no GPU offload)" if not b["gpu_offload"] else "")))
-    rows.append(("CPU", f"{report['cpu']['name']}; {' '.join(report['cpu']['features'])}"))
+    cpu = report["cpu"]
+    rows.append(("CPU", cpu["summary"]))
+    rows.append(("llama.cpp CPU", " ".join(cpu["llama_cpp_features"]) or "(no features listed)"))
+    if cpu.get("metal") and b["name"] != "metal":
+        rows.append(("Metal", "this llama.cpp was built without Metal, so the GPU is unused: "
+                              "CMAKE_ARGS=\"-DGGML_METAL=on\" pip install --force-reinstall --no-cache-dir "
+                              "llama-cpp-python"))
+    for part in report.get("missing_parts", ()):
+        rows.append(("off", MissingPart(**part).line()))
     k = report["kernels"]
     rows.append(("kernels", ("avoided " + ", ".join(k["avoided"]) + ": " if k["avoided"] else "") + k["reason"]))
     m = report["memory"]
@@ -264,7 +340,8 @@ def format_report(report: dict) -> str:
         if gpus and c.get("planned_against"):
             rows.append(("memory plan", c["planned_against"]))
     g = report["grammar_engine"]
-    rows.append(("grammar engine", g["default"] + (f" (llguidance {g['llguidance']})" if g["llguidance"] else "")))
+    rows.append(("grammar engine", g["default"] + (f" (llguidance {g['llguidance']})" if g["default"] == "llguidance"
+                                                   and g["llguidance"] else "")))
     rows.append(("extras", " ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in report["extras"].items())))
     if report.get("environment"):
         rows.append(("environment", " ".join(f"{k}={v}" for k, v in report["environment"].items())))

@@ -73,10 +73,21 @@ class GrammarMatcher(Protocol):
 
 # -- llguidance ------------------------------------------------------------------
 
-def llguidance_available() -> bool:
+def llguidance_load_error() -> str | None:
+    """Why llguidance cannot be used here: "not installed", or what importing it raised; None where it can."""
     import importlib.util
 
-    return importlib.util.find_spec("llguidance") is not None
+    try:
+        if importlib.util.find_spec("llguidance") is None:
+            return "not installed"
+        import llguidance  # noqa: F401  (its compiled part loads here)
+    except Exception as exc:  # ImportError, or OSError from a compiled part built for another machine
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def llguidance_available() -> bool:
+    return llguidance_load_error() is None
 
 
 class LlguidanceTokenizer:
@@ -476,7 +487,10 @@ def resolve_engine(name: str | None, warn: Callable[[str], None] | None = None) 
     if name not in ENGINES:
         raise GenerationError(f"grammar engine must be one of {', '.join(ENGINES)}, got {name!r}.")
     if name == "llguidance" and not llguidance_available():
-        (warn or _note)("note: llguidance is not installed (pip install 'toolgrad-edge[llguidance]'); "
+        why = llguidance_load_error()
+        (warn or _note)(f"note: llguidance could not be loaded ({why}); using llama.cpp's grammar engine "
+                        f"(pip install --force-reinstall llguidance)." if why not in (None, "not installed") else
+                        "note: llguidance is not installed (pip install 'toolgrad-edge[llguidance]'); "
                         "using llama.cpp's grammar engine.")
         return "llama"
     return name

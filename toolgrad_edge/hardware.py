@@ -1,9 +1,12 @@
 """What this machine is, which llama.cpp kernels to avoid on it, and the defaults chosen from it.
 
 Every choice here is a pure function of given figures (system-info strings,
-CPU counts, RAM and model shapes), so it is table-tested on any machine; the
-``detect_*`` functions read those figures from this machine and llama.cpp.
-``doctor`` and ``info`` print each choice with its reason.
+CPU counts, RAM and model shapes), and the CPU's description a pure function of
+what the OS reports (/proc/cpuinfo, the device tree, cpu_capacity, sysctl), so
+both are table-tested on any machine; the ``detect_*`` and ``read_*`` functions
+read those figures from this machine and llama.cpp. ``doctor`` and ``info``
+print each choice with its reason. The kernel plan is carried out where models
+load (engines/kernel_guard.py): this module only plans.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import os
 import platform
 import re
 import subprocess
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -115,9 +117,25 @@ def plain_plan(reason: str) -> KernelPlan:
     return KernelPlan(False, ("AMX",), reason)
 
 
+def plan_after_edit(plan: KernelPlan, left: Sequence[str] | None) -> KernelPlan:
+    """The plan that holds once the CPU device's list was edited for it and now lists ``left`` (None: unread).
+
+    Where the plan dropped AMX and AMX is still listed (or the list could not be read back), the weights
+    must stay out of every extra buffer type.
+    """
+    if plan.dropped and (left is None or any(_is_amx(name) for name in left)):
+        return plain_plan(_amx_reason(f"AMX could not be taken out of llama.cpp's list of extra buffer types (it "
+                                      f"lists {left})", PLAIN_WEIGHTS))
+    return plan
+
+
 @functools.lru_cache(maxsize=1)
-def _ggml_backend():
-    """ggml's device registry calls, from llama-cpp-python's ggml library (their signatures set once)."""
+def ggml_device_api():
+    """ggml's device registry calls, from llama-cpp-python's ggml library (their signatures set once).
+
+    Raises what loading ``llama_cpp._ggml`` raised (ImportError, OSError, AttributeError): callers that can
+    do without it say so (doctor's "off" lines).
+    """
     from llama_cpp._ggml import libggml
 
     lib = libggml
@@ -143,149 +161,258 @@ def _ggml_backend():
     return lib
 
 
-def _extra_buffer_list():
-    """The CPU device's null-terminated array of extra buffer types (llama.cpp's loader reads this same
-    array), or None when this llama.cpp has no CPU device; an empty tuple when it lists none."""
-    import llama_cpp
-
-    llama_cpp.llama_backend_init()
-    lib = _ggml_backend()
-    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
-    if not dev:
-        return None
-    reg = lib.ggml_backend_dev_backend_reg(dev)
-    address = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
-    if not address:
-        return ()
-    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
-    return get_extra(dev) or ()
-
-
-def _entries(array) -> list[int]:
-    out, i = [], 0
-    while array and array[i]:
-        out.append(array[i])
-        i += 1
-    return out
-
-
-def _names(entries: Sequence[int]) -> list[str]:
-    lib = _ggml_backend()
-    return [lib.ggml_backend_buft_name(entry).decode(errors="replace") for entry in entries]
-
-
-def detect_extra_buffer_types() -> list[str] | None:
-    """The names of the CPU device's extra buffer types (e.g. ``AMX``, ``CPU_REPACK``); None if unknown."""
-    try:
-        array = _extra_buffer_list()
-        return None if array is None else _names(_entries(array))
-    except (ImportError, OSError, AttributeError, ValueError):
-        return None
-
-
-_ORIGINAL_EXTRA: list[int] | None = None  # the list as llama.cpp made it, before any edit here
-_EXTRA_LOCK = threading.Lock()
-
-
-def _remember_original(array) -> list[int]:
-    global _ORIGINAL_EXTRA
-    if _ORIGINAL_EXTRA is None:
-        _ORIGINAL_EXTRA = _entries(array)
-    return _ORIGINAL_EXTRA
-
-
-def original_extra_buffer_types() -> list[str] | None:
-    """The CPU device's extra buffer types as llama.cpp listed them, whatever an edit here left (None if unknown)."""
-    try:
-        with _EXTRA_LOCK:
-            array = _extra_buffer_list()
-            if array is None:
-                return None
-            entries = _remember_original(array) if array else []
-        return _names(entries)
-    except (ImportError, OSError, AttributeError, ValueError):
-        return None
-
-
-def restrict_extra_buffer_types(drop: Sequence[str] = ()) -> list[str] | None:
-    """Make the CPU device list its extra buffer types minus ``drop`` (by name), in their order.
-
-    The array is llama.cpp's own (a static one the CPU backend hands out); it is rewritten in place, never
-    grown, and always from the list as first seen, so ``drop=()`` puts everything back. Models loaded
-    afterwards choose their weights' buffer types from what is left; models already loaded keep theirs.
-    Returns the names now listed, or None when the list cannot be read.
-    """
-    try:
-        with _EXTRA_LOCK:
-            array = _extra_buffer_list()
-            if not array:
-                return None if array is None else []
-            original = _remember_original(array)
-            unwanted = {name.upper() for name in drop}
-            keep = [entry for entry, name in zip(original, _names(original)) if name.upper() not in unwanted]
-            for i in range(len(original)):
-                array[i] = keep[i] if i < len(keep) else None
-        return detect_extra_buffer_types()
-    except (ImportError, OSError, AttributeError, ValueError):
-        return None
-
-
 def system_info() -> str:
     import llama_cpp
 
     return llama_cpp.llama_print_system_info().decode(errors="replace")
 
 
-@functools.lru_cache(maxsize=4)
-def _detected_plan(opt_in: str, repack: str = "") -> KernelPlan:
-    # The plan is made from llama.cpp's own list, whatever an earlier plan in this process left in it, and
-    # the list is then written once, to what this plan keeps (no moment with AMX back in it).
-    plan = kernel_plan(system_info(), original_extra_buffer_types(), opt_in, repack)
-    left = restrict_extra_buffer_types(plan.dropped)
-    if plan.dropped and (left is None or any(_is_amx(name) for name in left)):
-        return plain_plan(_amx_reason(f"AMX could not be taken out of llama.cpp's list of extra buffer types (it "
-                                      f"lists {left})", PLAIN_WEIGHTS))
-    return plan
+# -- what the CPU is -------------------------------------------------------------------------------------------
+
+# arm64's /proc/cpuinfo names no CPU: it gives each core's MIDR fields. (CPU implementer, CPU part) -> the
+# core, numbered as in the Linux kernel's arch/arm64/include/asm/cputype.h and the cores' Technical
+# Reference Manuals (MIDR_EL1.PartNum).
+ARM_CORES = {
+    (0x41, 0xD03): "Cortex-A53",
+    (0x41, 0xD04): "Cortex-A35",
+    (0x41, 0xD05): "Cortex-A55",
+    (0x41, 0xD07): "Cortex-A57",
+    (0x41, 0xD08): "Cortex-A72",  # Raspberry Pi 4 (BCM2711)
+    (0x41, 0xD09): "Cortex-A73",
+    (0x41, 0xD0A): "Cortex-A75",
+    (0x41, 0xD0B): "Cortex-A76",  # Raspberry Pi 5 (BCM2712)
+    (0x41, 0xD0C): "Neoverse N1",  # AWS Graviton2, Ampere Altra
+    (0x41, 0xD0D): "Cortex-A77",
+    (0x41, 0xD40): "Neoverse V1",  # AWS Graviton3
+    (0x41, 0xD41): "Cortex-A78",
+    (0x41, 0xD44): "Cortex-X1",
+    (0x41, 0xD46): "Cortex-A510",
+    (0x41, 0xD47): "Cortex-A710",
+    (0x41, 0xD48): "Cortex-X2",
+    (0x41, 0xD49): "Neoverse N2",
+    (0x41, 0xD4B): "Cortex-A78C",
+    (0x41, 0xD4D): "Cortex-A715",
+    (0x41, 0xD4E): "Cortex-X3",
+    (0x41, 0xD4F): "Neoverse V2",  # AWS Graviton4, NVIDIA Grace
+    (0x41, 0xD80): "Cortex-A520",
+    (0x41, 0xD81): "Cortex-A720",
+    (0x41, 0xD82): "Cortex-X4",
+    (0x41, 0xD84): "Neoverse V3",
+    (0x41, 0xD8E): "Neoverse N3",
+    (0x61, 0x022): "Apple M1 Icestorm",  # Linux on Apple silicon (Asahi); Pro and Max have their own numbers
+    (0x61, 0x023): "Apple M1 Firestorm",
+    (0x61, 0x024): "Apple M1 Pro Icestorm",
+    (0x61, 0x025): "Apple M1 Pro Firestorm",
+    (0x61, 0x028): "Apple M1 Max Icestorm",
+    (0x61, 0x029): "Apple M1 Max Firestorm",
+    (0x61, 0x032): "Apple M2 Blizzard",
+    (0x61, 0x033): "Apple M2 Avalanche",
+    (0x61, 0x034): "Apple M2 Pro Blizzard",
+    (0x61, 0x035): "Apple M2 Pro Avalanche",
+    (0x61, 0x038): "Apple M2 Max Blizzard",
+    (0x61, 0x039): "Apple M2 Max Avalanche",
+    (0xC0, 0xAC3): "AmpereOne",
+    (0xC0, 0xAC4): "AmpereOne A",
+}
+ARM_IMPLEMENTERS = {0x41: "Arm", 0x42: "Broadcom", 0x48: "HiSilicon", 0x4E: "NVIDIA", 0x51: "Qualcomm",
+                    0x61: "Apple", 0xC0: "Ampere"}
+
+# The ARM features llama.cpp's CPU kernels use: (name shown, token of /proc/cpuinfo's Features line, macOS sysctl).
+ARM_FEATURES = (
+    ("neon", "asimd", "hw.optional.neon"),  # Advanced SIMD
+    ("fp16", "asimdhp", "hw.optional.arm.FEAT_FP16"),  # half-precision vector arithmetic (llama.cpp's FP16_VA)
+    ("dotprod", "asimddp", "hw.optional.arm.FEAT_DotProd"),  # int8 dot products (DOTPROD)
+    ("i8mm", "i8mm", "hw.optional.arm.FEAT_I8MM"),  # int8 matrix multiply (MATMUL_INT8)
+    ("bf16", "bf16", "hw.optional.arm.FEAT_BF16"),
+    ("sve", "sve", None),
+    ("sve2", "sve2", None),
+    ("sme", "sme", "hw.optional.arm.FEAT_SME"),
+)
+# The x86 flags llama.cpp's CPU kernels use (of /proc/cpuinfo's flags line), in the order shown.
+X86_FEATURES = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+
+# What read_sysctl asks macOS (a prefix such as hw.optional lists every name under it).
+SYSCTL_NAMES = ("machdep.cpu.brand_string", "hw.memsize", "hw.physicalcpu", "hw.perflevel0.physicalcpu",
+                "hw.perflevel1.physicalcpu", "hw.optional", "sysctl.proc_translated")
 
 
-def detect_kernel_plan() -> KernelPlan:
-    """This process's plan (computed once per value of $TOOLGRAD_EDGE_AMX and $TOOLGRAD_EDGE_REPACK)."""
-    return _detected_plan(os.environ.get(ENV_AMX, ""), os.environ.get(ENV_REPACK, ""))
+@dataclass(frozen=True)
+class CpuDescription:
+    """What doctor and info say about the CPU (and, on a Mac, its memory and GPU)."""
+
+    arch: str  # platform.machine(): x86_64, aarch64, arm64
+    name: str  # the board or brand with its cores, e.g. "Raspberry Pi 5 Model B Rev 1.0 (4x Cortex-A76)"
+    features: tuple[str, ...] = ()  # of ARM_FEATURES or X86_FEATURES, as the OS reports them
+    performance: int | None = None  # big / performance cores where the cores differ, None where all are alike
+    unified_memory: bool | None = None  # the GPU uses the RAM (Apple silicon)
+    metal: bool | None = None  # a GPU that llama.cpp's Metal back-end runs on
+    note: str = ""  # what could not be told, and why
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: the name, features, big cores, unified memory and Metal, the note."""
+        parts = [self.name]
+        if self.features:
+            parts.append(" ".join(self.features))
+        if self.unified_memory:
+            parts.append("unified memory" + (", Metal" if self.metal else ""))
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
 
 
-def apply_kernel_plan(model_params, plan: KernelPlan | None = None):
-    """Set llama_model_params for the plan (every model this project loads goes through here)."""
-    plan = plan or detect_kernel_plan()
-    model_params.use_extra_bufts = plan.use_extra_bufts
-    return model_params
+def _int(text: str | None) -> int | None:
+    try:
+        return int(str(text).strip(), 0)
+    except ValueError:
+        return None
 
 
-def load_llama(model_path, **kwargs):
-    """llama-cpp-python's ``Llama`` with the kernel plan applied (it has no argument for extra buffer types).
+def parse_cpuinfo(text: str) -> list[dict[str, str]]:
+    """/proc/cpuinfo's blocks (one per processor, and arm64 boards' trailing Hardware/Revision/Model block)."""
+    blocks, block = [], {}
+    for line in text.splitlines() + [""]:
+        if not line.strip():
+            if block:
+                blocks.append(block)
+            block = {}
+        elif ":" in line:
+            key, value = line.split(":", 1)
+            block[key.strip()] = value.strip()
+    return blocks
 
-    Llama builds its model parameters from ``llama_model_default_params()``; the plan is applied to
-    them through a wrapper that stands in for that function while this one object loads.
-    """
-    import llama_cpp
-    import llama_cpp.llama as llama_module
 
-    plan = detect_kernel_plan()
-    if plan.use_extra_bufts:
-        return llama_cpp.Llama(model_path=str(model_path), **kwargs)
-    with _LOAD_LOCK:
-        original = llama_module.llama_cpp.llama_model_default_params
+def parse_sysctl(text: str) -> dict[str, str]:
+    """``sysctl NAME ...``'s ``name: value`` lines."""
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
 
-        def defaults():
-            return apply_kernel_plan(original(), plan)
 
-        llama_module.llama_cpp.llama_model_default_params = defaults
+def read_sysctl(names: Sequence[str] = SYSCTL_NAMES) -> dict[str, str]:
+    """macOS's values of ``names`` (one sysctl run; names this Mac lacks are left out); {} where it fails."""
+    try:
+        out = subprocess.run(["sysctl", *names], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_sysctl(out.stdout)
+
+
+def read_cpu_capacities(cpu_root: Path = Path("/sys/devices/system/cpu")) -> dict[int, int]:
+    """Each CPU's relative capacity (``cpuN/cpu_capacity``, 1024 for the fastest): arm64's big.LITTLE cores."""
+    out = {}
+    for path in cpu_root.glob("cpu[0-9]*/cpu_capacity"):
         try:
-            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
-        finally:
-            llama_module.llama_cpp.llama_model_default_params = original
+            out[int(path.parent.name[3:])] = int(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
 
 
-_LOAD_LOCK = threading.Lock()
+def big_cores(capacities: Mapping[int, int], cpus: Sequence[int] | None = None) -> int | None:
+    """How many of ``cpus`` have the highest capacity, where the capacities differ (None where all are alike)."""
+    caps = [capacities[c] for c in (capacities if cpus is None else cpus) if c in capacities]
+    if len(set(caps)) < 2:
+        return None
+    return caps.count(max(caps))
+
+
+def _family(machine: str) -> str:
+    m = machine.lower()
+    if m in ("aarch64", "arm64") or m.startswith("arm"):
+        return "arm"
+    if m in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "x86"
+    return m
+
+
+def _arm_core(block: Mapping[str, str]) -> str:
+    implementer, part = _int(block.get("CPU implementer")), _int(block.get("CPU part"))
+    name = ARM_CORES.get((implementer, part))
+    if name:
+        return name
+    vendor = ARM_IMPLEMENTERS.get(implementer, f"implementer {block.get('CPU implementer')}")
+    return f"{vendor} core {block.get('CPU part')}"
+
+
+def _cores_label(groups: Sequence[tuple[str, int]]) -> str:
+    return " + ".join(f"{n}x {core}" for core, n in groups)
+
+
+def describe_cpu(machine: str, cpuinfo: str = "", device_model: str | None = None,
+                 capacities: Mapping[int, int] | None = None, sysctl: Mapping[str, str] | None = None) -> CpuDescription:
+    """The CPU described from what the OS reports: /proc/cpuinfo, the device tree's board model and the cores'
+    capacities on Linux, sysctl's values on macOS (``sysctl`` given).
+
+    ``machine`` (platform.machine()) is the architecture this process runs as; where /proc/cpuinfo describes
+    another one's CPU (QEMU user mode shows the host's), that is said instead of the host's name.
+    """
+    if sysctl is not None:
+        return _describe_mac(machine, sysctl)
+    blocks = parse_cpuinfo(cpuinfo)
+    arm = [b for b in blocks if "CPU part" in b]
+    x86 = [b for b in blocks if "flags" in b or "vendor_id" in b]
+    family = _family(machine)
+    if family == "arm" and arm:
+        caps = capacities or {}
+        groups: dict[str, list[int]] = {}
+        for i, block in enumerate(arm):
+            groups.setdefault(_arm_core(block), []).append(_int(block.get("processor")) or i)
+        # Big cores first (by capacity), else as /proc/cpuinfo lists them.
+        order = sorted(groups, key=lambda core: -max((caps.get(c, 0) for c in groups[core]), default=0))
+        cores = _cores_label([(core, len(groups[core])) for core in order])
+        tokens = set.intersection(*(set(b.get("Features", "").split()) for b in arm))
+        board = (device_model or "").replace("\x00", "").strip() or next(
+            (b["Model"] for b in blocks if b.get("Model")), "")
+        return CpuDescription(machine, f"{board} ({cores})" if board else cores,
+                              tuple(name for name, token, _ in ARM_FEATURES if token in tokens),
+                              performance=big_cores(caps))
+    if family == "x86" and x86:
+        flags = set(x86[0].get("flags", "").split())
+        return CpuDescription(machine, x86[0].get("model name") or x86[0].get("vendor_id") or machine,
+                              tuple(f for f in X86_FEATURES if f in flags))
+    other = (x86[0].get("model name") if x86 else None) or (_arm_core(arm[0]) if arm else None)
+    note = (f"/proc/cpuinfo describes another architecture's CPU ({other}), as under QEMU user-mode emulation: "
+            f"this CPU's name and features are unknown (llama.cpp's system info says what it was built for)"
+            if other else "/proc/cpuinfo names no CPU")
+    return CpuDescription(machine, f"{machine} CPU", note=note)
+
+
+def _describe_mac(machine: str, sysctl: Mapping[str, str]) -> CpuDescription:
+    brand = sysctl.get("machdep.cpu.brand_string") or "Mac"
+    apple = _family(machine) == "arm" or brand.startswith("Apple")
+    perf, eff = _int(sysctl.get("hw.perflevel0.physicalcpu")), _int(sysctl.get("hw.perflevel1.physicalcpu"))
+    if perf and eff:
+        name = f"{brand} ({perf} performance + {eff} efficiency cores)"
+    else:
+        name = brand + (f" ({sysctl['hw.physicalcpu']} cores)" if sysctl.get("hw.physicalcpu") else "")
+    features = tuple(label for label, _, key in ARM_FEATURES if key and _int(sysctl.get(key)) == 1) if apple else ()
+    note = ""
+    if _int(sysctl.get("sysctl.proc_translated")) == 1:
+        note = ("this Python runs under Rosetta 2 (x86_64 on Apple silicon): llama.cpp gets no NEON and no Metal; "
+                "install an arm64 Python")
+    return CpuDescription(machine, name, features, performance=perf if perf and eff else None,
+                          unified_memory=apple or None, metal=apple or None, note=note)
+
+
+def detect_cpu_description(machine: str | None = None, root: Path = Path("/")) -> CpuDescription:
+    """This machine's CPU: describe_cpu over what it reports (``root`` stands for / in tests)."""
+    machine = machine or platform.machine()
+    if platform.system() == "Darwin":
+        return describe_cpu(machine, sysctl=read_sysctl())
+
+    def text(path: str) -> str:
+        try:
+            return (root / path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    return describe_cpu(machine, text("proc/cpuinfo"), text("proc/device-tree/model") or None,
+                        read_cpu_capacities(root / "sys/devices/system/cpu"))
+
+
+def cpu_name() -> str:
+    return detect_cpu_description().name
 
 
 # -- threads ---------------------------------------------------------------------------------------------------
@@ -333,28 +460,25 @@ def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     return None
 
 
-def _sysctl_int(name: str) -> int | None:
-    try:
-        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
-        return int(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-
-
-def detect_cpu() -> CpuFigures:
+def detect_cpu(sysctl: Mapping[str, str] | None = None,
+               cpu_root: Path = Path("/sys/devices/system/cpu")) -> CpuFigures:
+    """This process's CPU figures; ``sysctl`` (macOS, from read_sysctl) and ``cpu_root`` (Linux's sysfs) are
+    what it reads, given by tests."""
     logical = os.cpu_count() or 1
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = list(range(logical))
     physical = performance = None
-    if platform.system() == "Darwin":
-        physical = _sysctl_int("hw.physicalcpu")
-        performance = _sysctl_int("hw.perflevel0.physicalcpu")
+    if sysctl is None and platform.system() == "Darwin":
+        sysctl = read_sysctl()
+    if sysctl is not None:
+        physical = _int(sysctl.get("hw.physicalcpu"))
+        performance = _int(sysctl.get("hw.perflevel0.physicalcpu"))
     else:
         cores = set()
         for cpu in cpus:
-            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            topo = cpu_root / f"cpu{cpu}" / "topology"
             try:
                 cores.add((topo.joinpath("physical_package_id").read_text().strip(),
                            topo.joinpath("core_id").read_text().strip()))
@@ -362,6 +486,7 @@ def detect_cpu() -> CpuFigures:
                 cores = set()
                 break
         physical = len(cores) or None
+        performance = big_cores(read_cpu_capacities(cpu_root), cpus)
     return CpuFigures(logical=logical, allowed=len(cpus) or logical, quota=_cgroup_quota(),
                       physical=physical, performance=performance)
 
@@ -400,16 +525,23 @@ def detect_ram() -> tuple[int | None, int | None]:
     except (OSError, ValueError):
         pass
     if total is None and platform.system() == "Darwin":
-        total = _sysctl_int("hw.memsize")
-        # macOS keeps file cache and compressed pages it gives back; three quarters of the total is a
-        # safe share for one process (Metal's default working-set limit is about that).
-        available = int(total * 0.75) if total else None
+        total, available = ram_from_sysctl(read_sysctl())
     if total is None:
         try:
             total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, AttributeError):
             total = None
     return total, available if available is not None else total
+
+
+def ram_from_sysctl(sysctl: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(total, available) bytes on macOS from its ``hw.memsize``.
+
+    macOS keeps file cache and compressed pages it gives back; three quarters of the total is a safe share
+    for one process (Metal's default working-set limit on Apple silicon's unified memory is about that).
+    """
+    total = _int(sysctl.get("hw.memsize"))
+    return total, int(total * 0.75) if total else None
 
 
 # -- the context ---------------------------------------------------------------------------------------------
@@ -572,7 +704,7 @@ def choose_context(shape: ModelShape, budget_bytes: int | None, n_ctx: int | str
 def detect_devices() -> list[dict]:
     """ggml's devices (CPU, GPUs, accelerators) with their memory; [] where llama.cpp's library is missing."""
     try:
-        lib = _ggml_backend()
+        lib = ggml_device_api()
     except (ImportError, OSError, AttributeError):
         return []
     kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
@@ -650,11 +782,12 @@ class HardwareDefaults:
                 "budget": self.budget.to_dict() if self.budget else None}
 
 
-def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | str = "auto", kv_type: str = "auto",
-                  swa_full: bool | str | None = "auto", n_outputs: int = 16, cap: int = 8192,
+def plan_defaults(shape: ModelShape, kernels: KernelPlan, n_threads: int | None = None, n_ctx: int | str = "auto",
+                  kv_type: str = "auto", swa_full: bool | str | None = "auto", n_outputs: int = 16, cap: int = 8192,
                   ram: tuple[int | None, int | None] | None = None, n_gpu_layers: int = 0,
                   devices: Sequence[Mapping] | None = None) -> HardwareDefaults:
-    """Threads, kernels and context for this model here; given values are kept, the others chosen.
+    """Threads and context for this model here, beside the kernel plan the engine holds (``kernels``, from
+    engines.kernel_guard); given values are kept, the others chosen.
 
     The context is planned against the RAM, or against the GPUs' free memory when ``n_gpu_layers`` puts
     every layer there (``memory_budget``).
@@ -666,7 +799,7 @@ def plan_defaults(shape: ModelShape, n_threads: int | None = None, n_ctx: int | 
     budget = memory_budget(available, devices or (), n_gpu_layers, shape.n_layer)
     context = choose_context(shape, budget.bytes, n_ctx, kv_type, swa_full, n_outputs=n_outputs, cap=cap,
                              memory=budget.memory)
-    return HardwareDefaults(threads, why, detect_kernel_plan(), total, available, context, budget)
+    return HardwareDefaults(threads, why, kernels, total, available, context, budget)
 
 
 def environment_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -692,14 +825,15 @@ CPU_FLAG_OPTIONS = (
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags (x86 /proc/cpuinfo ``flags``), empty where there are none to read."""
+    """The CPU's feature flags (/proc/cpuinfo's ``flags`` on x86, ``Features`` on arm64), empty where there are
+    none to read."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return set()
     for line in cpuinfo.splitlines():
-        if line.startswith("flags") and ":" in line:
+        if line.startswith(("flags", "Features")) and ":" in line:
             return set(line.split(":", 1)[1].split())
     return set()
 

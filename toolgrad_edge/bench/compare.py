@@ -216,7 +216,7 @@ def compare_models(paths: Iterable[str | os.PathLike], *, runs: int = 5, n_threa
 def machine_info(rows: list[dict]) -> dict:
     import platform
 
-    from .measure import cpu_name
+    from ..hardware import cpu_name
 
     first = rows[0] if rows else {}
     return {

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import EvaluationError
+from ..hardware import cpu_name
 
 BENCH_PROMPT = "bench_prompt.json"
 
@@ -54,23 +55,13 @@ def _peak_rss_bytes() -> int:
     return rss if platform.system() == "Darwin" else rss * 1024
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, prompt_tokens: list[int],
                      grammar: str, max_tokens: int, runs: int) -> tuple[float, int]:
     """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
     from llama_cpp import LlamaGrammar
 
     from ..engines.inprocess import quiet_stderr
-    from ..hardware import load_llama
+    from ..engines.kernel_guard import load_llama
 
     with quiet_stderr(True):
         llm = load_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,

@@ -30,8 +30,9 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+from ..hardware import cpu_name
 from .compare import _num, markdown_table, text_table
-from .measure import bench_prompt, cpu_name
+from .measure import bench_prompt
 
 SYNTAXES = ("python", "json")
 

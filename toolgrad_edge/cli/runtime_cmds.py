@@ -139,17 +139,24 @@ def call(query, tools_file, model, tool_choice, parallel, syntax, stream, no_spe
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @json_option
 def info(model_file, as_json):
-    """Describe a GGUF model file: architecture, size, quantization, context, back-end.
+    """Describe a GGUF model file and this machine: architecture, size, quantization, context, back-end, CPU.
+
+    The ``off`` line names each capability turned off here because a library
+    part could not be loaded (``none`` on a sound install); doctor says more.
 
     \b
     Examples:
       toolgrad-edge info ~/.cache/toolgrad-edge/models/toolgrad-4b-Q4_K_M.gguf
       toolgrad-edge info model.gguf --json
     """
+    from dataclasses import asdict
+
+    from ..doctor import missing_parts, missing_parts_line
+    from ..engines import kernel_guard
+    from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
     from ..errors import ModelLoadError
     from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
-    from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
-    from ..hardware import plan_defaults, swa_label
+    from ..hardware import CpuDescription, detect_cpu_description, plan_defaults, swa_label
     from ..model_resolution import backend_name, resolve_gpu_layers
 
     meta = read_gguf_info(model_file)
@@ -166,12 +173,14 @@ def info(model_file, as_json):
         "chat_template": meta.has_chat_template,
         "gguf_version": meta.version,
         "backend": backend_name(),
+        "cpu": detect_cpu_description().to_dict(),
+        "missing_parts": [asdict(m) for m in missing_parts()],
     }
     if meta.architecture in SUPPORTED_ARCHITECTURES:
         # The defaults a runtime would choose for this file here, each with its reason.
         try:
-            hw = plan_defaults(model_shape(meta), n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX,  # as the runtime would
-                               n_gpu_layers=resolve_gpu_layers("auto"))
+            hw = plan_defaults(model_shape(meta), kernel_guard.detect_kernel_plan(), n_outputs=OUTPUT_ROWS,
+                               cap=DEFAULT_CTX, n_gpu_layers=resolve_gpu_layers("auto"))  # as the runtime would
             context = f"{hw.context.reason}; {swa_label(hw.context.swa_full)}"
         except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
             hw, context = None, str(exc)
@@ -187,4 +196,8 @@ def info(model_file, as_json):
             value = f"{value:,} ({value / 1e9:.2f} B)"
         elif key == "file_size_bytes":
             key, value = "file_size", f"{value / 1e9:.2f} GB ({value:,} bytes)"
+        elif key == "cpu":
+            value = CpuDescription(**value).summary()
+        elif key == "missing_parts":
+            key, value = "off", missing_parts_line(value)
         click.echo(f"{key:<{width}}  {value}")

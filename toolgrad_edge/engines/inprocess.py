@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ContextLengthError, GenerationError, ModelLoadError
-from ..hardware import apply_kernel_plan
+from .kernel_guard import apply_kernel_plan
 
 SEQ = 0  # the one sequence this session uses
 KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}  # KV cache types -> ggml's type constants
@@ -62,6 +62,7 @@ def quiet_stderr(enabled: bool):
         os.close(devnull)
 
 
+logger = logging.getLogger(__name__)
 _backend_ready = False
 
 
@@ -101,8 +102,10 @@ class LlamaSession:
         self._head = output_head if n_gpu_layers == 0 else None
         if self._head is not None:
             try:
-                _ggml()
-            except (ImportError, OSError, AttributeError):  # a llama-cpp-python without ggml's symbols
+                ggml_tensor_api()
+            except (ImportError, OSError, AttributeError) as exc:  # a llama-cpp-python without ggml's symbols
+                # Said here and by doctor's "off" lines: every pass then computes the whole output layer.
+                logger.warning("narrow output head off: llama_cpp._ggml could not be loaded (%s)", exc)
                 self._head = None
         self._eval_cb = None
         self._want_hidden = False
@@ -316,7 +319,7 @@ class LlamaSession:
         if not self._want_hidden or not tensor:
             return False
         try:
-            lib = _ggml()
+            lib = ggml_tensor_api()
             if ask:
                 # Names are read only at addresses seen before (graphs of other shapes may put
                 # another node there) or while looking the node up: a name per node costs 0.4 ms.
@@ -489,7 +492,7 @@ class LlamaSession:
 _GGML = None
 
 
-def _ggml():
+def ggml_tensor_api():
     """ggml's C API (tensor name, size and data), loaded once from llama-cpp-python's libraries."""
     global _GGML
     if _GGML is None:

@@ -31,6 +31,7 @@ from ..errors import ContextLengthError, GenerationError, ModelLoadError
 from ..gguf_info import check_supported, model_shape, read_gguf_info
 from ..grammar_engines import LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, llg_grammar, resolve_engine
 from ..hardware import plan_defaults
+from . import kernel_guard
 from ..model_resolution import backend_name, resolve_gpu_layers, resolve_model
 from ..paths import llguidance_dir, prefix_cache_dir
 from ..prefix_cache import PrefixCache, model_identity, prefix_key
@@ -70,7 +71,7 @@ class InProcessEngine:
         if n_ctx not in (None, "auto") and int(n_ctx) < 64:
             raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
         # Threads, context length and KV cache type chosen from this machine (each with its reason).
-        self.hardware = plan_defaults(model_shape(self.info), n_threads=n_threads, n_ctx=n_ctx or "auto",
+        self.hardware = plan_defaults(model_shape(self.info), kernel_guard.detect_kernel_plan(), n_threads=n_threads, n_ctx=n_ctx or "auto",
                                       kv_type=kv_type, swa_full=swa_full,
                                       n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=self.n_gpu_layers)
         self.n_threads = self.hardware.threads
