@@ -61,7 +61,7 @@ def fallback_plan(monkeypatch):
 
 def _load_and_decode(path) -> None:
     """One LlamaSession on the model: loaded (llama.cpp logs its buffers), one token decoded, closed."""
-    from toolgrad_edge.engines.inprocess import LlamaSession
+    from toolgrad_edge.engines.llama_session import LlamaSession
 
     s = LlamaSession(path, n_ctx=256, n_threads=2)
     try:

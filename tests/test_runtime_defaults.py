@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from toolgrad_edge import ToolRuntime, hardware
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 from toolgrad_edge.errors import GenerationError, ModelLoadError
 
 TOOLS = str(Path(__file__).resolve().parent.parent / "examples" / "tools.json")

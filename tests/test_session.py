@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from toolgrad_edge import ToolRuntime, load_tools
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 from toolgrad_edge.errors import ContextLengthError, GenerationError, ModelLoadError
 from toolgrad_edge.grammar_engines import llguidance_available
 from toolgrad_edge.runtime import result_from_text

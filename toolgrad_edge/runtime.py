@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .decoding import SamplingParams
 from .engines import Engine, EngineRequest, Generation, StopStrings, open_engine
-from .engines.local import DEFAULT_CTX, OUTPUT_ROWS, DraftModel  # noqa: F401 - importable from here, as before
+from .engines.inprocess import DEFAULT_CTX, OUTPUT_ROWS, DraftModel  # noqa: F401 - importable from here, as before
 from .errors import GenerationError, SchemaError
 from .grammar_engines import LarkGrammar
 from .grammars import Tool, build_grammar, build_llg_grammar, forced_name_suffix, load_tools
@@ -45,7 +45,7 @@ class ToolRuntime:
     named), "inprocess", "http://HOST:PORT" of a llama-server (the prompt,
     grammar and parsing stay here and no model file is loaded), or an Engine
     object. The other options configure the in-process engine
-    (engines/local.py): speculative=False turns off every multi-token step
+    (engines/inprocess.py): speculative=False turns off every multi-token step
     (jump-forward, prompt lookup, the draft model) so that each forward pass
     yields one token; grammar_engine: "llguidance" (default; falls back to
     "llama" with a note when the package is missing) or "llama" (llama.cpp's

@@ -69,7 +69,7 @@ def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, 
     """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
     from llama_cpp import LlamaGrammar
 
-    from ..engines.inprocess import quiet_stderr
+    from ..engines.llama_session import quiet_stderr
     from ..hardware import load_llama
 
     with quiet_stderr(True):
@@ -139,7 +139,7 @@ def _divergence(rt, messages, tool_dicts, syntax: str, spec, step) -> dict:
     time; a gap smaller than the batched-versus-one-token noise (up to about
     0.9 on this back-end) is a near-tie, not a bug.
     """
-    from ..engines.inprocess import common_prefix
+    from ..engines.llama_session import common_prefix
     from ..grammars import load_tools
     from ..prompt import render_prompt
 

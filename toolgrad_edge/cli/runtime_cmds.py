@@ -148,7 +148,7 @@ def info(model_file, as_json):
     """
     from ..errors import ModelLoadError
     from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
-    from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
+    from ..engines.inprocess import DEFAULT_CTX, OUTPUT_ROWS
     from ..hardware import plan_defaults, swa_label
     from ..model_resolution import backend_name, resolve_gpu_layers
 
