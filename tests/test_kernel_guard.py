@@ -104,7 +104,7 @@ def test_every_load_path_applies_the_fallback_plan(fallback_plan, buffers, gemma
 
     # The runtime and its draft model (the in-process engine's two LlamaSessions) ...
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=1024, draft_model=gemma_270m_gguf) as rt:
-        assert rt.hardware.kernels is fallback_plan
+        assert rt.describe().plan.kernels is fallback_plan
         result = rt.call("Get the weather in Paris, in celsius.", str(TOOLS), tool_choice="required",
                          max_tokens=32)
     assert result.parse_error is None and [c.name for c in result.tool_calls] == ["get_weather"]

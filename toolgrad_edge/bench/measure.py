@@ -266,11 +266,12 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
         tmp = Path(tmp)
         with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, prefix_cache=False,
                          grammar_engine=grammar_engine) as rt:
-            info = {"model": str(rt.model_path), "model_name": rt.model_name, "quant": rt.info.file_type,
-                    "file_size_bytes": rt.model_path.stat().st_size, "n_threads": rt.n_threads,
-                    "backend": rt.backend, "n_gpu_layers": rt.n_gpu_layers, "cpu": cpu_name(),
+            described = rt.describe()
+            info = {"model": str(rt.model_path), "model_name": rt.model_name, "quant": described.gguf.file_type,
+                    "file_size_bytes": rt.model_path.stat().st_size, "n_threads": described.n_threads,
+                    "backend": rt.backend, "n_gpu_layers": described.n_gpu_layers, "cpu": cpu_name(),
                     "grammar_engine": rt.grammar_engine, "max_tokens": max_tokens}
-            n_ctx, n_gpu = rt.n_ctx, rt.n_gpu_layers
+            n_ctx, n_gpu = rt.n_ctx, described.n_gpu_layers
             parts = render_prompt(messages, tools)
             prompt_tokens = rt.tokenize_segments(parts.prefix) + rt.tokenize_segments(parts.rest)
             info["prompt_tokens"] = len(prompt_tokens)
@@ -307,7 +308,7 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                              grammar_engine=grammar_engine) as rt:
                 warm_messages, _ = bench_prompt(1 + i)
                 warm = rt.call(warm_messages, tools, tool_choice="required", max_tokens=1)
-                hit = rt.prefix_cache.stats.disk_hits
+                hit = rt.engine.prefix_cache.stats.disk_hits
             if i == 0:
                 continue
             ttft_cold.append(cold.timings.ttft_s)

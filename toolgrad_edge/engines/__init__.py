@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Engine, EngineRequest, Generation, StopStrings
+from .base import CompiledTools, Engine, EngineDescription, EngineRequest, Generation, StopStrings
 
 
 def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_model=None, grammar_engine=None,
@@ -40,4 +40,4 @@ def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_mo
     return InProcessEngine(model, draft_model=draft_model, grammar_engine=grammar_engine, **local_options)
 
 
-__all__ = ["Engine", "EngineRequest", "Generation", "StopStrings", "open_engine"]
+__all__ = ["CompiledTools", "Engine", "EngineDescription", "EngineRequest", "Generation", "StopStrings", "open_engine"]

@@ -36,12 +36,15 @@ from ..paths import cache_root, prefix_cache_dir
 from ..prefix_cache import PrefixCache, model_identity, prefix_key
 from ..prompt import END_OF_TURN, START_OF_TURN, Segment
 from ..results import Timings, Usage
-from .base import EngineRequest, Generation, check_gbnf_tools
+from .base import GBNF_MAX_TOOLS, CompiledTools, EngineDescription, EngineRequest, Generation, compile_calls
 from .llama_session import LlamaSession, common_prefix
 from .output_head import OutputHead
 
 DEFAULT_CTX = 8192  # the longest context chosen by default (n_ctx="auto"), where the RAM allows it
 OUTPUT_ROWS = 16  # logits rows a batch may ask for: a draft's (decoding.MAX_DRAFT) and the token after it
+LLAMA_SAMPLER = ("the llama grammar engine",
+                 "use the llguidance grammar engine (the default once installed: "
+                 "pip install 'toolgrad-edge[llguidance]'), which has no tool limit")
 
 
 class InProcessEngine:
@@ -70,9 +73,8 @@ class InProcessEngine:
         if n_ctx not in (None, "auto") and int(n_ctx) < 64:
             raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
         # Threads, context length and KV cache type chosen from this machine (each with its reason).
-        self.hardware = plan_defaults(model_shape(self.info), n_threads=n_threads, n_ctx=n_ctx or "auto",
-                                      kv_type=kv_type, swa_full=swa_full,
-                                      n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=self.n_gpu_layers)
+        self.hardware = self.plan(self.info, n_gpu_layers=self.n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx,
+                                  kv_type=kv_type, swa_full=swa_full)
         self.n_threads = self.hardware.threads
         self.n_ctx = self.hardware.context.n_ctx
         self.kv_type = self.hardware.context.kv_type
@@ -121,6 +123,26 @@ class InProcessEngine:
                              else PrefixCache(None, ram_entries=0))
         self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(self.swa_full)};kv={self.kv_type};"
                                 f"llama_cpp={llama_cpp.__version__}")
+
+    @staticmethod
+    def plan(info, n_gpu_layers: int = 0, n_threads: int | None = None, n_ctx: int | str | None = None,
+             kv_type: str = "auto", swa_full: bool | str | None = "auto"):
+        """The threads, context and KV cache this engine chooses for a GGUF on this machine (``info`` shows it
+        without loading the model)."""
+        return plan_defaults(model_shape(info), n_threads=n_threads, n_ctx=n_ctx or "auto", kv_type=kv_type,
+                             swa_full=swa_full, n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=n_gpu_layers)
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            model_name=self.model_name, model_path=self.model_path, backend=self.backend, n_ctx=self.n_ctx,
+            grammar_engine=self.grammar_engine, grammar_format=self.grammar_format,
+            max_tools=None if self.grammar_format == "lark" else GBNF_MAX_TOOLS, concurrency=self.concurrency,
+            speculative=self.speculative, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+            kv_type=self.kv_type, swa_full=self.swa_full, gguf=self.info, plan=self.hardware)
+
+    def compile_calls(self, tools, *, syntax: str, tool_choice: str, parallel: bool) -> CompiledTools:
+        return compile_calls(self.grammar_format, tools, syntax=syntax, tool_choice=tool_choice, parallel=parallel,
+                             gbnf_sampler=LLAMA_SAMPLER if self.grammar_format == "gbnf" else None)
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
@@ -221,10 +243,6 @@ class InProcessEngine:
                                    piece=session.piece, forced_text=forced_text)
 
     def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
-        if request.grammar and self.grammar_engine == "llama":
-            check_gbnf_tools(request.n_tools, "the llama grammar engine",
-                             "use the llguidance grammar engine (the default once installed: "
-                             "pip install 'toolgrad-edge[llguidance]'), which has no tool limit")
         max_tokens = request.max_tokens
         should_stop = request.should_stop
         speculative = self.speculative if request.speculative is None else request.speculative

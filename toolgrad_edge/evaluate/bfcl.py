@@ -361,6 +361,7 @@ def evaluate_bfcl(
     max_tokens: int = 512,
     n_ctx: int | None = None,
     n_threads: int | None = None,
+    engine: str | None = None,
     runtime_factory: Callable | None = None,
     progress: Callable[[int, int, BfclEntry], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -369,7 +370,8 @@ def evaluate_bfcl(
 
     tool_choice="required" forces a call list in every category but the
     relevance ones (see TOOL_CHOICES); speculative=False asks the runtime for
-    one token per forward pass (no jump-forward or drafts).
+    one token per forward pass (no jump-forward or drafts); engine: a
+    llama-server's URL to decode on (ToolRuntime's ``engine``).
 
     Returns the report: ``{"model", "grammar", "syntax", "tool_choice",
     "speculative", "limit", "out_dir", "bfcl_eval", "categories": {name:
@@ -412,7 +414,8 @@ def evaluate_bfcl(
         def runtime_factory():
             # Every BFCL entry has its own tools: saving each prefix state would
             # only fill the user's prefix cache with entries never reused.
-            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False, **options)
+            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False, engine=engine,
+                               **options)
 
     with runtime_factory() as runtime:
         model_path = str(getattr(runtime, "model_path", model))

@@ -11,7 +11,11 @@ job's output back to the loop through the job's ``asyncio.Queue``.
 A full queue refuses new work at once (the server answers 429 with a
 ``Retry-After`` estimated from recent service times). A job whose client has
 gone is dropped if it is still waiting, or stopped at its next token through
-the runtime's ``should_stop`` hook if it is running.
+the runtime's ``should_stop`` hook if it is running. A stopped job's last
+output (the runtime's final record, with finish reason ``cancelled``) still
+comes back, so a stream cut by a shutdown ends properly. ``close()`` (on
+SIGTERM) refuses new jobs, stops the running ones and ends the waiting ones
+without waiting for anything; ``stop()`` also joins the workers.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ log = logging.getLogger("toolgrad_edge.server")
 Work = Callable[[Any, Callable[[], bool]], Iterable[Any]]
 
 ITEM, ERROR, DONE = "item", "error", "done"
+# After a stop, how long a job's work may still run to hand back its final record (a runtime
+# checks should_stop at every token; one that ignores it is cut off after this).
+FINAL_RECORD_S = 2.0
+
+
+class QueueStopped(Exception):
+    """The queue is closing: it takes no more jobs."""
 
 
 class QueueFull(Exception):
@@ -49,6 +60,7 @@ class Job:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
+        self._cancelled_at = 0.0
         self.finished = False  # set by the worker, under the queue's lock
 
     @property
@@ -58,6 +70,11 @@ class Job:
     def should_stop(self) -> bool:
         """Polled by the runtime at every token."""
         return self._cancelled.is_set()
+
+    def _cancel(self) -> None:
+        if not self._cancelled.is_set():
+            self._cancelled_at = time.monotonic()
+            self._cancelled.set()
 
     def _emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -95,17 +112,22 @@ class RequestQueue:
         self._threads.append(thread)
         thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def close(self) -> None:
+        """Take no more jobs, stop the running ones at their next token and end the waiting ones; no waiting."""
         with self._cond:
             self._stopping = True
             pending = list(self._waiting)
             self._waiting.clear()
             for job in self._running:
-                job._cancelled.set()
+                job._cancel()
             self._cond.notify_all()
         for job in pending:
-            job._cancelled.set()
+            job._cancel()
             job._emit(DONE)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """close(), then wait up to ``timeout`` for the workers to end (the runtime is closed then, if owned)."""
+        self.close()
         deadline = time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -116,7 +138,7 @@ class RequestQueue:
         """Queue a job at the back, or raise QueueFull."""
         with self._cond:
             if self._stopping:
-                raise QueueFull(len(self._waiting), 5)
+                raise QueueStopped()
             if len(self._waiting) >= self.max_queue:
                 self.counts["rejected"] += 1
                 raise QueueFull(len(self._waiting), self._retry_after())
@@ -128,7 +150,7 @@ class RequestQueue:
         with self._cond:
             if job.cancelled or job.finished:
                 return
-            job._cancelled.set()
+            job._cancel()
             try:
                 self._waiting.remove(job)
             except ValueError:
@@ -197,11 +219,17 @@ class RequestQueue:
         outcome, last = "served", (DONE, None)
         try:
             outputs = iter(job.work(self.runtime, job.should_stop))
+            held = None  # once stopped, only the last output (the final record) goes back
             try:
                 for item in outputs:
-                    job._emit(ITEM, item)
-                    if job.cancelled:
+                    if not job.cancelled:
+                        job._emit(ITEM, item)
+                        continue
+                    held = (item,)
+                    if time.monotonic() - job._cancelled_at > FINAL_RECORD_S:
                         break  # a runtime that ignores should_stop still stops here
+                if held is not None:
+                    job._emit(ITEM, held[0])
             finally:
                 close = getattr(outputs, "close", None)
                 if close is not None:
