@@ -15,7 +15,7 @@ from toolgrad_edge.engines import EngineDescription, EngineRequest, Generation
 from toolgrad_edge.engines.base import compile_calls
 from toolgrad_edge.errors import GenerationError
 from toolgrad_edge.results import Usage
-from toolgrad_edge.runtime import CallDone, CallResult, Decoded, Final, TextDelta, ToolRuntime
+from toolgrad_edge.runtime import CallDone, Decoded, Final, TextDelta, ToolRuntime
 
 TOOLS = str(Path(__file__).resolve().parents[1] / "examples" / "tools.json")
 

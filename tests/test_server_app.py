@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -132,6 +132,7 @@ class FakeRuntime:
         if not tools or tool_choice == "none":
             return " It is sunny. "  # the runtime strips it when it was parsed for calls
         calls = [FakeCall("get_weather", {"city": "Paris", "unit": "c"}), FakeCall("get_time", {"tz": "CET"})]
+        calls = [c for c in calls if c.name in {t.name for t in tools}]  # only the tools it was given
         if tool_choice not in ("auto", "required"):
             calls = [c for c in calls if c.name == tool_choice]
         if not parallel:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import SchemaError, ToolCallError
-from .grammars import CallStreamParser, Tool, ToolCall, parse_calls
+from .grammars import CallStreamParser, Tool, ToolCall
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..results import CallDone, Final, TextDelta
 from . import plan as shared
 from .errors import APIError
-from .plan import RequestPlan, ToolDef, check_seed, new_call_id
+from .plan import RequestPlan, Seed, ToolDef, new_call_id
 from .settings import ServerSettings
 
 # The Ollama release whose API docs (docs/api.md, api/types.go) this follows; /api/version reports it,
@@ -109,7 +109,7 @@ class OptionsIn(_In):
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
-    seed: int | None = None
+    seed: Seed = None
     num_predict: int | None = Field(default=None, ge=-2)
     stop: list[str] | None = None
     num_ctx: int | None = Field(default=None, ge=1)
@@ -139,8 +139,6 @@ class OptionsIn(_In):
     embedding_only: bool | None = None
     num_thread: int | None = None
     draft_num_predict: int | None = None
-
-    _seed_is_64_bit = field_validator("seed")(check_seed)
 
 
 Format = Union[Literal["", "json"], dict[str, Any], None]

@@ -21,12 +21,12 @@ import secrets
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from ..results import CallDone, Final, TextDelta
 from . import plan as shared
 from .errors import APIError
-from .plan import RequestPlan, StrictModel, ToolDef, check_seed, json_value_problem, new_call_id
+from .plan import RequestPlan, Seed, StrictModel, ToolDef, json_value_problem, new_call_id
 from .settings import ServerSettings
 
 MAX_STOP_SEQUENCES = 4  # as in OpenAI's API
@@ -154,7 +154,7 @@ class ChatCompletionRequest(_Model):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -165,8 +165,6 @@ class ChatCompletionRequest(_Model):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logprobs: bool | None = None
-
-    _seed_is_64_bit = field_validator("seed")(check_seed)
 
 
 def parse_chat_request(body: bytes, settings: ServerSettings) -> RequestPlan:

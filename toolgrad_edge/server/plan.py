@@ -18,9 +18,9 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from ..errors import ContextLengthError, GenerationError, SchemaError, TooManyToolsError
 from .errors import APIError
@@ -100,11 +100,14 @@ def new_call_id() -> str:
 # -- the body ------------------------------------------------------------------------------
 
 
-def check_seed(cls, value: int | None) -> int | None:
-    """A pydantic validator for a request's seed (OpenAI's and Ollama's): any 64-bit integer, signed or not."""
+def _is_64_bit(value: int | None) -> int | None:
     if value is not None and not SEED_MIN <= value < SEED_END:
         raise ValueError("seed must be a 64-bit integer, from -2**63 to 2**64 - 1")
     return value
+
+
+# A request's seed (OpenAI's and Ollama's): any 64-bit integer, signed or not.
+Seed = Annotated[int | None, AfterValidator(_is_64_bit)]
 
 
 def seed(value: int | None) -> int | None:
