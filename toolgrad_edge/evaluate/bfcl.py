@@ -410,12 +410,13 @@ def evaluate_bfcl(
             if "speculative" not in inspect.signature(ToolRuntime).parameters:
                 raise EvaluationError("This runtime has no speculative decoding to turn off (--no-speculative).")
             options["speculative"] = False
+        if engine is not None:
+            options["engine"] = engine  # eval's --engine: decode on that llama-server
 
         def runtime_factory():
             # Every BFCL entry has its own tools: saving each prefix state would
             # only fill the user's prefix cache with entries never reused.
-            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False, engine=engine,
-                               **options)
+            return ToolRuntime(model=model, n_ctx=n_ctx, n_threads=n_threads, prefix_cache=False, **options)
 
     with runtime_factory() as runtime:
         model_path = str(getattr(runtime, "model_path", model))
