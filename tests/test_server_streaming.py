@@ -182,3 +182,17 @@ def test_cut_inside_the_second_call_streams_only_the_first():
     names = [tc["function"]["name"] for ch in stream.feed(text[:cut])
              for tc in ch["choices"][0]["delta"].get("tool_calls") or [] if "name" in tc["function"]]
     assert names == ["get_weather"], "math.factorial is not announced before its arguments are complete"
+
+
+def test_a_call_list_stopped_midway_keeps_its_complete_calls_and_shows_no_half_call():
+    """A stop (the client left, or the server shuts down) in the second call: the first call stands, and the
+    half-written rest never reaches the client as text."""
+    text = ANSWERS["python"]
+    cut = text.index("math.factorial(") + len("math.factorial(")
+    stream = _Pipeline("python")
+    chunks = stream.feed(text[:cut])
+    final, result = stream.finish("cancelled")
+    streamed, content, finish, _ = _reassembled(chunks + final)
+    assert [c.name for c in result.tool_calls] == ["get_weather"] and result.content is None
+    assert [name for name, _ in streamed] == ["get_weather"] and content == ""
+    assert finish == "tool_calls"  # OpenAI says tool_calls whenever calls are returned

@@ -161,9 +161,11 @@ class AnswerReader:
             except (ToolCallError, SchemaError) as exc:
                 error = exc
         if error is not None:
-            if finish == "length" and self._error is None and self._calls:
-                # Cut at max_tokens in the middle of a call list: keep the calls that were complete.
-                return CallResult(list(self._calls), None, text, finish, parse_error=str(error))
+            if finish == "cancelled" or (finish == "length" and self._error is None and self._calls):
+                # Cut in the middle of a call list (max_tokens, or a stop: the client left, the server
+                # shuts down): keep the calls that were complete; a call half written is no answer.
+                kept = list(self._calls) if self._error is None else []
+                return CallResult(kept, None, text, finish, parse_error=str(error))
             # A keyword checked only after generation failed (e.g. a number out of
             # bounds): the text comes back with the reason, as a normal finish.
             return CallResult([], text if text.strip() else None, text, finish, parse_error=str(error))
