@@ -788,6 +788,51 @@ def test_cancelling_a_running_job_stops_it_at_the_next_token():
         loop.close()
 
 
+def test_closing_the_queue_ends_a_running_job_with_its_final_record_and_refuses_waiting_ones():
+    # As on SIGTERM: the running job stops at its next step and its last output (the runtime's final
+    # record) still comes back, so its stream ends properly; a waiting job ends at once, never run.
+    import asyncio
+
+    from toolgrad_edge.server.queue import DONE, ITEM, QueueStopped
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def work(rt, should_stop):
+        for i in range(10_000):
+            if should_stop():
+                yield "final"
+                return
+            started.set()
+            time.sleep(0.005)
+            yield i
+
+    queue = RequestQueue(object.__new__(FakeRuntime), max_queue=2)
+    queue.start()
+    try:
+        running, waiting = Job(work, loop), Job(work, loop)
+        queue.submit(running)
+        assert started.wait(5)
+        queue.submit(waiting)
+        queue.close()
+        with pytest.raises(QueueStopped):
+            queue.submit(Job(work, loop))
+        assert wait_for(lambda: running.finished)
+
+        def drain(job):
+            events = []
+            while not events or events[-1][0] == ITEM:
+                events.append(loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)))
+            return events
+
+        ran = drain(running)
+        assert ran[-2:] == [(ITEM, "final"), (DONE, None)]
+        assert drain(waiting) == [(DONE, None)]
+    finally:
+        queue.stop()
+        loop.close()
+
+
 def test_a_runtime_serving_several_requests_at_once_gets_that_many_workers():
     # A runtime over llama-server reports its slots as `concurrency`; the queue then runs that
     # many jobs side by side (in arrival order), and one worker otherwise.

@@ -28,7 +28,8 @@ def _round_two(first_calls: list[dict], api: str, question: list[dict] = USER) -
     """The history a client sends after running the calls of round one."""
     if api == "openai":
         return [*question, {"role": "assistant", "content": None, "tool_calls": first_calls},
-                *({"role": "tool", "tool_call_id": c["id"], "content": "18 C and sunny"} for c in first_calls)]
+                *({"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"], "content": "18 C and sunny"}
+                  for c in first_calls)]
     return [*question, {"role": "assistant", "content": "", "tool_calls": first_calls},
             *({"role": "tool", "tool_name": c["function"]["name"], "content": "18 C and sunny"} for c in first_calls)]
 
@@ -79,29 +80,34 @@ def demo_server(gemma_270m_gguf, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("api", ["openai", "ollama"])
-def test_a_two_round_loop_on_the_demo_model_ends_in_text(demo_server, api):
+def test_a_two_round_loop_on_the_demo_model_is_forced_once_then_free(demo_server, api):
+    """Round one is forced (the base model declines under auto); round two, after the tool results, runs
+    under auto: its answer is the one an explicit tool_choice "auto" gets (text allowed, not forced)."""
     from test_server_e2e import API_KEY, QUESTION, TOOLS
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
     options = {"temperature": 0, "seed": 1}
     with httpx.Client(base_url=demo_server, headers=headers, timeout=120) as http:
-        def ask(messages):
-            if api == "openai":
+        def ask(messages, via=api, **extra):
+            if via == "openai":
                 r = http.post("/v1/chat/completions", json={"model": "m", "messages": messages, "tools": TOOLS,
-                                                            "max_tokens": 48, **options})
+                                                            "max_tokens": 48, **options, **extra})
                 assert r.status_code == 200, r.text
                 message = r.json()["choices"][0]["message"]
-                return message.get("tool_calls") or [], message["content"]
+                return [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                        for c in message.get("tool_calls") or []], message["content"] or "", message
             r = http.post("/api/chat", json={"model": "gemma-3-270m", "messages": messages, "tools": TOOLS,
                                              "stream": False, "options": {**options, "num_predict": 48}})
             assert r.status_code == 200, r.text
             message = r.json()["message"]
-            return message.get("tool_calls") or [], message["content"]
+            return [(c["function"]["name"], c["function"]["arguments"])
+                    for c in message.get("tool_calls") or []], message["content"], message
 
-        calls, _ = ask(QUESTION)
+        calls, _, message = ask(QUESTION)
         assert calls, "the user's turn is due a call: forced"
-        if api == "openai":
-            assert all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls)
-        calls, text = ask(_round_two(calls, api, QUESTION))
-        assert not calls and text, "after the tool results the model answers in text: the loop ends"
-
+        history = _round_two(message["tool_calls"], api, QUESTION)
+        second = ask(history)[:2]
+        openai_history = history if api == "openai" else _round_two(
+            [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+             for i, (n, a) in enumerate(calls)], "openai", QUESTION)
+        assert second == ask(openai_history, via="openai", tool_choice="auto")[:2]

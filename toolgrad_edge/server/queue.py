@@ -34,9 +34,10 @@ log = logging.getLogger("toolgrad_edge.server")
 Work = Callable[[Any, Callable[[], bool]], Iterable[Any]]
 
 ITEM, ERROR, DONE = "item", "error", "done"
-# After a stop, how long a job's work may still run to hand back its final record (a runtime
-# checks should_stop at every token; one that ignores it is cut off after this).
-FINAL_RECORD_S = 2.0
+# After a stop, how many more outputs a job's work may give before its final record (a runtime
+# checks should_stop at every token, then hands back the rest of that token's events and its final
+# record; one that ignores should_stop is cut off after this many).
+FINAL_RECORD_ITEMS = 64
 
 
 class QueueStopped(Exception):
@@ -60,7 +61,6 @@ class Job:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
-        self._cancelled_at = 0.0
         self.finished = False  # set by the worker, under the queue's lock
 
     @property
@@ -72,9 +72,7 @@ class Job:
         return self._cancelled.is_set()
 
     def _cancel(self) -> None:
-        if not self._cancelled.is_set():
-            self._cancelled_at = time.monotonic()
-            self._cancelled.set()
+        self._cancelled.set()
 
     def _emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -220,13 +218,15 @@ class RequestQueue:
         try:
             outputs = iter(job.work(self.runtime, job.should_stop))
             held = None  # once stopped, only the last output (the final record) goes back
+            after_stop = 0
             try:
                 for item in outputs:
                     if not job.cancelled:
                         job._emit(ITEM, item)
                         continue
                     held = (item,)
-                    if time.monotonic() - job._cancelled_at > FINAL_RECORD_S:
+                    after_stop += 1
+                    if after_stop > FINAL_RECORD_ITEMS:
                         break  # a runtime that ignores should_stop still stops here
                 if held is not None:
                     job._emit(ITEM, held[0])
