@@ -86,7 +86,7 @@ import json, sys
 import numpy as np
 import llama_cpp
 from toolgrad_edge.convert.gguf_header import read_gguf_header
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 from toolgrad_edge.engines.output_head import OutputHead
 from toolgrad_edge import hardware
 from toolgrad_edge.engines.kernel_guard import detect_kernel_plan

@@ -212,7 +212,7 @@ def main() -> int:
             # llama-server's batching scales once the grammar's sampling cost is out of the way.
             free = lambda tool, seed: runtime_request(runtime, tool, seed, args.max_tokens, False)  # noqa: E731
             rows += measure("remote-free", free, sorted({1, max(levels)}), per_client, lambda: None)
-            server = runtime.engine_info
+            server = runtime.describe().server
         if not args.skip_own:
             # toolgrad-edge's OpenAI server in front of the llama-server (serve --engine: one
             # queue worker per slot), as HTTP clients on other machines would use it.

@@ -101,7 +101,7 @@ def gguf_files(folder: Path) -> list[Path]:
 
 CHILD = """
 import json, resource, sys, time
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 path, n_ctx, kv, swa, threads, n_prompt = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]), int(sys.argv[6])
 t = time.perf_counter()
 s = LlamaSession(path, n_ctx=n_ctx, n_threads=threads, kv_type=kv, swa_full=swa, n_outputs_max=16)
@@ -133,7 +133,7 @@ def one_config(path: Path, n_ctx: int, kv: str, swa: bool, threads: int) -> dict
 
 def pass_costs(path: Path, threads: int, runs: int) -> dict:
     """Median ms of a pass of k tokens with r logits rows after the prompt; prefill tokens/s; one-token pass."""
-    from toolgrad_edge.engines.inprocess import LlamaSession
+    from toolgrad_edge.engines.llama_session import LlamaSession
 
     s = LlamaSession(path, n_ctx=4096, n_threads=threads, n_outputs_max=16)
     try:

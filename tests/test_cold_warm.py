@@ -68,12 +68,12 @@ def answers(gemma_270m_gguf, cache_dir):
             other_tools, other_query = _unrelated(CASES[i][0])
             rt.call(other_query, other_tools, tool_choice="required", max_tokens=1, speculative=spec)
             got["restored from RAM after an unrelated request"] = _call(rt, CASES[i], spec)
-        assert rt.prefix_cache.stats.ram_hits >= len(out)
+        assert rt.engine.prefix_cache.stats.ram_hits >= len(out)
     # A new runtime on the same folder, as a new process would be.
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=2048, cache_dir=cache_dir) as rt:
         for i, spec in ((0, True), (2, False)):
             out[(i, spec)]["restored from disk"] = _call(rt, CASES[i], spec)
-        assert rt.prefix_cache.stats.disk_hits == 2  # one per tool set
+        assert rt.engine.prefix_cache.stats.disk_hits == 2  # one per tool set
     return out
 
 

@@ -63,7 +63,7 @@ def test_engine_in_the_environment_is_used_when_no_model_is_given(stand_in, monk
     assert stand_in.completions()
 
 
-def test_engine_option_sets_the_environment_only_while_the_command_runs(stand_in, monkeypatch):
+def test_engine_option_is_passed_down_and_leaves_the_environment_alone(stand_in, monkeypatch):
     monkeypatch.setenv(ENV_ENGINE, "http://127.0.0.1:9")  # nothing listens there: --engine must win
     result = CliRunner().invoke(main, ["call", "Weather in Paris?", "--tools", TOOLS, "--engine", stand_in.url,
                                        "--tool-choice", "required", "--json"])

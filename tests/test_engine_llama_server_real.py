@@ -20,6 +20,7 @@ import pytest
 from toolgrad_edge.engines.llama_server import Completion, LlamaServerEngine
 from toolgrad_edge.grammars import build_grammar, load_tools, parse_calls
 from toolgrad_edge.prompt import render_prompt
+from toolgrad_edge.runtime import Decoded
 
 BINARY = os.environ.get("TOOLGRAD_EDGE_LLAMA_SERVER")
 TOOLS = Path(__file__).resolve().parents[1] / "examples" / "tools.json"
@@ -143,9 +144,9 @@ def test_tool_runtime_over_the_server_gives_valid_calls(server_url):
         streamed = list(rt.stream("Time in Tokyo?", str(TOOLS), tool_choice="required", max_tokens=48))
     assert result.parse_error is None and [c.name for c in result.tool_calls] == ["get_weather"]
     assert result.usage.cached_tokens > 0 or result.usage.prompt_tokens > 0
-    final = streamed[-1]
+    final = streamed[-1].result
     assert final.tool_calls and final.parse_error is None
-    assert "".join(i for i in streamed[:-1]) == final.raw_text
+    assert "".join(i.text for i in streamed if isinstance(i, Decoded)) == final.raw_text
 
 
 def test_bench_engine_measures_the_bench_workload_on_the_server(server_url, gemma_270m_gguf):

@@ -15,7 +15,7 @@ from test_engine_llama_server import ANSWER, StandIn
 from toolgrad_edge.engines.llama_server import ENV_ENGINE, LlamaServerEngine
 from toolgrad_edge.errors import GenerationError
 from toolgrad_edge.grammars import build_grammar, load_tools
-from toolgrad_edge.runtime import CallResult, ToolRuntime
+from toolgrad_edge.runtime import CallDone, CallResult, Decoded, Final, ToolRuntime
 
 TOOLS = str(Path(__file__).resolve().parents[1] / "examples" / "tools.json")
 
@@ -35,8 +35,9 @@ def test_call_parses_the_remote_answer_into_tool_calls(stand_in):
 def test_stream_yields_deltas_then_the_call_result(stand_in):
     rt = ToolRuntime(engine=stand_in.url)
     items = list(rt.stream("Weather in Paris?", TOOLS))
-    assert "".join(i for i in items if isinstance(i, str)) == ANSWER
-    assert isinstance(items[-1], CallResult) and items[-1].tool_calls[0].name == "get_weather"
+    assert "".join(i.text for i in items if isinstance(i, Decoded)) == ANSWER
+    assert [i.call.name for i in items if isinstance(i, CallDone)] == ["get_weather"]
+    assert isinstance(items[-1], Final) and items[-1].result.tool_calls[0].name == "get_weather"
 
 
 def test_output_that_ignores_the_grammar_is_a_parse_error(stand_in):

@@ -62,7 +62,7 @@ def fallback_plan(monkeypatch):
 
 def _load_and_decode(path) -> None:
     """One LlamaSession on the model: loaded (llama.cpp logs its buffers), one token decoded, closed."""
-    from toolgrad_edge.engines.inprocess import LlamaSession
+    from toolgrad_edge.engines.llama_session import LlamaSession
 
     s = LlamaSession(path, n_ctx=256, n_threads=2)
     try:
@@ -105,7 +105,7 @@ def test_every_load_path_applies_the_fallback_plan(fallback_plan, buffers, gemma
 
     # The runtime and its draft model (the in-process engine's two LlamaSessions) ...
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=1024, draft_model=gemma_270m_gguf) as rt:
-        assert rt.hardware.kernels is fallback_plan
+        assert rt.describe().plan.kernels is fallback_plan
         result = rt.call("Get the weather in Paris, in celsius.", str(TOOLS), tool_choice="required",
                          max_tokens=32)
     assert result.parse_error is None and [c.name for c in result.tool_calls] == ["get_weather"]

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from toolgrad_edge import doctor, grammar_engines, hardware
 from toolgrad_edge.cli import main
-from toolgrad_edge.engines import inprocess, kernel_guard
+from toolgrad_edge.engines import kernel_guard, llama_session
 
 pytest.importorskip("llama_cpp")
 
@@ -34,7 +34,7 @@ class _Unloadable(types.ModuleType):
 def no_ggml(monkeypatch):
     """llama-cpp-python's _ggml bindings fail to load, for both loaders (ggml's tensor calls, its device registry)."""
     monkeypatch.setitem(sys.modules, "llama_cpp._ggml", _Unloadable("llama_cpp._ggml"))
-    monkeypatch.setattr(inprocess, "_GGML", None)  # nothing loaded before counts
+    monkeypatch.setattr(llama_session, "_GGML", None)  # nothing loaded before counts
     hardware.ggml_device_api.cache_clear()
     yield
     hardware.ggml_device_api.cache_clear()
@@ -82,7 +82,7 @@ def test_ggml_bindings_missing(no_ggml):
 
 
 def test_narrow_head_off_is_logged_where_a_session_loads(no_ggml, gemma_270m_gguf, caplog):
-    s = inprocess.LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2, output_head=object())
+    s = llama_session.LlamaSession(gemma_270m_gguf, n_ctx=256, n_threads=2, output_head=object())
     try:
         assert s._head is None
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from toolgrad_edge.convert.gguf_header import read_gguf_header
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 from toolgrad_edge.engines.output_head import OutputHead, _bf16, _q8_blocks, _q8_k
 
 pytest.importorskip("llama_cpp")

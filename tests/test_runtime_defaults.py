@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from toolgrad_edge import ToolRuntime, hardware
 from toolgrad_edge.engines import kernel_guard
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 from toolgrad_edge.errors import GenerationError, ModelLoadError
 
 TOOLS = str(Path(__file__).resolve().parent.parent / "examples" / "tools.json")
@@ -19,11 +19,11 @@ QUERY = "Weather in Paris in celsius?"
 def test_auto_defaults_come_from_the_machine(gemma_270m_gguf):
     with ToolRuntime(gemma_270m_gguf, prefix_cache=False) as rt:
         threads, reason = hardware.default_threads()
-        assert (rt.n_threads, rt.hardware.threads_reason) == (threads, reason)
-        plan = rt.hardware.context
-        assert rt.n_ctx == plan.n_ctx == rt.session.n_ctx and rt.kv_type == plan.kv_type
+        assert (rt.describe().n_threads, rt.describe().plan.threads_reason) == (threads, reason)
+        plan = rt.describe().plan.context
+        assert rt.n_ctx == plan.n_ctx == rt.session.n_ctx and rt.describe().kv_type == plan.kv_type
         assert f"{plan.n_ctx} tokens, {plan.kv_type} KV cache" in plan.reason
-        assert rt.hardware.kernels == kernel_guard.detect_kernel_plan()
+        assert rt.describe().plan.kernels == kernel_guard.detect_kernel_plan()
         assert rt.session.n_outputs == 16  # not llama.cpp's n_batch (512 rows of 262k logits)
 
 
@@ -72,7 +72,7 @@ def test_window_only_sliding_cache_rewinds_only_where_the_window_is_held(gemma_2
 def test_q8_0_kv_cache_without_the_full_size_window(gemma_270m_gguf, tmp_path):
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=2048, kv_type="q8_0", swa_full=False,
                      cache_dir=tmp_path) as rt:
-        assert (rt.n_ctx, rt.kv_type, rt.swa_full) == (2048, "q8_0", False)
+        assert (rt.n_ctx, rt.describe().kv_type, rt.describe().swa_full) == (2048, "q8_0", False)
         cold = rt.call(QUERY, TOOLS, tool_choice="required", max_tokens=32)
         rt.clear_kv_cache()
         warm = rt.call(QUERY, TOOLS, tool_choice="required", max_tokens=32)
@@ -92,7 +92,7 @@ def test_a_model_that_does_not_fit_is_refused_with_the_figures(gemma_270m_gguf, 
     assert "does not fit in the available RAM" in result.output and "--n-ctx" in result.output
     # An explicit context is tried anyway, as the message says.
     with ToolRuntime(gemma_270m_gguf, n_ctx=512, n_threads=2, prefix_cache=False) as rt:
-        assert rt.n_ctx == 512 and "as asked" in rt.hardware.context.reason
+        assert rt.n_ctx == 512 and "as asked" in rt.describe().plan.context.reason
 
 
 def test_cli_context_options(gemma_270m_gguf):

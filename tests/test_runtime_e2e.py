@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from toolgrad_edge import CallResult, ToolRuntime, load_tools
+from toolgrad_edge.runtime import CallDone, Decoded, Final
 from toolgrad_edge.errors import ContextLengthError, SchemaError
 
 pytestmark = pytest.mark.slow
@@ -101,20 +102,21 @@ def test_stream_equals_call(runtime, tools, temperature):
     kwargs = dict(tool_choice="required", temperature=temperature, seed=7)
     expected = runtime.call(QUERY, tools, **kwargs)
     items = list(runtime.stream(QUERY, tools, **kwargs))
-    deltas, final = items[:-1], items[-1]
-    assert all(isinstance(d, str) for d in deltas) and len(deltas) > 1
+    assert isinstance(items[-1], Final)
+    deltas, final = [i.text for i in items if isinstance(i, Decoded)], items[-1].result
+    assert len(deltas) > 1
     assert "".join(deltas) == expected.raw_text == final.raw_text
-    assert final.tool_calls == expected.tool_calls
+    assert final.tool_calls == expected.tool_calls == [i.call for i in items if isinstance(i, CallDone)]
 
 
 def test_prefix_cache_hit_across_instances(gemma_270m_gguf, tools, tmp_path):
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=4096, cache_dir=tmp_path) as rt:
         first = rt.call(QUERY, tools, tool_choice="required")
         assert first.usage.cached_tokens == 0
-        assert rt.prefix_cache.stats.misses == 1
+        assert rt.engine.prefix_cache.stats.misses == 1
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=4096, cache_dir=tmp_path) as rt:
         second = rt.call(QUERY, tools, tool_choice="required")
-        assert rt.prefix_cache.stats.disk_hits == 1
+        assert rt.engine.prefix_cache.stats.disk_hits == 1
     assert second.usage.cached_tokens > 300
     # An evaluated prefix is left in the layout a restore gives, so the tokens are the same.
     assert second.finish_reason == first.finish_reason == "tool_calls"
@@ -129,7 +131,7 @@ def test_a_cold_prompt_is_evaluated_once(gemma_270m_gguf, tools, tmp_path):
         evaluated = []
         session.decode = lambda tokens, n_logits=1: evaluated.append(len(tokens)) or decode(tokens, n_logits)
         result = rt.call(QUERY, tools, tool_choice="required", max_tokens=1)
-        assert rt.prefix_cache.stats.misses == 1
+        assert rt.engine.prefix_cache.stats.misses == 1
     assert sum(evaluated) == result.usage.prompt_tokens
 
 
@@ -142,12 +144,12 @@ def test_corrupt_cache_entry_is_rebuilt(gemma_270m_gguf, tools, tmp_path):
     entry.write_bytes(bytes(blob))
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=4096, cache_dir=tmp_path) as rt:
         again = rt.call(QUERY, tools, tool_choice="required")
-        assert rt.prefix_cache.stats.rejected == 1
+        assert rt.engine.prefix_cache.stats.rejected == 1
         assert again.usage.cached_tokens == 0
     assert again.raw_text == reference.raw_text
     with ToolRuntime(gemma_270m_gguf, n_threads=2, n_ctx=4096, cache_dir=tmp_path) as rt:
         rt.call(QUERY, tools, tool_choice="required", max_tokens=1)
-        assert rt.prefix_cache.stats.disk_hits == 1  # the rebuilt entry is good
+        assert rt.engine.prefix_cache.stats.disk_hits == 1  # the rebuilt entry is good
 
 
 def test_request_longer_than_context(gemma_270m_gguf, tools, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -56,20 +56,44 @@ class FakeUsage:
     cached_tokens: int = 4
 
 
-@dataclass
-class FakeResult:
-    tool_calls: list
-    content: str | None
-    raw_text: str
-    finish_reason: str
-    usage: FakeUsage = field(default_factory=FakeUsage)
-    parse_error: str | None = None
+class FakeEngine:
+    """The compile step of an in-process engine with ``grammar_engine`` (the llama one: GBNF, at most 256 tools)."""
+
+    def __init__(self, grammar_engine: str):
+        self.grammar_format = "lark" if grammar_engine == "llguidance" else "gbnf"
+
+    def compile_calls(self, tools, **options):
+        from toolgrad_edge.engines.inprocess import InProcessEngine
+
+        return InProcessEngine.compile_calls(self, tools, **options)
+
+
+def answer_events(text: str, tools, grammar=None, finish: str = "stop", pieces: int = 3, before_piece=None):
+    """ToolRuntime's events for ``text`` decoded in ``pieces``-character steps: read by the runtime's own
+    AnswerReader, so the fake's answers are parsed exactly as the runtime's are.
+
+    ``before_piece(n, offset)`` runs before each piece; returning a finish reason ends the answer there."""
+    from toolgrad_edge.runtime import AnswerReader, Final
+
+    tool_list = getattr(tools, "tools", None) or []
+    reader = AnswerReader(tool_list, "python", calls=bool(tool_list) and grammar is None)
+    for n, i in enumerate(range(0, len(text), pieces)):
+        cut = before_piece(n, i) if before_piece is not None else None
+        if cut is not None:
+            finish = cut
+            break
+        yield from reader.feed(text[i:i + pieces])
+    events, result = reader.finish(finish)
+    result.usage = FakeUsage()
+    yield from events
+    yield Final(result)
 
 
 class FakeRuntime:
     """Answers like ToolRuntime: calls when tools allow, text otherwise; records what it was asked."""
 
     model_name = "fake-model"
+    grammar_engine = "llama"
 
     def __init__(self, delay_s: float = 0.0, fail: BaseException | None = None, fail_after: int | None = None):
         self.delay_s = delay_s
@@ -81,50 +105,74 @@ class FakeRuntime:
         self.started = threading.Event()  # set when a request starts running
         self.cancelled = 0
 
+    @property
+    def engine(self):
+        return FakeEngine(self.grammar_engine)
+
+    def compile_tools(self, tools, tool_choice="auto", parallel=True, syntax="python"):
+        from toolgrad_edge.runtime import ToolRuntime
+
+        return ToolRuntime.compile_tools(self, tools, tool_choice, parallel, syntax)
+
+    def describe(self):
+        from pathlib import Path
+
+        from toolgrad_edge.engines import EngineDescription
+
+        fmt = self.engine.grammar_format
+        return EngineDescription(
+            model_name=self.model_name, model_path=Path(getattr(self, "model_path", "fake.gguf")), backend="fake",
+            n_ctx=getattr(self, "n_ctx", 2048), grammar_engine=self.grammar_engine, grammar_format=fmt,
+            max_tools=None if fmt == "lark" else 256, concurrency=1, speculative=False,
+            gguf=getattr(self, "info", None))
+
     def _answer(self, tools, tool_choice, parallel, grammar):
         if grammar is not None:
-            return '{"city": "Paris"}', [], '{"city": "Paris"}'
+            return '{"city": "Paris"}'
         if not tools or tool_choice == "none":
-            # As ToolRuntime: a text answer is stripped only when it was parsed for calls.
-            return " It is sunny. ", [], "It is sunny." if tools else " It is sunny. "
+            return " It is sunny. "  # the runtime strips it when it was parsed for calls
         calls = [FakeCall("get_weather", {"city": "Paris", "unit": "c"}), FakeCall("get_time", {"tz": "CET"})]
+        calls = [c for c in calls if c.name in {t.name for t in tools}]  # only the tools it was given
         if tool_choice not in ("auto", "required"):
             calls = [c for c in calls if c.name == tool_choice]
         if not parallel:
             calls = calls[:1]
-        text = "[" + ", ".join(
+        return "[" + ", ".join(
             f"{c.name}(" + ", ".join(f"{k}={v!r}" for k, v in c.arguments.items()) + ")" for c in calls
         ) + "]"
-        return text, calls, None
 
     def stream(self, messages, tools=None, tool_choice="auto", parallel=True, syntax="python", max_tokens=256,
                temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None, constrained=True, grammar=None,
                should_stop=None):
-        self.requests.append({"messages": messages, "tools": tools, "tool_choice": tool_choice,
+        if tools is not None and not hasattr(tools, "tools"):
+            tools = self.compile_tools(tools, tool_choice, parallel, syntax)
+        specs = [{"type": "function", "function": t.spec} for t in tools.tools] if tools is not None else None
+        self.requests.append({"messages": messages, "tools": specs, "tool_choice": tool_choice,
                               "parallel": parallel, "max_tokens": max_tokens, "stop": stop, "seed": seed,
                               "temperature": temperature, "grammar": grammar})
         self.started.set()
         if self.fail is not None and self.fail_after is None:
             raise self.fail
-        text, calls, content = self._answer(tools, tool_choice, parallel, grammar)
-        finish = "tool_calls" if calls else "stop"
-        for n, i in enumerate(range(0, len(text), 3)):
+
+        def before_piece(n, i):
             if self.fail_after is not None and n == self.fail_after:
                 raise self.fail
             self.release.wait(10)
             if should_stop is not None and should_stop():
                 self.cancelled += 1
-                yield FakeResult([], None, text[:i], "cancelled")
-                return
+                return "cancelled"
             time.sleep(self.delay_s)
-            yield text[i:i + 3]
-        yield FakeResult(calls, content, text, finish)
+            return None
+
+        yield from answer_events(self._answer(tools.tools if tools else None, tool_choice, parallel, grammar),
+                                 tools, grammar, before_piece=before_piece)
 
     def call(self, *args, **kwargs):
-        result = None
-        for item in self.stream(*args, **kwargs):
-            result = item
-        return result
+        from toolgrad_edge.runtime import Final
+
+        for event in self.stream(*args, **kwargs):
+            if isinstance(event, Final):
+                return event.result
 
 
 def wait_for(condition, timeout_s: float = 5.0) -> bool:
@@ -281,7 +329,7 @@ def test_messages_with_tool_results_pass_through(client, runtime):
     assert r.status_code == 200, r.text
     sent = runtime.requests[-1]["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
-    assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     assert sent[2]["tool_call_id"] == "call_1" and sent[2]["content"] == "18 C, sunny"
 
 
@@ -435,15 +483,17 @@ def test_llguidance_runtime_takes_a_thousand_tools(tool_choice):
 
 
 @pytest.mark.parametrize("grammar_engine, engine_words, instead", [
-    ("llama", "llama.cpp's grammar sampler (the llama grammar engine)", "pip install 'toolgrad-edge[llguidance]'"),
-    (None, "this runtime's GBNF grammar", "llguidance grammar engine"),
+    # The one message of engines.base.check_gbnf_tools, as the engine words it.
+    ("llama", "the llama grammar engine", "pip install 'toolgrad-edge[llguidance]'"),
+    (None, "the llama grammar engine", "llguidance grammar engine"),  # the fake's default engine
 ])
 def test_gbnf_runtime_refuses_over_256_tools_and_names_llguidance(grammar_engine, engine_words, instead):
     r, runtime = serve_tools(grammar_engine, numbered_tools(1000))
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "too_many_tools" and error["param"] == "tools"
-    assert error["message"].startswith(f"1000 tools; the limit is 256 with {engine_words}. ")
+    assert error["message"].startswith(f"1000 tools given; {engine_words} decodes with llama.cpp's GBNF grammar "
+                                       "sampler, which supports at most 256")
     assert instead in error["message"] and "no tool limit" in error["message"]
     assert runtime.requests == [], "a refused request never reaches the model"
     # 256 is still allowed.
@@ -489,7 +539,8 @@ def test_over_llama_server_the_gbnf_limit_is_named(tmp_path):
         error = r.json()["error"]
         assert error["code"] == "too_many_tools"
         assert error["message"].startswith(
-            "257 tools; the limit is 256 with llama-server (--engine), which takes a GBNF grammar. ")
+            f"257 tools given; llama-server at {stand_in.url} decodes with llama.cpp's GBNF grammar sampler, "
+            "which supports at most 256")
         assert "serve a local model (no --engine) with the llguidance grammar engine" in error["message"]
         assert stand_in.completions() == [], "a refused request never reaches llama-server"
     finally:
@@ -509,7 +560,7 @@ def test_a_loading_runtime_is_waited_for_before_its_engine_decides():
         assert client.get("/health").json()["status"] == "loading"
         threading.Timer(0.2, release.set).start()
         r = chat(client, tools=numbered_tools(300))
-    assert r.status_code == 400 and "limit is 256 with llama.cpp's grammar sampler" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "GBNF grammar sampler, which supports at most 256" in r.json()["error"]["message"]
 
 
 WEATHER_DAYS = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -522,13 +573,10 @@ class PostCheckFailure(FakeRuntime):
     the text comes back as content, with parse_error, and no calls."""
 
     TEXT = "[get_weather(city='Paris', days=42)]"
-    ERROR = "get_weather: argument days=42 is above the maximum 7"
 
     def stream(self, messages, tools=None, should_stop=None, **kwargs):
         self.requests.append({"messages": messages, "tools": tools, **kwargs})
-        for i in range(0, len(self.TEXT), 3):
-            yield self.TEXT[i:i + 3]
-        yield FakeResult([], self.TEXT, self.TEXT, "stop", parse_error=self.ERROR)
+        yield from answer_events(self.TEXT, tools)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -546,7 +594,7 @@ def test_call_that_fails_a_post_check_is_200_with_text_and_parse_error(stream):
                 choice["finish_reason"]
             assert set(choice["message"]) == {"role", "content"}  # nothing a client would send back and get refused
         assert calls == [] and content == PostCheckFailure.TEXT and finish == "stop"
-        assert choice["parse_error"] == PostCheckFailure.ERROR
+        assert "days" in choice["parse_error"] and "7" in choice["parse_error"]  # what is wrong, and where
         # The whole reply's message goes back into the history unchanged and is accepted.
         if not stream:
             history = [*USER, choice["message"], {"role": "user", "content": "Try again."}]
@@ -735,6 +783,51 @@ def test_cancelling_a_running_job_stops_it_at_the_next_token():
             time.sleep(0.01)
         assert not queue.stats()["running"] and len(produced) < 1000
         assert queue.stats()["cancelled"] == 1
+    finally:
+        queue.stop()
+        loop.close()
+
+
+def test_closing_the_queue_ends_a_running_job_with_its_final_record_and_refuses_waiting_ones():
+    # As on SIGTERM: the running job stops at its next step and its last output (the runtime's final
+    # record) still comes back, so its stream ends properly; a waiting job ends at once, never run.
+    import asyncio
+
+    from toolgrad_edge.server.queue import DONE, ITEM, QueueStopped
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def work(rt, should_stop):
+        for i in range(10_000):
+            if should_stop():
+                yield "final"
+                return
+            started.set()
+            time.sleep(0.005)
+            yield i
+
+    queue = RequestQueue(object.__new__(FakeRuntime), max_queue=2)
+    queue.start()
+    try:
+        running, waiting = Job(work, loop), Job(work, loop)
+        queue.submit(running)
+        assert started.wait(5)
+        queue.submit(waiting)
+        queue.close()
+        with pytest.raises(QueueStopped):
+            queue.submit(Job(work, loop))
+        assert wait_for(lambda: running.finished)
+
+        def drain(job):
+            events = []
+            while not events or events[-1][0] == ITEM:
+                events.append(loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)))
+            return events
+
+        ran = drain(running)
+        assert ran[-2:] == [(ITEM, "final"), (DONE, None)]
+        assert drain(waiting) == [(DONE, None)]
     finally:
         queue.stop()
         loop.close()

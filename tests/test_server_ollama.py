@@ -18,7 +18,7 @@ from test_server_app import TIME, USER, WEATHER, FakeRuntime  # noqa: E402
 
 from toolgrad_edge.errors import GenerationError  # noqa: E402
 from toolgrad_edge.server import ServerSettings, create_app  # noqa: E402
-from toolgrad_edge.server.errors import OpenAIError  # noqa: E402
+from toolgrad_edge.server.errors import APIError  # noqa: E402
 from toolgrad_edge.server.ollama import (  # noqa: E402
     MessageIn,
     ModelNames,
@@ -150,7 +150,7 @@ def test_tool_messages_take_their_tool_name_from_the_call():
     ]]
     out = chat_messages(messages)
     assert out[1]["tool_calls"] == [{"id": "c1", "type": "function", "function": {
-        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+        "name": "get_weather", "arguments": {"city": "Paris"}}}]
     assert [m.get("name") for m in out[2:]] == ["get_weather", "get_weather", "get_time"]
     assert out[2]["tool_call_id"] == "c1" and out[0]["role"] == "user"
 
@@ -171,7 +171,7 @@ def test_raw_prompt_in_gemmas_format_round_trips():
     "[INST] why is the sky blue? [/INST]",                                  # another model's template
 ])
 def test_raw_prompt_not_in_gemmas_format_is_refused(prompt):
-    with pytest.raises(OpenAIError) as info:
+    with pytest.raises(APIError) as info:
         raw_prompt_messages(prompt)
     assert info.value.status == 400 and "Gemma 3 turns" in info.value.message
 
@@ -246,7 +246,7 @@ def test_default_tool_choice_applies_to_both_apis(runtime):
 def test_tool_choice_setting_is_checked():
     from toolgrad_edge.errors import ToolgradEdgeError
 
-    with pytest.raises(ToolgradEdgeError, match="tool_choice must be one of auto, required, none"):
+    with pytest.raises(ToolgradEdgeError, match="tool_choice must be one of auto, required, required-first, none"):
         ServerSettings(tool_choice="always")
 
 
@@ -259,7 +259,8 @@ def test_history_with_tool_message_reaches_the_runtime(client, runtime):
     r = chat(client, messages=messages, tools=[WEATHER], stream=False)
     assert r.status_code == 200, r.text
     sent = runtime.requests[-1]["messages"]
-    assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # The call's arguments reach the prompt as the object the client sent (no JSON text in between).
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     assert sent[2] == {"role": "tool", "content": "18 C and sunny", "name": "get_weather"}
 
 

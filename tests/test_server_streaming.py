@@ -6,9 +6,13 @@ import json
 
 import pytest
 
-from toolgrad_edge.server.streaming import (
+from toolgrad_edge.grammars import load_tools
+from toolgrad_edge.runtime import AnswerReader, Final, result_from_text
+from toolgrad_edge.server.openai import (
+    OpenAIStream,
     arguments_fragments,
     arguments_json,
+    completion_body,
     finish_reason,
 )
 
@@ -40,7 +44,7 @@ def test_finish_reason_mapping(finish, calls, expected):
     assert finish_reason(_Result(finish, calls)) == expected
 
 
-# -- ChunkStream over grammars.CallStreamParser ------------------------------------
+# -- the runtime's AnswerReader rendered by OpenAIStream ------------------------------------
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -56,11 +60,22 @@ ANSWERS = {
 }
 
 
-def _stream(syntax: str, **kw):
-    from toolgrad_edge.server.streaming import ChunkStream
+class _Pipeline:
+    """A streamed request's path: the runtime's AnswerReader turns text into events, OpenAIStream renders them."""
 
-    return ChunkStream(completion_id="chatcmpl-x", model="m", tools=TOOLS, syntax=syntax,
-                       text_only=False, strip_text=True, **kw)
+    def __init__(self, syntax: str, include_usage: bool = False):
+        self.reader = AnswerReader(load_tools(TOOLS), syntax, calls=True)
+        self.stream = OpenAIStream(completion_id="chatcmpl-x", model="m", include_usage=include_usage)
+
+    def _render(self, events) -> list:
+        return [chunk for event in events for chunk in self.stream.render(event)]
+
+    def feed(self, piece: str) -> list:
+        return self._render(self.reader.feed(piece))
+
+    def finish(self, finish: str) -> tuple[list, object]:
+        events, result = self.reader.finish(finish)
+        return self._render([*events, Final(result)]), result
 
 
 @pytest.mark.parametrize("syntax", ["python", "json"])
@@ -69,7 +84,7 @@ def test_chunk_stream_sends_names_first_and_matches_parse_calls(syntax, size):
     from toolgrad_edge.grammars import parse_calls
 
     text = ANSWERS[syntax]
-    stream = _stream(syntax)
+    stream = _Pipeline(syntax)
     events = []  # (index, "name"|"args", value) in the order sent, while the text streams
     for i in range(0, len(text), size):
         for chunk in stream.feed(text[i:i + size]):
@@ -77,7 +92,8 @@ def test_chunk_stream_sends_names_first_and_matches_parse_calls(syntax, size):
                 fn = tc["function"]
                 events.append((tc["index"], "name", fn["name"]) if "name" in fn else (tc["index"], "args", fn["arguments"]))
     calls = parse_calls(text, TOOLS, syntax=syntax)
-    final = stream.finish(_Result("tool_calls", calls))
+    final, result = stream.finish("stop")
+    assert result.tool_calls == calls
     assert final[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert len(final) == 1, "everything was streamed before the end"
     for index, call in enumerate(calls):
@@ -87,16 +103,13 @@ def test_chunk_stream_sends_names_first_and_matches_parse_calls(syntax, size):
 
 
 def test_chunk_stream_text_answer_is_stripped_and_usage_comes_last():
-    stream = _stream("python", include_usage=True)
+    stream = _Pipeline("python", include_usage=True)
     sent = ""
     for piece in ["  ", "No tool ", "fits this.", "  "]:
         for chunk in stream.feed(piece):
             sent += chunk["choices"][0]["delta"]["content"]
-    result = _Result("stop")
-    result.content = "No tool fits this."
-    result.usage = None
-    final = stream.finish(result)
-    assert sent == "No tool fits this."
+    final, result = stream.finish("stop")
+    assert sent == result.content == "No tool fits this."
     assert final[0]["choices"][0]["finish_reason"] == "stop"
     assert final[-1]["choices"] == [] and final[-1]["usage"]["total_tokens"] == 0
 
@@ -104,26 +117,10 @@ def test_chunk_stream_text_answer_is_stripped_and_usage_comes_last():
 # -- a call list cut by max_tokens: streamed and whole replies agree ---------------
 
 
-def _whole_result(text: str, syntax: str) -> _Result:
-    """What the runtime returns for ``text`` cut at max_tokens: the complete calls only (none if the
-    list does not parse as far as it goes), the text as content when no call is complete."""
-    from toolgrad_edge.errors import SchemaError, ToolCallError
-    from toolgrad_edge.grammars import CallStreamParser, parse_calls
-
-    try:
-        calls = parse_calls(text, TOOLS, syntax=syntax)
-    except (ToolCallError, SchemaError) as exc:
-        try:
-            calls = CallStreamParser(TOOLS, syntax).feed(text)
-        except (ToolCallError, SchemaError):
-            calls = []
-        result = _Result("length", calls)
-        result.content = None if calls else text
-        result.parse_error = str(exc)
-        return result
-    result = _Result("length", calls)
-    result.content = None if calls else text.strip()
-    return result
+def _whole_result(text: str, syntax: str):
+    """What the runtime returns for ``text`` cut at max_tokens, read whole (not streamed): the complete calls
+    only (none if the list does not parse as far as it goes), the text as content when no call is complete."""
+    return result_from_text(text, load_tools(TOOLS), False, True, "length", syntax)
 
 
 def _reassembled(chunks) -> tuple[list[tuple[str, str]], str, str | None, dict]:
@@ -145,19 +142,17 @@ def _reassembled(chunks) -> tuple[list[tuple[str, str]], str, str | None, dict]:
 
 
 def _check_agreement(pieces: list[str], syntax: str) -> None:
-    from toolgrad_edge.server.streaming import completion_body
-
     text = "".join(pieces)
     result = _whole_result(text, syntax)
-    stream = _stream(syntax)
-    chunks = stream.start()[1:]
+    stream = _Pipeline(syntax)
+    chunks = stream.stream.start()[1:]
     for piece in pieces:
         sent = stream.feed(piece)
         # A call goes out whole: the delta that names it also carries all of its arguments.
-        for name, arguments in _reassembled(sent + [stream._chunk({}, "x")])[0]:
+        for name, arguments in _reassembled(sent + [stream.stream._chunk({}, "x")])[0]:
             assert name is not None and isinstance(json.loads(arguments), dict), (pieces, name, arguments)
         chunks += sent
-    chunks += stream.finish(result)
+    chunks += stream.finish("length")[0]
     streamed, content, finish, last = _reassembled(chunks)
     whole = completion_body(result, completion_id="x", created=0, model="m")["choices"][0]
     expected = [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"].get("tool_calls", [])]
@@ -181,11 +176,23 @@ def test_cut_call_list_streams_what_the_whole_reply_keeps_at_every_cut_and_split
 
 
 def test_cut_inside_the_second_call_streams_only_the_first():
-    from toolgrad_edge.server.streaming import ChunkStream
-
     text = ANSWERS["python"]
     cut = text.index("math.factorial(") + len("math.factorial(")
-    stream = ChunkStream(completion_id="x", model="m", tools=TOOLS, syntax="python", text_only=False, strip_text=True)
+    stream = _Pipeline("python")
     names = [tc["function"]["name"] for ch in stream.feed(text[:cut])
              for tc in ch["choices"][0]["delta"].get("tool_calls") or [] if "name" in tc["function"]]
     assert names == ["get_weather"], "math.factorial is not announced before its arguments are complete"
+
+
+def test_a_call_list_stopped_midway_keeps_its_complete_calls_and_shows_no_half_call():
+    """A stop (the client left, or the server shuts down) in the second call: the first call stands, and the
+    half-written rest never reaches the client as text."""
+    text = ANSWERS["python"]
+    cut = text.index("math.factorial(") + len("math.factorial(")
+    stream = _Pipeline("python")
+    chunks = stream.feed(text[:cut])
+    final, result = stream.finish("cancelled")
+    streamed, content, finish, _ = _reassembled(chunks + final)
+    assert [c.name for c in result.tool_calls] == ["get_weather"] and result.content is None
+    assert [name for name, _ in streamed] == ["get_weather"] and content == ""
+    assert finish == "tool_calls"  # OpenAI says tool_calls whenever calls are returned

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from toolgrad_edge import ToolRuntime, load_tools
-from toolgrad_edge.engines.inprocess import LlamaSession
+from toolgrad_edge.engines.llama_session import LlamaSession
 from toolgrad_edge.errors import ContextLengthError, GenerationError, ModelLoadError
 from toolgrad_edge.grammar_engines import llguidance_available
-from toolgrad_edge.runtime import result_from_text
+from toolgrad_edge.runtime import Decoded, Final, result_from_text
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tools.json"
 # The base 270M model answers this phrasing with one short call in the grammars' compact
@@ -136,7 +136,7 @@ def test_sync_reuses_the_common_prefix(session):
 def test_abandoned_stream_then_another_call(runtime, tools):
     expected = runtime.call(QUERY, tools, tool_choice="required", max_tokens=40)
     stream = runtime.stream(QUERY, tools, tool_choice="required", max_tokens=40)
-    assert isinstance(next(stream), str)
+    assert isinstance(next(stream), Decoded)
     del stream  # abandoned halfway: no lock may stay held
     done = threading.Event()
     results = []
@@ -164,8 +164,9 @@ def test_a_call_between_two_deltas_of_a_stream(runtime, tools):
     assert runtime.call("What time is it in Tokyo?", tools, tool_choice="get_time",
                         max_tokens=20).raw_text == other.raw_text
     rest = list(stream)
-    final = rest[-1]
-    assert first + "".join(rest[:-1]) == final.raw_text
+    assert isinstance(first, Decoded) and isinstance(rest[-1], Final)
+    final = rest[-1].result
+    assert first.text + "".join(e.text for e in rest if isinstance(e, Decoded)) == final.raw_text
     # The stream's tokens were re-evaluated in one batch after the other call,
     # so its KV values carry the batch noise: a near-tie later on may go the
     # other way. The answer is still a complete, valid call of the same tool.

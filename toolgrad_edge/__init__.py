@@ -23,6 +23,11 @@ _EXPORTS = {
     # runtime
     "ToolRuntime": "toolgrad_edge.runtime",
     "CallResult": "toolgrad_edge.runtime",
+    # what ToolRuntime.stream yields
+    "Decoded": "toolgrad_edge.runtime",
+    "TextDelta": "toolgrad_edge.runtime",
+    "CallDone": "toolgrad_edge.runtime",
+    "Final": "toolgrad_edge.runtime",
     # errors
     "ToolgradEdgeError": "toolgrad_edge.errors",
     "SchemaError": "toolgrad_edge.errors",

@@ -91,7 +91,7 @@ def missing_parts() -> list[MissingPart]:
 
     Each is probed with the loader its capability uses, so what this says is what a run gets.
     """
-    from .engines.inprocess import ggml_tensor_api
+    from .engines.llama_session import ggml_tensor_api
     from .grammar_engines import llguidance_load_error
 
     probes = (
@@ -218,7 +218,7 @@ def self_test(rt) -> list[Check]:
                                                          "; narrow passes are off on this kernel path"), head))
     else:
         off = [m for m in missing_parts() if m.capability == "narrow output head"]
-        why = ("GPU offload keeps the output layer" if rt.n_gpu_layers else off[0].line() if off else
+        why = ("GPU offload keeps the output layer" if rt.describe().n_gpu_layers else off[0].line() if off else
                "narrow passes did not run (the output weight's type is not handled, or no pass allowed few tokens)")
         checks.append(Check("narrow head", None, f"skipped: {why}"))
     step = rt.call(SELF_TEST_QUERY, SELF_TEST_TOOLS, speculative=False, **kwargs)
@@ -287,12 +287,13 @@ def run_doctor(model=None, n_threads=None, n_ctx="auto", kv_type="auto", swa_ful
             checks.append(Check("model loads", False, str(exc)))
         else:
             with rt:
-                info = rt.info
+                described = rt.describe()
+                info = described.gguf
                 report["model"] = {"path": str(rt.model_path), "name": rt.model_name, "quantization": info.file_type,
                                    "file_size_bytes": info.file_size, "parameters": info.n_params,
-                                   "backend": rt.backend, "n_gpu_layers": rt.n_gpu_layers,
+                                   "backend": rt.backend, "n_gpu_layers": described.n_gpu_layers,
                                    "grammar_engine": rt.grammar_engine}
-                hw = rt.hardware
+                hw = described.plan
                 report["threads"] = {"n": hw.threads, "reason": hw.threads_reason}
                 report["context"] = {**hw.context.to_dict(), "planned_against": hw.budget.reason}
                 checks.append(Check("model loads", True, f"{time.perf_counter() - start:.1f} s"))

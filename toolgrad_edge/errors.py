@@ -16,6 +16,10 @@ class SchemaError(ToolgradEdgeError, ValueError):
     """A tool definition is malformed or uses an unsupported schema feature."""
 
 
+class TooManyToolsError(SchemaError):
+    """More tools than the engine's grammar sampler takes (llama.cpp's GBNF sampler: 256)."""
+
+
 class ToolCallError(ToolgradEdgeError, ValueError):
     """Model text is neither a valid call list nor a plain-text answer."""
 

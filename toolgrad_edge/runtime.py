@@ -15,22 +15,17 @@ import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .decoding import SamplingParams
-from .engines import Engine, EngineRequest, Generation, StopStrings, open_engine
-from .engines.local import DEFAULT_CTX, OUTPUT_ROWS, DraftModel  # noqa: F401 - importable from here, as before
+from .engines import CompiledTools, Engine, EngineDescription, EngineRequest, Generation, StopStrings, open_engine
+from .engines.base import CALL_GRAMMARS  # noqa: F401 - importable from here, as before
+from .engines.inprocess import DEFAULT_CTX, OUTPUT_ROWS, DraftModel  # noqa: F401 - importable from here, as before
 from .errors import GenerationError, SchemaError
-from .grammar_engines import LarkGrammar
-from .grammars import Tool, build_grammar, build_llg_grammar, forced_name_suffix, load_tools
+from .grammars import Tool, forced_name_suffix, load_tools
 from .prompt import Segment, render_prompt
-from .results import CallResult, Timings, Usage, result_from_text  # noqa: F401 - the runtime's results
+from .results import (  # noqa: F401 - the runtime's results and events
+    AnswerReader, CallDone, CallResult, Decoded, Event, Final, TextDelta, Timings, Usage, result_from_text,
+)
 
 TOOL_CHOICES = ("auto", "required", "none")
-
-# The call grammar, by the form an engine takes (Engine.grammar_format).
-CALL_GRAMMARS: dict[str, Callable[..., str]] = {
-    "gbnf": build_grammar,  # llama.cpp's GBNF sampler, llama-server, vLLM
-    # llguidance's Lark: enforces pattern, bounds, lengths and item counts while decoding; any number of tools.
-    "lark": lambda tools, **options: LarkGrammar(build_llg_grammar(tools, **options)),
-}
 
 
 class ToolRuntime:
@@ -42,10 +37,10 @@ class ToolRuntime:
     any time.
 
     engine: None (in this process, or $TOOLGRAD_EDGE_ENGINE when no model is
-    named), "inprocess", "http://HOST:PORT" of a llama-server (the prompt,
+    named: the CLI passes its --engine here), "inprocess", "http://HOST:PORT" of a llama-server (the prompt,
     grammar and parsing stay here and no model file is loaded), or an Engine
     object. The other options configure the in-process engine
-    (engines/local.py): speculative=False turns off every multi-token step
+    (engines/inprocess.py): speculative=False turns off every multi-token step
     (jump-forward, prompt lookup, the draft model) so that each forward pass
     yields one token; grammar_engine: "llguidance" (default; falls back to
     "llama" with a note when the package is missing) or "llama" (llama.cpp's
@@ -98,12 +93,9 @@ class ToolRuntime:
         """The model session (tokens, decode with logits, rewind); for measurements such as bench.compare."""
         return self.engine.session
 
-    def __getattr__(self, name: str):
-        # What only some engines have (n_threads, prefix_cache, engine_info, ...), as attributes of the
-        # runtime; an engine's private state stays its own.
-        if name.startswith("_") or name == "engine":  # engine unset: __init__ failed
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.engine, name)
+    def describe(self) -> EngineDescription:
+        """What the engine planned: model, context, threads, KV type, grammar format, limits, concurrency."""
+        return self.engine.describe()
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
@@ -125,27 +117,34 @@ class ToolRuntime:
         return self.engine.tokenize_segments(list(segments))
 
     # -- requests -----------------------------------------------------------
-    def _prepare(self, query_or_messages, tools, tool_choice, parallel, syntax, constrained, grammar):
+    def compile_tools(self, tools, tool_choice: str = "auto", parallel: bool = True,
+                      syntax: str = "python") -> CompiledTools:
+        """Load ``tools`` and compile their call grammar in the engine's form, once: pass the result as a
+        request's ``tools``. A bad schema, a tool choice naming no tool, or more tools than the engine
+        takes raise SchemaError here, before any work (the server checks requests with it)."""
         if syntax not in ("python", "json"):
             raise SchemaError(f"syntax must be 'python' or 'json', got {syntax!r}.")
         tool_list: list[Tool] = load_tools(tools) if tools else []
-        if isinstance(tool_choice, str) and tool_choice not in TOOL_CHOICES:
-            names = [t.name for t in tool_list]
-            if tool_choice not in names:
-                raise SchemaError(
-                    f"tool_choice {tool_choice!r} names no given tool; expected auto, required, none "
-                    f"or one of: {', '.join(names) or '(no tools given)'}."
-                )
-        if not tool_list and tool_choice not in ("none", "auto") and grammar is None:
-            raise SchemaError(f"tool_choice {tool_choice!r} needs at least one tool.")
-        parts = render_prompt(query_or_messages, tool_list, syntax)
-        if grammar is None and constrained and tool_list:
-            compile_calls = CALL_GRAMMARS[self.engine.grammar_format]
-            grammar = compile_calls(tool_list, syntax=syntax, tool_choice=tool_choice, parallel=parallel)
-        return tool_list, parts, grammar
+        _check_tool_choice(tool_choice, tool_list)
+        if not tool_list:
+            return CompiledTools([], None, syntax, tool_choice, parallel)
+        return self.engine.compile_calls(tool_list, syntax=syntax, tool_choice=tool_choice, parallel=parallel)
+
+    def _compiled(self, tools, tool_choice, parallel, syntax, constrained) -> CompiledTools:
+        if isinstance(tools, CompiledTools):
+            asked = (syntax, tool_choice, parallel)
+            if (tools.syntax, tools.tool_choice, tools.parallel) != asked:
+                raise SchemaError(f"tools were compiled for (syntax, tool_choice, parallel) = "
+                                  f"{(tools.syntax, tools.tool_choice, tools.parallel)}, not {asked}.")
+            return tools
+        if not constrained:
+            tool_list = load_tools(tools) if tools else []
+            _check_tool_choice(tool_choice, tool_list)
+            return CompiledTools(tool_list, None, syntax, tool_choice, parallel)
+        return self.compile_tools(tools, tool_choice, parallel, syntax)
 
     def count_prompt_tokens(self, query_or_messages, tools=None, syntax: str = "python") -> int:
-        tool_list = load_tools(tools) if tools else []
+        tool_list = tools.tools if isinstance(tools, CompiledTools) else (load_tools(tools) if tools else [])
         parts = render_prompt(query_or_messages, tool_list, syntax)
         return len(self.tokenize_segments(parts.prefix)) + len(self.tokenize_segments(parts.rest))
 
@@ -154,27 +153,27 @@ class ToolRuntime:
              top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
              constrained: bool = True, grammar: str | None = None,
              should_stop: Callable[[], bool] | None = None, speculative: bool | None = None) -> CallResult:
-        """Answer one request with tool calls (or text). See stream() for the arguments."""
-        result = None
-        for item in self.stream(query_or_messages, tools, tool_choice=tool_choice, parallel=parallel,
-                                syntax=syntax, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, stop=stop, constrained=constrained, grammar=grammar,
-                                should_stop=should_stop, speculative=speculative):
-            if isinstance(item, CallResult):
-                result = item
-        assert result is not None
-        return result
+        """Answer one request with tool calls (or text): the Final event's result. See stream() for the arguments."""
+        for event in self.stream(query_or_messages, tools, tool_choice=tool_choice, parallel=parallel,
+                                 syntax=syntax, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                 top_k=top_k, seed=seed, stop=stop, constrained=constrained, grammar=grammar,
+                                 should_stop=should_stop, speculative=speculative):
+            if isinstance(event, Final):
+                return event.result
+        raise GenerationError("the engine ended without a final record.")  # an engine's bug, said plainly
 
     def stream(self, query_or_messages, tools=None, tool_choice: str = "auto", parallel: bool = True,
                syntax: str = "python", max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
                constrained: bool = True, grammar: str | None = None,
                should_stop: Callable[[], bool] | None = None,
-               speculative: bool | None = None) -> Iterator[str | CallResult]:
-        """Yield text deltas as they are decoded, then the final CallResult.
+               speculative: bool | None = None) -> Iterator[Event]:
+        """Yield the answer as events (results.py): Decoded pieces as the engine decodes them, TextDelta
+        (the answer's text) and CallDone (one complete, validated call) as they become known, then one
+        Final with the CallResult, built from the same parse.
 
         query_or_messages: a user query, or OpenAI-style messages.
-        tools: Tool objects, tool dicts (OpenAI or BFCL form) or a JSON file path.
+        tools: Tool objects, tool dicts (OpenAI or BFCL form), a JSON file path, or compile_tools()'s result.
         tool_choice: auto (calls or text), required, none, or a tool name.
         constrained=False decodes freely and parses the text leniently.
         grammar: a GBNF string that replaces the tool grammar (content only).
@@ -186,29 +185,40 @@ class ToolRuntime:
             raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}.")
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         grammar_override = grammar is not None
-        tool_list, parts, grammar = self._prepare(query_or_messages, tools, tool_choice, parallel, syntax,
-                                                  constrained, grammar)
+        compiled = self._compiled(tools, tool_choice, parallel, syntax, constrained and not grammar_override)
+        if not grammar_override:
+            grammar = compiled.grammar if constrained else None
+        tool_list = compiled.tools
+        if not tool_list and tool_choice not in ("none", "auto") and not grammar_override:
+            raise SchemaError(f"tool_choice {tool_choice!r} needs at least one tool.")
+        parts = render_prompt(query_or_messages, tool_list, syntax)
         calls = bool(tool_list) and not grammar_override
         request = EngineRequest(
             prompt=parts, grammar=grammar, params=params, max_tokens=max_tokens,
             # Stop strings end text answers only: inside a call list they would cut a call in half.
             stop=StopStrings(stop or [], calls=calls), should_stop=should_stop,
-            n_tools=len(tool_list) if calls and grammar is not None else 0,
             forced_text=(functools.partial(forced_name_suffix, names=[t.name for t in tool_list])
                          if calls and syntax == "python" else None),
             speculative=speculative)
+        reader = AnswerReader(tool_list, syntax, calls=calls)
         for item in self.engine.execute(request):
             if isinstance(item, Generation):
-                yield _call_result(item, tool_list, grammar_override, constrained, syntax)
+                events, result = reader.finish(item.finish)
+                yield from events
+                result.token_ids = item.tokens
+                result.usage = item.usage
+                result.timings = item.timings
+                result.stats = item.stats
+                yield Final(result)
             else:
-                yield item
+                yield from reader.feed(item)
 
 
-def _call_result(generation: Generation, tools: list[Tool], grammar_override: bool, constrained: bool,
-                 syntax: str) -> CallResult:
-    result = result_from_text(generation.text, tools, grammar_override, constrained, generation.finish, syntax)
-    result.token_ids = generation.tokens
-    result.usage = generation.usage
-    result.timings = generation.timings
-    result.stats = generation.stats
-    return result
+def _check_tool_choice(tool_choice, tool_list: list[Tool]) -> None:
+    if isinstance(tool_choice, str) and tool_choice not in TOOL_CHOICES:
+        names = [t.name for t in tool_list]
+        if tool_choice not in names:
+            raise SchemaError(
+                f"tool_choice {tool_choice!r} names no given tool; expected auto, required, none "
+                f"or one of: {', '.join(names) or '(no tools given)'}."
+            )

@@ -60,8 +60,8 @@ def _baseline_decode(model_path, n_threads: int, n_gpu_layers: int, n_ctx: int, 
     """llama-cpp-python's grammar path on the same file: median tokens/s after the first token."""
     from llama_cpp import LlamaGrammar
 
-    from ..engines.inprocess import quiet_stderr
     from ..engines.kernel_guard import load_llama
+    from ..engines.llama_session import quiet_stderr
 
     with quiet_stderr(True):
         llm = load_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
@@ -130,7 +130,7 @@ def _divergence(rt, messages, tool_dicts, syntax: str, spec, step) -> dict:
     time; a gap smaller than the batched-versus-one-token noise (up to about
     0.9 on this back-end) is a near-tie, not a bug.
     """
-    from ..engines.inprocess import common_prefix
+    from ..engines.llama_session import common_prefix
     from ..grammars import load_tools
     from ..prompt import render_prompt
 
@@ -257,11 +257,12 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
         tmp = Path(tmp)
         with ToolRuntime(model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, prefix_cache=False,
                          grammar_engine=grammar_engine) as rt:
-            info = {"model": str(rt.model_path), "model_name": rt.model_name, "quant": rt.info.file_type,
-                    "file_size_bytes": rt.model_path.stat().st_size, "n_threads": rt.n_threads,
-                    "backend": rt.backend, "n_gpu_layers": rt.n_gpu_layers, "cpu": cpu_name(),
+            described = rt.describe()
+            info = {"model": str(rt.model_path), "model_name": rt.model_name, "quant": described.gguf.file_type,
+                    "file_size_bytes": rt.model_path.stat().st_size, "n_threads": described.n_threads,
+                    "backend": rt.backend, "n_gpu_layers": described.n_gpu_layers, "cpu": cpu_name(),
                     "grammar_engine": rt.grammar_engine, "max_tokens": max_tokens}
-            n_ctx, n_gpu = rt.n_ctx, rt.n_gpu_layers
+            n_ctx, n_gpu = rt.n_ctx, described.n_gpu_layers
             parts = render_prompt(messages, tools)
             prompt_tokens = rt.tokenize_segments(parts.prefix) + rt.tokenize_segments(parts.rest)
             info["prompt_tokens"] = len(prompt_tokens)
@@ -298,7 +299,7 @@ def measure_model(model_path, runs: int = 5, n_threads: int | None = None, n_gpu
                              grammar_engine=grammar_engine) as rt:
                 warm_messages, _ = bench_prompt(1 + i)
                 warm = rt.call(warm_messages, tools, tool_choice="required", max_tokens=1)
-                hit = rt.prefix_cache.stats.disk_hits
+                hit = rt.engine.prefix_cache.stats.disk_hits
             if i == 0:
                 continue
             ttft_cold.append(cold.timings.ttft_s)

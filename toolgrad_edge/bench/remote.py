@@ -103,7 +103,7 @@ def measure_engine(url, runs: int = 5, max_tokens: int = 64,
         raise EvaluationError(f"runs must be >= 1 and max_tokens >= 2, got runs={runs} max_tokens={max_tokens}.")
     say = progress or (lambda message: None)
     with ToolRuntime(engine=url) as rt:
-        info = rt.engine_info
+        info = rt.describe().server
         python, warm = _workload(rt, "python", runs, max_tokens, say)
         js, _ = _workload(rt, "json", runs, max_tokens, say)
     server = {"url": info.url, "model": info.model, "n_ctx_per_slot": info.n_ctx, "n_vocab": info.n_vocab,

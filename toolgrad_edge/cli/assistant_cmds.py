@@ -167,7 +167,7 @@ def _print_transcript(transcript) -> None:
 @_apply(runtime_options)
 def ask(prompt, model, mcp_commands, mcp_config, function_refs, tool_files, tool_choice, yes, allow, deny,
         max_rounds, no_followup, call_timeout, as_json, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx,
-        kv_type, swa_full, verbose):
+        kv_type, swa_full, verbose, engine=None):
     """Answer one question, running the tools the model calls.
 
     Read-only tools run without asking; other calls need a yes (or --yes, --allow NAME).
@@ -185,7 +185,7 @@ def ask(prompt, model, mcp_commands, mcp_config, function_refs, tool_files, tool
                           quiet=as_json) as assistant:
         if not assistant.entries:
             click.echo("warning: no tools: the model answers in text.", err=True)
-        with _open_runtime(model, n_threads, n_ctx, verbose, kv_type, swa_full) as rt:
+        with _open_runtime(model, n_threads, n_ctx, verbose, kv_type, swa_full, engine) as rt:
             assistant.runtime = rt
             transcript = assistant.ask(prompt)
     if as_json:
@@ -203,7 +203,7 @@ def ask(prompt, model, mcp_commands, mcp_config, function_refs, tool_files, tool
 @_apply(runtime_options)
 def chat(model, mcp_commands, mcp_config, function_refs, tool_files, tool_choice, yes, allow, deny, max_rounds,
          no_followup, call_timeout, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx, kv_type, swa_full,
-         verbose):
+         verbose, engine=None):
     """Interactive assistant: one request per line, with history; tool calls run.
 
     An MCP server that fails to start is left out with a warning. Ctrl-C while
@@ -221,7 +221,7 @@ def chat(model, mcp_commands, mcp_config, function_refs, tool_files, tool_choice
                           max_rounds, no_followup, call_timeout,
                           _generation(max_tokens, temperature, seed, no_grammar), strict=False,
                           quiet=False) as assistant:
-        with _open_runtime(model, n_threads, n_ctx, verbose, kv_type, swa_full) as rt:
+        with _open_runtime(model, n_threads, n_ctx, verbose, kv_type, swa_full, engine) as rt:
             assistant.runtime = rt
             click.echo(f"Model: {rt.model_path.name} on {rt.backend}. {len(assistant.entries)} tools. "
                        "Ctrl-D to quit.", err=True)

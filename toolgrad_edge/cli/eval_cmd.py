@@ -56,7 +56,7 @@ def eval_group() -> None:
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @json_option
 def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative, out_dir, data_dir, checker_env,
-         no_create_env, max_tokens, n_ctx, n_threads, as_json):
+         no_create_env, max_tokens, n_ctx, n_threads, as_json, engine=None):
     """BFCL v1+v2 single-turn accuracy, scored by BFCL's official AST checker.
 
     Entries run through the runtime in the ToolGrad prompt format; raw outputs
@@ -93,7 +93,7 @@ def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative,
             model, categories=categories, limit=limit, grammar=grammar, syntax=syntax,
             tool_choice=tool_choice, speculative=not no_speculative, out_dir=out_dir,
             data_dir=data_dir, checker_env_dir=checker_env, create_env=not no_create_env,
-            max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads, progress=progress, log=log,
+            max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads, engine=engine, progress=progress, log=log,
         )
     finally:
         if bar is not None:

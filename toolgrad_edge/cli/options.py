@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import click
 
@@ -45,36 +43,18 @@ def check_engine_url(ctx: click.Context, param: click.Parameter, value: str | No
     return value
 
 
-@contextlib.contextmanager
-def _environ(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def engine_option(command):
     """--engine URL: decode on a llama-server. Refused together with --model.
 
-    The URL reaches ToolRuntime as $TOOLGRAD_EDGE_ENGINE, set only while the
-    command runs, so every runtime a command opens (eval's included) uses it.
+    The command gets it as its ``engine`` argument and passes it down to
+    every ToolRuntime it opens (``ToolRuntime(engine=...)``).
     """
 
     @functools.wraps(command)
     def run(*args, engine: str | None = None, **kwargs):
-        if engine is None:
-            return command(*args, **kwargs)
-        if kwargs.get("model") is not None:
+        if engine is not None and kwargs.get("model") is not None:
             raise click.UsageError(ENGINE_AND_MODEL, click.get_current_context())
-        from ..engines.llama_server import ENV_ENGINE
-
-        with _environ(ENV_ENGINE, engine):
-            return command(*args, **kwargs)
+        return command(*args, engine=engine, **kwargs)
 
     return click.option(
         "--engine", "engine", metavar="URL", default=None, callback=check_engine_url,

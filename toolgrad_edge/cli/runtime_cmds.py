@@ -52,11 +52,11 @@ def _print_result(result, as_json: bool) -> None:
     )
 
 
-def _open_runtime(model, n_threads, n_ctx, verbose, kv_type="auto", swa_full=None):
+def _open_runtime(model, n_threads, n_ctx, verbose, kv_type="auto", swa_full=None, engine=None):
     from ..runtime import ToolRuntime
 
     return ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose, kv_type=kv_type,
-                       swa_full=swa_full)
+                       swa_full=swa_full, engine=engine)
 
 
 runtime_options = [
@@ -101,7 +101,8 @@ def _apply(options):
 @_apply(generation_options)
 @_apply(runtime_options)
 def call(query, tools_file, model, tool_choice, parallel, syntax, stream, no_speculative, grammar_engine, draft_model,
-         as_json, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx, kv_type, swa_full, verbose):
+         as_json, max_tokens, temperature, seed, no_grammar, n_threads, n_ctx, kv_type, swa_full, verbose,
+         engine=None):
     """Turn one request into tool calls.
 
     With --json the result carries `stats`: forward passes, forced (jump-forward),
@@ -114,21 +115,22 @@ def call(query, tools_file, model, tool_choice, parallel, syntax, stream, no_spe
       toolgrad-edge call "Hi!" -t examples/tools.json --stream
       toolgrad-edge call "Weather in Paris?" -t examples/tools.json --no-speculative --json
     """
-    from ..runtime import ToolRuntime
+    from ..runtime import Decoded, Final, ToolRuntime
 
     tools = _load_tools_file(tools_file)
     with ToolRuntime(model=model, n_threads=n_threads, n_ctx=n_ctx, verbose=verbose, speculative=not no_speculative,
                      grammar_engine=grammar_engine, draft_model=draft_model, kv_type=kv_type,
-                     swa_full=swa_full) as rt:
+                     swa_full=swa_full, engine=engine) as rt:
         kwargs = dict(tool_choice=tool_choice, parallel=parallel, syntax=syntax, max_tokens=max_tokens,
                       temperature=temperature, seed=seed, constrained=not no_grammar)
         if stream and not as_json:
             result = None
-            for item in rt.stream(query, tools, **kwargs):
-                if isinstance(item, str):
-                    click.echo(click.style(item, dim=True), nl=False, err=True)
-                else:
-                    result = item
+            # The model's text as it is decoded (calls included), dimmed; the result is printed below.
+            for event in rt.stream(query, tools, **kwargs):
+                if isinstance(event, Decoded):
+                    click.echo(click.style(event.text, dim=True), nl=False, err=True)
+                elif isinstance(event, Final):
+                    result = event.result
             click.echo("", err=True)
         else:
             result = rt.call(query, tools, **kwargs)
@@ -152,11 +154,10 @@ def info(model_file, as_json):
     from dataclasses import asdict
 
     from ..doctor import missing_parts, missing_parts_line
-    from ..engines import kernel_guard
-    from ..engines.local import DEFAULT_CTX, OUTPUT_ROWS
     from ..errors import ModelLoadError
-    from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
-    from ..hardware import CpuDescription, detect_cpu_description, plan_defaults, swa_label
+    from ..engines.inprocess import InProcessEngine
+    from ..gguf_info import SUPPORTED_ARCHITECTURES, read_gguf_info
+    from ..hardware import CpuDescription, detect_cpu_description, swa_label
     from ..model_resolution import backend_name, resolve_gpu_layers
 
     meta = read_gguf_info(model_file)
@@ -177,10 +178,9 @@ def info(model_file, as_json):
         "missing_parts": [asdict(m) for m in missing_parts()],
     }
     if meta.architecture in SUPPORTED_ARCHITECTURES:
-        # The defaults a runtime would choose for this file here, each with its reason.
+        # What the in-process engine plans for this file here, each choice with its reason.
         try:
-            hw = plan_defaults(model_shape(meta), kernel_guard.detect_kernel_plan(), n_outputs=OUTPUT_ROWS,
-                               cap=DEFAULT_CTX, n_gpu_layers=resolve_gpu_layers("auto"))  # as the runtime would
+            hw = InProcessEngine.plan(meta, n_gpu_layers=resolve_gpu_layers("auto"))
             context = f"{hw.context.reason}; {swa_label(hw.context.swa_full)}"
         except ModelLoadError as exc:  # e.g. the model does not fit in the RAM here
             hw, context = None, str(exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..errors import ToolgradEdgeError
@@ -33,10 +35,12 @@ def _default(name: str):
               type=click.IntRange(1), help="Largest max_tokens a request may ask for (400 above).")
 @click.option("--default-max-tokens", default=_default("default_max_tokens"), show_default=True,
               type=click.IntRange(1), help="max_tokens for requests that name none.")
-@click.option("--tool-choice", "tool_choice", type=click.Choice(["auto", "required", "none"]),
+@click.option("--tool-choice", "tool_choice", type=click.Choice(["auto", "required", "required-first", "none"]),
               default=_default("tool_choice"), show_default=True,
               help="The tool choice of a request that sends tools but names none, on both APIs (Ollama's has "
-                   "no such field): 'required' forces a call, as clients that never send tool_choice need.")
+                   "no such field): 'required' forces a call, as clients that never send tool_choice need; "
+                   "'required-first' forces one only when the last message is the user's and allows text after "
+                   "tool results, so agent loops end.")
 @syntax_option
 @n_ctx_option
 @kv_type_option
@@ -48,7 +52,7 @@ def _default(name: str):
               default="info", show_default=True)
 def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_tokens_limit,
           default_max_tokens, tool_choice, syntax, n_ctx, kv_type, swa_full, n_threads, n_gpu_layers,
-          log_level) -> None:
+          log_level, engine=None) -> None:
     """Serve OpenAI's chat-completions API and Ollama's API for the model, on this machine.
 
     POST /v1/chat/completions (tools, tool_choice, streaming, response_format),
@@ -82,7 +86,7 @@ def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_
     )
     gpu_layers = n_gpu_layers if n_gpu_layers == "auto" else _int_option("--n-gpu-layers", n_gpu_layers)
     with ToolRuntime(model=model, n_gpu_layers=gpu_layers, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type,
-                     swa_full=swa_full) as runtime:
+                     swa_full=swa_full, engine=engine) as runtime:
         app = create_app(runtime, settings)
         shown_host = f"[{host}]" if ":" in host else host
         click.echo(f"toolgrad-edge: serving {runtime.model_path} at http://{shown_host}:{port}/v1 "
@@ -97,10 +101,39 @@ def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_
         _run_uvicorn(app, host, port, log_level)
 
 
+GRACEFUL_SHUTDOWN_S = 5  # after SIGTERM: how long open connections may take to end before they are closed
+
+
 def _run_uvicorn(app, host: str, port: int, log_level: str) -> None:
+    """Run the app until SIGTERM or SIGINT.
+
+    The first signal stops the queue before uvicorn waits for open connections
+    (running streams end at their next token with a proper last chunk, waiting
+    requests get 503), and uvicorn closes connections still open after
+    GRACEFUL_SHUTDOWN_S; the process then exits 0. A second signal exits at once.
+    """
+    import signal
+
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit:
+                click.echo("toolgrad-edge: second signal, exiting now.", err=True)
+                os._exit(128 + sig)
+            app.state.server.shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # uvicorn raises a signal it handled again once it has shut down; by then the server stopped as asked,
+    # so that signal ends nothing more and the command returns (exit 0).
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        StoppingServer(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _int_option(name: str, value: str) -> int:

@@ -2,8 +2,8 @@
 
 ``base`` says what the runtime needs from an engine (``Engine``: an
 ``EngineRequest`` in, text pieces and a ``Generation`` out) and what the
-decode loop needs from a model session (``DecodeSession``). ``local`` is the
-in-process engine (a GGUF on llama.cpp: ``LlamaSession`` in ``inprocess``,
+decode loop needs from a model session (``DecodeSession``). ``inprocess`` is the
+in-process engine (a GGUF on llama.cpp: ``LlamaSession`` in ``llama_session``,
 the decode loop, the prefix cache, a draft model); ``llama_server`` decodes
 on a llama-server. A new back-end is a new file with an ``Engine`` class:
 pass an instance as ``ToolRuntime(engine=...)``, or give it a spelling in
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Engine, EngineRequest, Generation, StopStrings
+from .base import CompiledTools, Engine, EngineDescription, EngineRequest, Generation, StopStrings
 
 
 def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_model=None, grammar_engine=None,
@@ -35,9 +35,9 @@ def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_mo
     if remote is not None:
         remote.refuse_local_options(draft_model=draft_model, grammar_engine=grammar_engine)
         return remote
-    from .local import InProcessEngine
+    from .inprocess import InProcessEngine
 
     return InProcessEngine(model, draft_model=draft_model, grammar_engine=grammar_engine, **local_options)
 
 
-__all__ = ["Engine", "EngineRequest", "Generation", "StopStrings", "open_engine"]
+__all__ = ["CompiledTools", "Engine", "EngineDescription", "EngineRequest", "Generation", "StopStrings", "open_engine"]

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from ..decoding import SamplingParams
-from ..errors import SchemaError
+from ..errors import TooManyToolsError
+from ..grammar_engines import LarkGrammar
+from ..grammars import Tool, build_grammar, build_llg_grammar
 from ..prompt import PromptParts, Segment
 from ..results import Timings, Usage
 
@@ -33,6 +35,59 @@ from ..results import Timings, Usage
 # much per token in llama.cpp's grammar sampler. Only engines that decode with
 # that sampler refuse more; the grammar itself (toolgrad-edge grammar, vLLM) has no limit.
 GBNF_MAX_TOOLS = 256
+
+# The call grammar, by the form an engine takes (Engine.grammar_format).
+CALL_GRAMMARS: dict[str, Callable[..., Any]] = {
+    "gbnf": build_grammar,  # llama.cpp's GBNF sampler, llama-server, vLLM
+    # llguidance's Lark: enforces pattern, bounds, lengths and item counts while decoding; any number of tools.
+    "lark": lambda tools, **options: LarkGrammar(build_llg_grammar(tools, **options)),
+}
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    """What an engine planned and holds, as callers (info, doctor, the server, bench) may ask of it."""
+
+    model_name: str
+    model_path: Path  # the GGUF file, or the model a llama-server reports
+    backend: str  # what decodes, in words: "CPU", "Metal", "llama-server at URL"
+    n_ctx: int  # the context one request may fill
+    grammar_engine: str  # llguidance | llama | llama-server
+    grammar_format: str  # the grammar execute takes: "lark" or "gbnf"
+    max_tools: int | None  # tools one request's call grammar may hold (None: no limit but the context)
+    concurrency: int  # requests decoded at once
+    speculative: bool
+    n_threads: int | None = None  # None: not this process's to choose (a llama-server's)
+    n_gpu_layers: int = 0
+    kv_type: str | None = None
+    swa_full: bool | None = None
+    gguf: Any = None  # gguf_info.GGUFInfo of a local model file, else None
+    plan: Any = None  # hardware.DefaultsPlan: threads, context and kernels, each with its reason
+    server: Any = None  # llama_server.ServerInfo of a remote engine
+
+
+@dataclass(frozen=True)
+class CompiledTools:
+    """A request's tools, loaded and compiled once into the call grammar of one engine."""
+
+    tools: list[Tool]
+    grammar: Any  # in the engine's grammar_format
+    syntax: str
+    tool_choice: str
+    parallel: bool
+
+
+def compile_calls(grammar_format: str, tools: list[Tool], *, syntax: str, tool_choice: str, parallel: bool,
+                  gbnf_sampler: tuple[str, str] | None = None) -> CompiledTools:
+    """The call grammar for ``tools`` in ``grammar_format``.
+
+    ``gbnf_sampler``: (the engine, in words; the way out) for engines that decode with llama.cpp's GBNF
+    sampler, which refuse more than GBNF_MAX_TOOLS tools before any work.
+    """
+    if gbnf_sampler is not None:
+        check_gbnf_tools(len(tools), *gbnf_sampler)
+    grammar = CALL_GRAMMARS[grammar_format](tools, syntax=syntax, tool_choice=tool_choice, parallel=parallel)
+    return CompiledTools(tools, grammar, syntax, tool_choice, parallel)
 
 
 class StopStrings:
@@ -86,7 +141,6 @@ class EngineRequest:
     max_tokens: int
     stop: StopStrings = field(default_factory=StopStrings)
     should_stop: Callable[[], bool] | None = None  # polled between pieces; True cancels
-    n_tools: int = 0  # tools the grammar's calls may name (GBNF engines refuse more than GBNF_MAX_TOOLS)
     # Lookahead for GBNF call grammars: the text the grammar forces after this text (a unique tool name's rest).
     forced_text: Callable[[str], str] | None = None
     speculative: bool | None = None  # None: the engine's own setting
@@ -105,7 +159,11 @@ class Generation:
 
 
 class Engine(Protocol):
-    """A back-end that decodes requests: in this process, or on a server."""
+    """A back-end that decodes requests: in this process, or on a server.
+
+    Callers ask it what it is with ``describe()`` and nothing else: no caller
+    guesses the engine from the attributes it happens to have.
+    """
 
     model_path: Path
     model_name: str
@@ -118,6 +176,12 @@ class Engine(Protocol):
     @property
     def concurrency(self) -> int:
         """How many requests the engine decodes at once."""
+
+    def describe(self) -> EngineDescription:
+        """The model, context, threads, KV type, grammar format, limits and concurrency this engine planned."""
+
+    def compile_calls(self, tools: list[Tool], *, syntax: str, tool_choice: str, parallel: bool) -> CompiledTools:
+        """The call grammar in this engine's form; more tools than it takes is a TooManyToolsError."""
 
     @property
     def session(self):
@@ -136,7 +200,7 @@ class Engine(Protocol):
 def check_gbnf_tools(n_tools: int, engine: str, instead: str) -> None:
     """Refuse more tools than llama.cpp's GBNF sampler handles, naming the engine and the way out."""
     if n_tools > GBNF_MAX_TOOLS:
-        raise SchemaError(
+        raise TooManyToolsError(
             f"{n_tools} tools given; {engine} decodes with llama.cpp's GBNF grammar sampler, which supports at "
             f"most {GBNF_MAX_TOOLS} (each one costs masking time on every token). Pass only the tools relevant "
             f"to the request, or {instead}."

@@ -1,518 +1,401 @@
-"""A llama.cpp model and context in this process, driven through the public low-level API.
+"""The in-process engine: a GGUF model on llama.cpp in this process.
 
-``LlamaSession`` owns the model, the context and one batch buffer. It keeps
-the list of tokens the KV cache holds (sequence 0), appends tokens with
-logits requested only where the caller needs them, and rewinds with
-``llama_memory_seq_rm``. A decode that fails or is interrupted removes
-whatever it may have written, so the cache and the token list never disagree.
-No attribute of llama-cpp-python's ``Llama`` class is touched.
+``InProcessEngine`` owns one loaded model and its context (``LlamaSession``,
+engines/llama_session.py). A request restores the evaluated tool prefix from the
+PrefixCache when it can (or reuses the longest common prefix with what the
+KV cache already holds), then decodes with the grammar engine as a
+sample-then-check gate and several tokens per forward pass where that is
+exact (``StepDecoder``, decoding.py): jump-forward, prompt lookup, or a
+``DraftModel``.
 
-A saved prefix comes back in another cell layout than the one decoding left:
-llama.cpp saves only the sliding-window cache's cells inside the window and
-restores them packed from cell 0, and later passes over those cells round
-differently. ``evaluate_prefix`` therefore evaluates a prefix in an empty
-cache, saves it and loads the saved state back, so that an evaluated and a
-restored prefix decode the same tokens bit for bit; ``restored_prefix`` tells
-whether the cache still holds a prefix in that layout (rewinding to its end keeps it).
-
-Given an ``OutputHead``, ``decode_narrow`` runs a pass that stops after the
-final norm (llama.cpp's eval callback: the scheduler stops computing once the
-callback says so) and computes the logits of a few tokens from the hidden
-state, skipping the 262k-row output layer.
+Requests may come from several threads; each step of the decode loop holds
+the engine's lock, but no lock is held while a piece of text is out, so a
+consumer may abandon a stream or start another request at any time (an
+interleaved request's KV cache is restored).
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
+import codecs
+import itertools
 import os
-import sys
-from contextlib import contextmanager
+import threading
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..decoding import PromptLookupDrafter, StepDecoder, TokenChooser
 from ..errors import ContextLengthError, GenerationError, ModelLoadError
-from .kernel_guard import apply_kernel_plan
+from ..gguf_info import check_supported, model_shape, read_gguf_info
+from ..grammar_engines import LlamaGrammarMatcher, LlguidanceMatcher, LlguidanceTokenizer, llg_grammar, resolve_engine
+from ..hardware import plan_defaults
+from . import kernel_guard
+from ..model_resolution import backend_name, resolve_gpu_layers, resolve_model
+from ..paths import llguidance_dir, prefix_cache_dir
+from ..prefix_cache import PrefixCache, model_identity, prefix_key
+from ..prompt import END_OF_TURN, START_OF_TURN, Segment
+from ..results import Timings, Usage
+from .base import GBNF_MAX_TOOLS, CompiledTools, EngineDescription, EngineRequest, Generation, compile_calls
+from .llama_session import LlamaSession, common_prefix
+from .output_head import OutputHead
 
-SEQ = 0  # the one sequence this session uses
-KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}  # KV cache types -> ggml's type constants
-
-
-@contextmanager
-def quiet_stderr(enabled: bool):
-    """Silence llama.cpp's C-level logging on fd 2 (e.g. while loading), unless verbose."""
-    if not enabled:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+DEFAULT_CTX = 8192  # the longest context chosen by default (n_ctx="auto"), where the RAM allows it
+OUTPUT_ROWS = 16  # logits rows a batch may ask for: a draft's (decoding.MAX_DRAFT) and the token after it
+LLAMA_SAMPLER = ("the llama grammar engine",
+                 "use the llguidance grammar engine (the default once installed: "
+                 "pip install 'toolgrad-edge[llguidance]'), which has no tool limit")
 
 
-logger = logging.getLogger(__name__)
-_backend_ready = False
+class InProcessEngine:
+    """A loaded model that decodes requests in this process.
 
+    speculative=False turns off every multi-token step (jump-forward, prompt
+    lookup, the draft model) so that each forward pass yields one token.
+    grammar_engine: "llguidance" (default; falls back to "llama" with a note
+    when the package is missing) or "llama" (llama.cpp's GBNF sampler).
+    """
 
-def _init_backend(verbose: bool) -> None:
-    global _backend_ready
-    import llama_cpp
-
-    # llama-cpp-python routes llama.cpp's log through this logger.
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
-    if not _backend_ready:
-        with quiet_stderr(not verbose):
-            llama_cpp.llama_backend_init()
-        _backend_ready = True
-
-
-class LlamaSession:
-    """One model, one context, and the tokens its KV cache holds."""
-
-    def __init__(self, model_path: str | os.PathLike, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
-                 n_batch: int = 512, verbose: bool = False, output_head=None, kv_type: str = "f16",
-                 swa_full: bool = True, n_outputs_max: int | None = None):
+    def __init__(self, model: str | os.PathLike | None = None, n_gpu_layers: int | str = "auto",
+                 n_threads: int | None = None, n_ctx: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, verbose: bool = False,
+                 prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
+                 grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
+                 kv_type: str = "auto", swa_full: bool | str | None = "auto"):
         import llama_cpp
 
-        self._llama = llama_cpp
-        self.model_path = Path(model_path)
-        self.n_batch = n_batch
-        if kv_type not in KV_TYPES:
-            raise ModelLoadError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}.")
-        self.kv_type = kv_type
-        self.swa_full = swa_full
-        # The logits rows one batch may ask for; llama.cpp reserves them all (n_batch x vocabulary by default).
-        self.n_outputs = min(n_batch, n_outputs_max or n_batch)
-        self._model = None
-        self._ctx = None
-        self._batch = None
-        # The output layer is skipped only on the CPU back-end, where it is a large part of a pass.
-        self._head = output_head if n_gpu_layers == 0 else None
-        if self._head is not None:
+        self.model_path = resolve_model(model)
+        self.info = read_gguf_info(self.model_path)
+        check_supported(self.info)
+        self.model_name = self.info.metadata.get("general.name") or self.model_path.stem
+        self.backend = backend_name()
+        self.n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
+        if n_ctx not in (None, "auto") and int(n_ctx) < 64:
+            raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
+        # Threads, context length and KV cache type chosen from this machine (each with its reason).
+        self.hardware = self.plan(self.info, n_gpu_layers=self.n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx,
+                                  kv_type=kv_type, swa_full=swa_full)
+        self.n_threads = self.hardware.threads
+        self.n_ctx = self.hardware.context.n_ctx
+        self.kv_type = self.hardware.context.kv_type
+        self.swa_full = self.hardware.context.swa_full
+        self._lock = threading.Lock()
+        self._session = self._draft = self._llg_tokenizer = None
+        self._owner: object | None = None  # the request whose tokens the KV cache holds
+        # fast_forward=False keeps jump-forward off (kept for older callers);
+        # speculative=False turns off every multi-token step.
+        self.fast_forward = fast_forward
+        self.speculative = speculative
+        self.grammar_engine = resolve_engine(grammar_engine)
+        self.grammar_format = "lark" if self.grammar_engine == "llguidance" else "gbnf"
+        self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                     n_gpu_layers=self.n_gpu_layers, verbose=verbose,
+                                     output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
+                                     kv_type=self.kv_type, swa_full=self.swa_full, n_outputs_max=OUTPUT_ROWS)
+        self.n_vocab = self._session.n_vocab
+        self._bos = self._session.bos
+        self._control = {
+            "<bos>": self._bos,
+            START_OF_TURN: self._single_token(START_OF_TURN),
+            END_OF_TURN: self._single_token(END_OF_TURN),
+        }
+        # Letters any free text allows: where one is allowed, the grammar allows too many tokens
+        # for a pass without the output layer, and no mask is computed to find that out.
+        self._text_probes = [ids[0] for ids in map(self._session.tokenize, "eatn") if len(ids) == 1]
+        self._model_id = model_identity(self.model_path)
+        self._llg_tokenizer = None
+        if self.grammar_engine == "llguidance":
+            vocab = self._session.vocab
+            eos = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab), self._control[END_OF_TURN]}
+            token_file = llguidance_dir() / f"{self._model_id[:32]}-{llama_cpp.__version__}.tokens"
+            self._llg_tokenizer = LlguidanceTokenizer(vocab, sorted(t for t in eos if t >= 0), token_file)
+        self._draft = None
+        if draft_model is not None:
             try:
-                ggml_tensor_api()
-            except (ImportError, OSError, AttributeError) as exc:  # a llama-cpp-python without ggml's symbols
-                # Said here and by doctor's "off" lines: every pass then computes the whole output layer.
-                logger.warning("narrow output head off: llama_cpp._ggml could not be loaded (%s)", exc)
-                self._head = None
-        self._eval_cb = None
-        self._want_hidden = False
-        self._verify_head = self._head is not None  # the first narrow pass also runs whole, to check the head
-        self.head_check: dict | None = None  # that check's figures (max_abs_difference, ok, ...)
-        self._hidden: np.ndarray | None = None
-        self._norm_nodes: set[int] = set()  # addresses at which llama.cpp's graphs held "result_norm"
-        self._scan_names = True
-        _init_backend(verbose)
-        with quiet_stderr(not verbose):
-            mparams = apply_kernel_plan(llama_cpp.llama_model_default_params())  # AMX avoided where it crashes
-            mparams.n_gpu_layers = n_gpu_layers
-            model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-            if not model:
-                raise ModelLoadError(f"{self.model_path}: llama.cpp could not load the model "
-                                     "(run with --verbose to see its log).")
-            self._model = model
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = n_batch
-            cparams.n_ubatch = n_batch
-            cparams.n_seq_max = 1
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads
-            # The full-size sliding-window cache keeps every position, so the cache can be rewound to any
-            # point (a common prefix with the next request); without it older positions are dropped and
-            # rewind() starts over where they would be needed.
-            cparams.swa_full = swa_full
-            cparams.n_outputs_max = self.n_outputs
-            cparams.type_k = cparams.type_v = getattr(llama_cpp, KV_TYPES[kv_type])
-            if kv_type != "f16":  # a quantized V cache needs flash attention
-                cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if self._head is not None:
-                self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
-                cparams.cb_eval = self._eval_cb
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
-            if not ctx:
+                self._draft = DraftModel(draft_model, self, verbose=verbose)
+            except BaseException:
                 self.close()
-                raise ModelLoadError(f"{self.model_path}: llama.cpp could not create a context of {n_ctx} tokens "
-                                     "(too little memory? try a smaller n_ctx).")
-            self._ctx = ctx
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
-        self.n_swa = int(llama_cpp.llama_model_n_swa(model)) if not swa_full else 0
-        self._vocab = llama_cpp.llama_model_get_vocab(model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.bos = llama_cpp.llama_vocab_bos(self._vocab)
-        self._mem = llama_cpp.llama_get_memory(ctx)
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._tokens: list[int] = []
-        self._restored = 0  # leading tokens the cache holds as loaded from a saved state, in its layout
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._forward_passes = 0
+                raise
+        prefix_root = Path(cache_dir) if cache_dir is not None else prefix_cache_dir()
+        # prefix_cache=False keeps nothing between calls (the KV cache itself
+        # still serves a repeated prefix within this object).
+        self.prefix_cache = (PrefixCache(prefix_root) if prefix_cache
+                             else PrefixCache(None, ram_entries=0))
+        self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(self.swa_full)};kv={self.kv_type};"
+                                f"llama_cpp={llama_cpp.__version__}")
 
-    # -- lifecycle ----------------------------------------------------------
+    @staticmethod
+    def plan(info, n_gpu_layers: int = 0, n_threads: int | None = None, n_ctx: int | str | None = None,
+             kv_type: str = "auto", swa_full: bool | str | None = "auto"):
+        """The threads, context and KV cache this engine chooses for a GGUF on this machine (``info`` shows it
+        without loading the model)."""
+        return plan_defaults(model_shape(info), kernel_guard.detect_kernel_plan(), n_threads=n_threads, n_ctx=n_ctx or "auto", kv_type=kv_type,
+                             swa_full=swa_full, n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=n_gpu_layers)
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            model_name=self.model_name, model_path=self.model_path, backend=self.backend, n_ctx=self.n_ctx,
+            grammar_engine=self.grammar_engine, grammar_format=self.grammar_format,
+            max_tools=None if self.grammar_format == "lark" else GBNF_MAX_TOOLS, concurrency=self.concurrency,
+            speculative=self.speculative, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+            kv_type=self.kv_type, swa_full=self.swa_full, gguf=self.info, plan=self.hardware)
+
+    def compile_calls(self, tools, *, syntax: str, tool_choice: str, parallel: bool) -> CompiledTools:
+        return compile_calls(self.grammar_format, tools, syntax=syntax, tool_choice=tool_choice, parallel=parallel,
+                             gbnf_sampler=LLAMA_SAMPLER if self.grammar_format == "gbnf" else None)
+
+    # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
-        llama_cpp = self._llama
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        self._eval_cb = None  # llama.cpp held it until the context was freed
-        if self._model is not None:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        with self._lock:
+            if self._llg_tokenizer is not None:
+                self._llg_tokenizer.close()  # it reads the vocabulary freed below
+            for owner in ("_draft", "_session"):
+                obj = getattr(self, owner, None)
+                if obj is not None:
+                    setattr(self, owner, None)
+                    obj.close()
 
-    def __del__(self):
+    def _require_open(self) -> LlamaSession:
+        if self._session is None:
+            raise GenerationError("this ToolRuntime is closed.")
+        return self._session
+
+    @property
+    def concurrency(self) -> int:
+        """One request decodes at a time (the others wait for the lock between steps)."""
+        return 1
+
+    @property
+    def session(self) -> LlamaSession:
+        """The model session (tokens, decode with logits, rewind); for measurements such as bench.compare."""
+        return self._require_open()
+
+    def clear_kv_cache(self) -> None:
+        """Forget what the KV cache holds (the next request evaluates its whole prompt, bar the prefix cache)."""
+        with self._lock:
+            self._require_open().clear()
+            self._owner = None
+
+    # -- tokens -------------------------------------------------------------
+    def _single_token(self, text: str) -> int:
+        ids = self._session.tokenize(text, special=True)
+        if len(ids) != 1:
+            raise ModelLoadError(
+                f"{self.model_path}: the vocabulary has no single {text} token; "
+                "this is not a Gemma 3 chat vocabulary (re-convert with the model's tokenizer files)."
+            )
+        return ids[0]
+
+    def tokenize_segments(self, segments: Iterable[Segment]) -> list[int]:
+        session = self._require_open()
+        tokens: list[int] = []
+        for seg in segments:
+            if seg.control:
+                tokens.append(self._control[seg.text])
+            elif seg.tokens and self._spells(seg.tokens, seg.text):
+                # A model answer as it was decoded: its own tokens re-create the KV cache exactly.
+                tokens += seg.tokens
+            elif seg.text:
+                tokens += session.tokenize(seg.text)
+        return tokens
+
+    def _spells(self, tokens: Sequence[int], text: str) -> bool:
+        """Whether these token ids decode to exactly this text (ids from elsewhere are checked, not trusted)."""
+        session = self._require_open()
+        if not all(0 <= t < self.n_vocab for t in tokens):
+            return False
         try:
-            self.close()
-        except Exception:
-            pass
+            return b"".join(session.piece(t) for t in tokens).decode("utf-8") == text
+        except UnicodeDecodeError:
+            return False
 
-    @property
-    def closed(self) -> bool:
-        return self._ctx is None
+    # -- the decode loop -------------------------------------------------------
+    def _evaluate_prompt(self, prefix: list[int], prompt: list[int]) -> tuple[int, np.ndarray]:
+        """Bring the KV cache to hold `prompt`; return (tokens reused, logits after the prompt).
 
-    @property
-    def vocab(self):
-        """The llama.cpp vocabulary handle (for grammar engines)."""
-        return self._vocab
-
-    # -- vocabulary -----------------------------------------------------------
-    def tokenize(self, text: str | bytes, special: bool = False) -> list[int]:
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        if not data:
-            return []
-        n_max = len(data) + 8
-        buf = (self._llama.llama_token * n_max)()
-        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
-        if n < 0:  # cannot happen with one token per byte at most, but be exact
-            n_max = -n
-            buf = (self._llama.llama_token * n_max)()
-            n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
-        return list(buf[:n])
-
-    def piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            n = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-            piece = self._piece_buf[:n] if n > 0 else b""
-            self._pieces[token] = piece
-        return piece
-
-    def is_eog(self, token: int) -> bool:
-        return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
-
-    # -- the KV cache ---------------------------------------------------------
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._tokens)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def forward_passes(self) -> int:
-        return self._forward_passes
-
-    def decode(self, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
-        """Append `tokens` to the cache; return the logits of its last `n_logits` tokens.
-
-        Rows are copies in token order (row i predicts the token after
-        tokens[len(tokens) - n_logits + i]). Long inputs go in chunks of
-        n_batch; all requested logits must fall in the last chunk.
+        The tool prefix is always in the layout of a restore (kept, restored, or
+        evaluated and reloaded: LlamaSession.evaluate_prefix) and the rest is
+        always decoded after it in the same batches, so the tokens a request
+        gets do not depend on what the caches held before.
         """
-        tokens, n_logits = self._check(tokens, n_logits)
-        rows = list(range(len(tokens) - n_logits, len(tokens)))
-        first = self._append(tokens, rows)
-        return self._logits_rows([r - first for r in rows])
+        session = self._session
+        if session.restored_prefix(prefix):
+            session.rewind(len(prefix))
+        else:
+            key = prefix_key(self._model_id, prefix, self._cache_settings)
+            state = self.prefix_cache.get(key)
+            if state is None or not session.load_state(state, prefix):
+                if state is not None:
+                    self.prefix_cache.discard(key)
+                state = session.evaluate_prefix(prefix)
+                if self.prefix_cache.enabled:
+                    self.prefix_cache.put(key, state)
+                return 0, session.decode(prompt[len(prefix):], 1)[0]
+        return len(prefix), session.decode(prompt[len(prefix):], 1)[0]
 
-    def decode_at(self, tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
-        """Append `tokens`; return the logits after each of tokens[i] for i in `rows` (increasing), one row each.
+    def _matcher(self, grammar: str, forced_text=None):
+        """The grammar engine's matcher for one request (``forced_text``: lookahead for the GBNF one)."""
+        session = self._session
+        if self.grammar_engine == "llguidance":
+            return LlguidanceMatcher(self._llg_tokenizer.get(), llg_grammar(grammar), self.n_vocab,
+                                     probes=self._text_probes)
+        return LlamaGrammarMatcher(session.vocab, grammar, self.n_vocab, tokenize=session.tokenize,
+                                   piece=session.piece, forced_text=forced_text)
 
-        Draft verification asks only for the positions where the grammar leaves a
-        choice: each logits row costs a pass over the 262k-row output layer.
-        """
-        rows = [int(r) for r in rows]
-        tokens, _ = self._check(tokens, max(1, len(rows) + (bool(rows) and rows[-1] != len(tokens) - 1)))
-        if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= len(tokens):
-            raise GenerationError(f"logits rows must be increasing positions in the batch of {len(tokens)}, "
-                                  f"got {rows}.")
-        if len(tokens) - rows[0] > self.n_batch:
-            raise GenerationError(f"the logits rows and the tokens after them must fit one batch of {self.n_batch}; "
-                                  f"the first row is {len(tokens) - rows[0]} tokens from the end.")
-        first = self._append(tokens, rows)
-        return self._logits_rows([r - first for r in rows])
-
-    @property
-    def narrow(self) -> bool:
-        """Whether decode_narrow can skip the output layer (CPU back-end, a handled weight type, and the
-        head matched llama.cpp's logits on the first narrow pass, or has not been checked yet)."""
-        return self._head is not None
-
-    def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
-        """Append `tokens`; return the logits of the tokens `ids` only, for the token after the last one.
-
-        The pass stops after the final norm and the output head computes these
-        rows (within about 1e-5 of llama.cpp's own). If the pass could not be
-        stopped there, it ran whole and the rows come from llama.cpp's logits.
-        """
-        ids = np.asarray(ids, dtype=np.int64)
-        tokens, _ = self._check(tokens, 1)
-        last = [len(tokens) - 1]
-        self._hidden = None
-        self._want_hidden = self._head is not None
+    def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
+        max_tokens = request.max_tokens
+        should_stop = request.should_stop
+        speculative = self.speculative if request.speculative is None else request.speculative
+        t0 = time.perf_counter()
+        prefix = self.tokenize_segments(request.prompt.prefix)
+        prompt = prefix + self.tokenize_segments(request.prompt.rest)
+        if len(prompt) + max_tokens > self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens and max_tokens is {max_tokens}, "
+                f"which exceeds the context of {self.n_ctx} tokens; shorten the request, "
+                "lower max_tokens, or raise n_ctx."
+            )
+        me = object()
+        gate = None
+        with self._lock:
+            session = self._require_open()
+            self._owner = me
+            reused, logits = self._evaluate_prompt(prefix, prompt)
+            if request.grammar:
+                gate = self._matcher(request.grammar, request.forced_text)
+        ttft = time.perf_counter() - t0
+        drafter = None
+        if speculative:
+            # Prompt lookup copies from the conversation after the tool definitions, and from the output.
+            drafter = (self._draft.drafter() if self._draft is not None
+                       else PromptLookupDrafter(start=len(prefix)))
+        decoder = StepDecoder(session, TokenChooser(request.params), gate, logits, list(prompt),
+                              jump_forward=speculative and self.fast_forward, drafter=drafter,
+                              narrow=speculative and session.narrow)
+        stops = request.stop
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        emitted = 0
+        n_generated = 0
+        generated: list[int] = []
+        finish = "length"
+        stop_hit = False
         try:
-            first = self._append(tokens, last)
+            while n_generated < max_tokens:
+                if should_stop is not None and should_stop():
+                    finish = "cancelled"
+                    break
+                with self._lock:
+                    if self._session is None:
+                        raise GenerationError("this ToolRuntime was closed during the request.")
+                    if self._owner is not me:
+                        # Another request used the cache while our consumer held a delta.
+                        session.sync(decoder.kv_tokens)
+                        if self._draft is not None:
+                            self._draft.invalidate()
+                        self._owner = me
+                    tokens = decoder.step(max_tokens - n_generated)
+                n_generated += len(tokens)
+                generated += tokens
+                for token in tokens:
+                    text += utf8.decode(session.piece(token))
+                if decoder.done:
+                    finish = "stop"
+                cut = stops.find(text, emitted)
+                if cut is not None:
+                    text = text[:cut]
+                    finish = "stop"
+                    stop_hit = True
+                    break
+                safe = len(text) - stops.hold(text)
+                if safe > emitted:
+                    delta = text[emitted:safe]
+                    emitted = safe
+                    yield delta  # no lock is held here
+                if decoder.done:
+                    break
+            if not stop_hit:
+                text += utf8.decode(b"", final=True)
         finally:
-            self._want_hidden = False
-        if self._hidden is None:
-            if self._head is not None:
-                # The graph's final norm was not where the callback expected it: this pass
-                # computed every logit; look the node up by name next time.
-                self._scan_names = True
-            return self._logits_rows([last[0] - first])[0][ids]
-        if self._verify_head:
-            return self._check_head(ids, self._logits_rows([last[0] - first])[0])
-        return self._head.logits(self._hidden[-self._head.n_embd:], ids)
-
-    HEAD_TOLERANCE = 1e-3  # the head's logits against llama.cpp's: about 1e-5 where it rounds as the kernels do
-
-    def _check_head(self, ids: np.ndarray, full: np.ndarray) -> np.ndarray:
-        """The first narrow pass ran whole: compare the head with llama.cpp's logits, and keep it only if exact.
-
-        The head copies the CPU kernels' rounding of the activations for the output weight's type; another
-        kernel path (AMX, repacked weights, ARM's dot products) may round otherwise, and then the head is off.
-        """
-        self._verify_head = False
-        probe = np.unique(np.concatenate([ids, np.argsort(full)[-32:]]))
-        ours = self._head.logits(self._hidden[-self._head.n_embd:], probe)
-        diff = float(np.max(np.abs(ours - full[probe])))
-        ok = diff <= self.HEAD_TOLERANCE
-        self.head_check = {"max_abs_difference": diff, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
-                           "weight_type": self._head.qtype.name, "rows": int(len(probe))}
-        if not ok:
-            # Not exact on this kernel path: every later pass computes the output layer (narrow passes off).
-            self._head = None
-        return full[ids]
-
-    def _on_tensor(self, tensor, ask, _user_data) -> bool:
-        """llama.cpp's eval callback: stop the pass after "result_norm" when only its hidden state is wanted.
-
-        Asked about each node in order, it claims the final norm; told that node
-        is computed, it copies the hidden state and returns False, which ends the
-        graph's computation there (the output layer is the only node after it).
-        On any error it lets the pass run whole, so llama.cpp's logits stay valid.
-        """
-        if not self._want_hidden or not tensor:
-            return False
-        try:
-            lib = ggml_tensor_api()
-            if ask:
-                # Names are read only at addresses seen before (graphs of other shapes may put
-                # another node there) or while looking the node up: a name per node costs 0.4 ms.
-                if (tensor in self._norm_nodes or self._scan_names) and lib.ggml_get_name(tensor) == b"result_norm":
-                    self._norm_nodes.add(tensor)
-                    self._scan_names = False
-                    return True
-                return False
-            n = lib.ggml_nbytes(tensor)
-            row = 4 * self._head.n_embd
-            if n < row or n % row:
-                raise GenerationError(f"result_norm holds {n} bytes, not rows of {row}")
-            hidden = np.empty(n // 4, dtype=np.float32)
-            lib.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, n)
-            self._hidden = hidden
-            return self._verify_head  # stop here, unless this pass checks the head against the whole pass
-        except Exception:
-            self._hidden = None
-            # Asked: claim nothing. Told: compute the rest, so llama.cpp's own logits are valid.
-            return not ask
-
-    def _check(self, tokens: Sequence[int], n_logits: int) -> tuple[list[int], int]:
-        if self._ctx is None:
-            raise GenerationError("this model session is closed.")
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise GenerationError("decode needs at least one token.")
-        n_logits = max(1, min(n_logits, len(tokens)))
-        if n_logits > self.n_outputs:
-            # llama.cpp reserved this many rows and aborts the process past them.
-            raise GenerationError(f"at most {self.n_outputs} logits rows per decode (n_outputs_max), "
-                                  f"asked for {n_logits}.")
-        if len(self._tokens) + len(tokens) > self.n_ctx:
-            raise ContextLengthError(f"{len(self._tokens) + len(tokens)} tokens exceed the context of "
-                                     f"{self.n_ctx} tokens.")
-        return tokens, n_logits
-
-    def _append(self, tokens: list[int], rows: list[int]) -> int:
-        """Run `tokens` through llama_decode with logits at `rows`; return where the last batch starts."""
-        start = len(self._tokens)
-        llama_cpp = self._llama
-        batch = self._batch
-        wanted = set(rows)
-        # Chunks: whole n_batch pieces, then a last one that holds every logits row.
-        cuts = list(range(0, len(tokens), self.n_batch))
-        if cuts[-1] > rows[0]:
-            cuts[-1] = rows[0]
-            while len(cuts) > 1 and cuts[-1] <= cuts[-2]:
-                cuts.pop(-2)
-        cuts.append(len(tokens))
-        try:
-            for a, b in zip(cuts, cuts[1:]):
-                batch.n_tokens = b - a
-                for j, i in enumerate(range(a, b)):
-                    batch.token[j] = tokens[i]
-                    batch.pos[j] = start + i
-                    batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = SEQ
-                    batch.logits[j] = i in wanted or i == b - 1
-                rc = llama_cpp.llama_decode(self._ctx, batch)
-                self._forward_passes += 1
-                if rc != 0:
-                    raise GenerationError(f"llama_decode failed (code {rc}) at position {start + a}.")
-                self._tokens.extend(tokens[a:b])
-            return cuts[-2]
-        except BaseException:
-            # A failed or interrupted decode may have written part of a batch.
-            self.rewind(start)
-            raise
-
-    def _logits_rows(self, indices: Sequence[int]) -> np.ndarray:
-        """Copies of the logits at these indices of the last batch."""
-        out = np.empty((len(indices), self.n_vocab), dtype=np.float32)
-        for r, i in enumerate(indices):
-            ptr = self._llama.llama_get_logits_ith(self._ctx, i)
-            out[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        return out
-
-    def rewind(self, n_keep: int) -> None:
-        n_keep = max(0, n_keep)
-        if self._ctx is None:
-            return
-        if n_keep < self._restored:
-            self._restored = 0  # a shorter prefix than was restored: not the layout its own restore gives
-        # Removed even at the end of the token list: a failed decode may have written past it.
-        if not self._llama.llama_memory_seq_rm(self._mem, SEQ, n_keep, -1) or not self._window_kept(n_keep):
-            # A partial removal can fail on some caches, and a sliding-window cache that is not full-size
-            # has dropped positions the next token would attend to: start over from empty.
-            self._llama.llama_memory_clear(self._mem, True)
-            del self._tokens[:]
-            self._restored = 0
-            return
-        del self._tokens[n_keep:]
-
-    def _window_kept(self, n_keep: int) -> bool:
-        """Whether the cache still holds the window of positions before n_keep (always, with swa_full)."""
-        if not self.n_swa or n_keep == 0:
-            return True
-        pos_min = self._llama.llama_memory_seq_pos_min(self._mem, SEQ)  # -1: nothing left of the window
-        return 0 <= pos_min <= max(0, n_keep - self.n_swa)
-
-    def clear(self) -> None:
-        if self._ctx is not None:
-            self._llama.llama_memory_clear(self._mem, True)
-        del self._tokens[:]
-        self._restored = 0
-
-    def sync(self, tokens: Sequence[int]) -> int:
-        """Make the cache hold exactly `tokens`; return how many were already there."""
-        common = common_prefix(self._tokens, tokens)
-        self.rewind(common)
-        common = len(self._tokens)  # less where the rewind had to start over (a window-only SWA cache)
-        rest = list(tokens[common:])
-        if rest:
-            self.decode(rest, 1)
-        return common
-
-    # -- saved states (the prefix cache) ---------------------------------------
-    def save_state(self) -> bytes:
-        llama_cpp = self._llama
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, SEQ)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, SEQ)
-        return bytes(buf)[:n] if n > 0 else b""
-
-    def load_state(self, state: bytes, tokens: Sequence[int]) -> bool:
-        """Replace the cache by a saved state holding `tokens`; False (and an empty cache) if refused."""
-        llama_cpp = self._llama
-        self.clear()
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), SEQ) != len(state):
-            self.clear()
-            return False
-        self._tokens = [int(t) for t in tokens]
-        self._restored = len(self._tokens)
-        return True
-
-    def evaluate_prefix(self, tokens: Sequence[int]) -> bytes:
-        """Evaluate `tokens` from an empty cache and leave them as a restore would; return the saved state.
-
-        Decoding leaves the sliding-window layers' cells where the positions
-        put them; a restore packs the window's cells from cell 0. Passes after
-        each read the same keys and values at other cells and round
-        differently, so the next tokens could differ between a first request
-        and a later one. Loading the state just saved gives this request the
-        layout every later restore gives (about 15 ms for a 950-token prefix
-        on the 270M model). Starting from an empty cache keeps the state the
-        same whatever the cache held before.
-        """
-        tokens = [int(t) for t in tokens]
-        self.clear()
-        self.decode(tokens, 1)
-        state = self.save_state()
-        if not state or not self.load_state(state, tokens):
-            raise GenerationError(f"llama.cpp could not restore the state of {len(tokens)} tokens it had just "
-                                  f"saved ({len(state)} bytes).")
-        return state
-
-    def restored_prefix(self, tokens: Sequence[int]) -> bool:
-        """Whether the cache begins with exactly `tokens` in the layout their restore gives.
-
-        Rewinding to the end of a restored prefix frees the cells after it and
-        leaves the layout as the restore left it (checked bit for bit on the
-        logits of the passes that follow), so such a prefix is reused as is.
-        """
-        n = len(tokens)
-        return 0 < n == self._restored and self._tokens[:n] == [int(t) for t in tokens]
+            if gate is not None:
+                with self._lock:
+                    gate.close()
+        if len(text) > emitted:
+            yield text[emitted:]
+        t_end = time.perf_counter()
+        stats = decoder.stats
+        if gate is not None:
+            stats.full_masks = gate.full_masks
+        yield Generation(
+            text=text, finish=finish, tokens=generated,
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_generated, cached_tokens=reused),
+            timings=Timings(ttft_s=ttft, decode_s=t_end - t0 - ttft, total_s=t_end - t0),
+            stats={**stats.to_dict(n_generated), "speculative": bool(speculative),
+                   "grammar_engine": self.grammar_engine if gate is not None else None},
+        )
 
 
-_GGML = None
+class DraftModel:
+    """A smaller model with the same vocabulary that drafts greedily for the target.
+
+    On real hardware the Gemma 3 270M drafting for ToolGrad 4B. Its drafts are
+    grammar-checked and verified by the target like any other (decoding.py),
+    so it changes speed, never the output.
+    """
+
+    MAX_DRAFT = 4
+
+    def __init__(self, path: str | os.PathLike, target: "InProcessEngine", verbose: bool = False):
+        self.path = resolve_model(path)
+        check_supported(read_gguf_info(self.path))
+        self.session = LlamaSession(self.path, n_ctx=target.n_ctx, n_threads=target.n_threads,
+                                    n_gpu_layers=target.n_gpu_layers, verbose=verbose, n_outputs_max=OUTPUT_ROWS)
+        target_session = target._session
+        mismatch = None
+        if self.session.n_vocab != target_session.n_vocab:
+            mismatch = f"{self.session.n_vocab} tokens against {target_session.n_vocab}"
+        else:
+            for token in itertools.chain(range(0, min(4096, target_session.n_vocab)),
+                                         range(4096, target_session.n_vocab, 509)):
+                if self.session.piece(token) != target_session.piece(token):
+                    mismatch = f"token {token} is {self.session.piece(token)!r} against {target_session.piece(token)!r}"
+                    break
+        if mismatch:
+            self.session.close()
+            raise ModelLoadError(f"draft model {self.path} does not share the vocabulary of {target.model_path} "
+                                 f"({mismatch}); a draft model must use the same tokenizer.")
+
+    def drafter(self) -> "_DraftModelDrafter":
+        return _DraftModelDrafter(self.session, self.MAX_DRAFT)
+
+    def invalidate(self) -> None:
+        pass  # each proposal re-syncs the draft cache with the target's tokens
+
+    def close(self) -> None:
+        self.session.close()
 
 
-def ggml_tensor_api():
-    """ggml's C API (tensor name, size and data), loaded once from llama-cpp-python's libraries."""
-    global _GGML
-    if _GGML is None:
-        from llama_cpp._ggml import libggml
+class _DraftModelDrafter:
+    def __init__(self, session: LlamaSession, max_draft: int):
+        self.session = session
+        self.max_draft = max_draft
 
-        libggml.ggml_get_name.restype = ctypes.c_char_p
-        libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
-        libggml.ggml_nbytes.restype = ctypes.c_size_t
-        libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        libggml.ggml_backend_tensor_get.restype = None
-        libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                                    ctypes.c_size_t]
-        _GGML = libggml
-    return _GGML
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        k = min(k, self.max_draft)
+        if k <= 0 or not context:
+            return []
+        session = self.session
+        common = min(common_prefix(session.tokens, context), len(context) - 1)
+        session.rewind(common)
+        logits = session.decode(context[common:], 1)[0]
+        draft = []
+        while True:
+            token = int(np.argmax(logits))
+            if session.is_eog(token):
+                break
+            draft.append(token)
+            if len(draft) >= k:
+                break
+            logits = session.decode([token], 1)[0]
+        return draft

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ContextLengthError, GenerationError, ModelLoadError
 from ..results import Timings, Usage
-from .base import EngineRequest, Generation, check_gbnf_tools
+from .base import GBNF_MAX_TOOLS, CompiledTools, EngineDescription, EngineRequest, Generation, compile_calls
 
 if TYPE_CHECKING:
     from ..decoding import SamplingParams
@@ -211,6 +211,18 @@ class LlamaServerEngine:
     def clear_kv_cache(self) -> None:
         self.session  # noqa: B018 - raises: the KV caches are the server's slots'
 
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            model_name=self.model_name, model_path=self.model_path, backend=self.backend, n_ctx=self.n_ctx,
+            grammar_engine=self.grammar_engine, grammar_format=self.grammar_format, max_tools=GBNF_MAX_TOOLS,
+            concurrency=self.concurrency, speculative=False, server=self.engine_info)
+
+    def compile_calls(self, tools, *, syntax: str, tool_choice: str, parallel: bool) -> CompiledTools:
+        return compile_calls(self.grammar_format, tools, syntax=syntax, tool_choice=tool_choice, parallel=parallel,
+                             gbnf_sampler=(f"llama-server at {self.url}",
+                                           "serve a local model (no --engine) with the llguidance grammar engine, "
+                                           "which has no tool limit"))
+
     def refuse_local_options(self, **options) -> None:
         """Refuse options that only a local model can honour (draft_model, grammar_engine), naming them."""
         local = [name for name, value in options.items() if value is not None]
@@ -365,10 +377,6 @@ class LlamaServerEngine:
         llama-server's slots run requests side by side.
         """
         self._require_open()
-        if request.grammar:
-            check_gbnf_tools(request.n_tools, f"llama-server at {self.url}",
-                             "serve a local model (no --engine) with the llguidance grammar engine, "
-                             "which has no tool limit")
         should_stop = request.should_stop
         stops = request.stop
         t0 = time.perf_counter()

@@ -361,6 +361,7 @@ def evaluate_bfcl(
     max_tokens: int = 512,
     n_ctx: int | None = None,
     n_threads: int | None = None,
+    engine: str | None = None,
     runtime_factory: Callable | None = None,
     progress: Callable[[int, int, BfclEntry], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -369,7 +370,8 @@ def evaluate_bfcl(
 
     tool_choice="required" forces a call list in every category but the
     relevance ones (see TOOL_CHOICES); speculative=False asks the runtime for
-    one token per forward pass (no jump-forward or drafts).
+    one token per forward pass (no jump-forward or drafts); engine: a
+    llama-server's URL to decode on (ToolRuntime's ``engine``).
 
     Returns the report: ``{"model", "grammar", "syntax", "tool_choice",
     "speculative", "limit", "out_dir", "bfcl_eval", "categories": {name:
@@ -408,6 +410,8 @@ def evaluate_bfcl(
             if "speculative" not in inspect.signature(ToolRuntime).parameters:
                 raise EvaluationError("This runtime has no speculative decoding to turn off (--no-speculative).")
             options["speculative"] = False
+        if engine is not None:
+            options["engine"] = engine  # eval's --engine: decode on that llama-server
 
         def runtime_factory():
             # Every BFCL entry has its own tools: saving each prefix state would

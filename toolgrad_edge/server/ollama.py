@@ -1,13 +1,13 @@
-"""Ollama's native API in this server's terms: its requests become a ``ChatPlan``, results become its objects.
+"""Ollama's native API: its requests become a ``RequestPlan``, the runtime's events become its objects.
 
 Ollama's apps (Home Assistant, Open WebUI, the official ``ollama`` clients)
 call ``/api/chat`` and ``/api/generate`` with NDJSON streaming, tool-call
 arguments as JSON objects and sampling in ``options``. This module is plain
 data in, plain data out (no FastAPI), so every translation is tested without
-a model; ``ollama_routes`` wires it to the app. The checks that the OpenAI
-side makes (tools compiled before queueing, limits, turn order) are the same
-functions, so a call returned here is schema-valid exactly as one returned
-on ``/v1``.
+a model; ``app`` wires it to the server. The checks both APIs make (tools
+compiled before queueing, limits, turn order, seed, stop, max tokens,
+format) are ``plan``'s, so a call returned here is schema-valid exactly as
+one returned on ``/v1``.
 
 Where Ollama is lenient this module is too, as an app pointed at Ollama
 expects: unknown fields and unknown options are ignored (Ollama logs them),
@@ -21,28 +21,19 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import SchemaError
-from .errors import OpenAIError
-from .schemas import (
-    SEED_END,
-    ChatPlan,
-    ToolDef,
-    _check_grammar,
-    _load_tools,
-    _validation_error,
-    check_seed,
-    check_turn_order,
-    load_json_object,
-)
+from ..results import CallDone, Final, TextDelta
+from . import plan as shared
+from .errors import APIError
+from .plan import RequestPlan, Seed, ToolDef, new_call_id
 from .settings import ServerSettings
-from .streaming import ChunkStream, new_call_id
 
 # The Ollama release whose API docs (docs/api.md, api/types.go) this follows; /api/version reports it,
 # since apps gate features on Ollama's version, not on toolgrad-edge's.
@@ -118,7 +109,7 @@ class OptionsIn(_In):
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
-    seed: int | None = None
+    seed: Seed = None
     num_predict: int | None = Field(default=None, ge=-2)
     stop: list[str] | None = None
     num_ctx: int | None = Field(default=None, ge=1)
@@ -148,8 +139,6 @@ class OptionsIn(_In):
     embedding_only: bool | None = None
     num_thread: int | None = None
     draft_num_predict: int | None = None
-
-    _seed_is_64_bit = field_validator("seed")(check_seed)
 
 
 Format = Union[Literal["", "json"], dict[str, Any], None]
@@ -244,9 +233,9 @@ class ModelNames:
 
     def check(self, requested: str) -> None:
         if not requested.strip():
-            raise OpenAIError(400, f"model is required; this server serves {self.served!r}", param="model")
+            raise APIError(400, f"model is required; this server serves {self.served!r}", param="model")
         if not self.accepts(requested):
-            raise OpenAIError(404, f"model '{requested}' not found; this server serves one model, "
+            raise APIError(404, f"model '{requested}' not found; this server serves one model, "
                               f"{self.served!r} (GET /api/tags lists it)", param="model", code="model_not_found")
 
 
@@ -255,42 +244,33 @@ class ModelNames:
 
 @dataclass
 class OllamaPlan:
-    """A checked Ollama request: the ChatPlan the worker runs, and what only Ollama's API has."""
+    """A checked Ollama request: the RequestPlan the worker runs, and what only Ollama's API has."""
 
     kind: Literal["chat", "generate"]
     model: str                       # as the client sent it: Ollama echoes it in every answer
-    chat: ChatPlan | None            # None: an empty request, which only asks that the model be loaded
+    chat: RequestPlan | None         # None: an empty request, which only asks that the model be loaded
     stream: bool
-    top_k: int = 0
-    num_ctx: int | None = None       # options.num_ctx: a tighter context for this request
-    fill_context: bool = False       # num_predict -1 / -2: up to the context (and the server's limit)
     ignored_options: list[str] = field(default_factory=list)
 
     def runtime_kwargs(self, syntax: str) -> dict[str, Any]:
         assert self.chat is not None
-        return {**self.chat.runtime_kwargs(syntax), "top_k": self.top_k}
+        return self.chat.runtime_kwargs(syntax)
 
 
-def parse_chat(body: bytes, settings: ServerSettings, names: ModelNames,
-               grammar_engine: str | None = None) -> OllamaPlan:
-    """A raw ``/api/chat`` body -> OllamaPlan, or an OpenAIError (rendered in Ollama's shape)."""
+def parse_chat(body: bytes, settings: ServerSettings, names: ModelNames) -> OllamaPlan:
+    """A raw ``/api/chat`` body -> OllamaPlan, or an APIError (rendered in Ollama's shape)."""
     req = validated_request(ChatRequestIn, body, settings)
     names.check(req.model)
     _check_common(req)
     if not req.messages:
         return OllamaPlan("chat", req.model, None, req.stream)
-    if len(req.messages) > settings.max_messages:
-        raise OpenAIError(400, f"{len(req.messages)} messages; the limit is {settings.max_messages}",
-                          param="messages", code="too_many_messages")
+    shared.check_message_count(len(req.messages), settings)
     messages = chat_messages(req.messages)
     tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-    if len(tools) > settings.max_tools:
-        raise OpenAIError(400, f"{len(tools)} tools; the limit is {settings.max_tools} (serve --max-tools raises it)",
-                          param="tools", code="too_many_tools")
-    tool_schemas = _load_tools(tools)
-    tool_choice = settings.tool_choice if tool_schemas else "none"  # Ollama has no tool-choice field
-    _check_grammar(tools, settings.syntax, tool_choice, True, grammar_engine)
-    return _plan("chat", req, messages, tools, tool_schemas, tool_choice, settings)
+    shared.check_tool_count(len(tools), settings)
+    # Ollama has no tool-choice field: serve --tool-choice decides.
+    tool_choice = shared.default_tool_choice(settings, messages, bool(tools))
+    return _plan("chat", req, messages, tools, tool_choice, settings)
 
 
 def parse_generate(body: bytes, settings: ServerSettings, names: ModelNames) -> OllamaPlan:
@@ -299,20 +279,20 @@ def parse_generate(body: bytes, settings: ServerSettings, names: ModelNames) -> 
     names.check(req.model)
     _check_common(req)
     if req.images:
-        raise OpenAIError(400, "images: this server's model reads text only; send the prompt without images",
-                          param="images")
+        raise APIError(400, "images: this server's model reads text only; send the prompt without images",
+                       param="images")
     if req.suffix:
-        raise OpenAIError(400, "suffix (fill-in-the-middle) is not supported: the served model completes chat "
-                          "turns only; leave suffix out", param="suffix")
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported: the served model completes chat "
+                       "turns only; leave suffix out", param="suffix")
     if req.raw and (req.system or req.template or req.context):
-        raise OpenAIError(400, "raw mode does not support template, system, or context", param="raw")
+        raise APIError(400, "raw mode does not support template, system, or context", param="raw")
     if req.template:
-        raise OpenAIError(400, "template is not supported: this server renders Gemma 3's turns itself; leave "
-                          "template out, or send raw: true with a prompt already in Gemma 3's turn format",
-                          param="template")
+        raise APIError(400, "template is not supported: this server renders Gemma 3's turns itself; leave "
+                       "template out, or send raw: true with a prompt already in Gemma 3's turn format",
+                       param="template")
     if req.context:
-        raise OpenAIError(400, "context (deprecated in Ollama) is not supported; keep a conversation as "
-                          "messages in /api/chat", param="context")
+        raise APIError(400, "context (deprecated in Ollama) is not supported; keep a conversation as "
+                       "messages in /api/chat", param="context")
     if not req.prompt:
         return OllamaPlan("generate", req.model, None, req.stream)
     if req.raw:
@@ -320,33 +300,29 @@ def parse_generate(body: bytes, settings: ServerSettings, names: ModelNames) -> 
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             {"role": "user", "content": req.prompt}]
-    return _plan("generate", req, messages, [], {}, "none", settings)
+    return _plan("generate", req, messages, [], "none", settings)
 
 
 def validated_request(model: type[_In], body: bytes, settings: ServerSettings):
     """A raw body as one of this module's request models, or the 400 naming the field at fault."""
     if not body.strip():
-        raise OpenAIError(400, "missing request body", code="invalid_json")
-    data = load_json_object(body, settings)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise APIError(400, "missing request body", code="invalid_json")
+    return shared.validated(model, body, settings)
 
 
 def _check_common(req: _Common) -> None:
     if req.logprobs:
-        raise OpenAIError(400, "logprobs are not supported; leave the field out or send false", param="logprobs")
+        raise APIError(400, "logprobs are not supported; leave the field out or send false", param="logprobs")
     if isinstance(req.format, dict) and not req.format:
-        raise OpenAIError(400, "format is an empty object; send \"json\" or a JSON Schema", param="format")
+        raise APIError(400, "format is an empty object; send \"json\" or a JSON Schema", param="format")
 
 
 def _plan(kind: str, req: _Common, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-          tool_schemas: dict[str, dict[str, Any]], tool_choice: str, settings: ServerSettings) -> OllamaPlan:
+          tool_choice: str, settings: ServerSettings) -> OllamaPlan:
     opts = req.options or OptionsIn()
     max_tokens, fill = _max_tokens(opts.num_predict, settings)
     grammar, json_schema = _format(req.format, bool(tools) and tool_choice != "none")
-    plan = ChatPlan(
+    plan = RequestPlan(
         messages=messages,
         tools=[{"type": "function", "function": t} for t in tools],
         tool_choice=tool_choice,
@@ -354,18 +330,19 @@ def _plan(kind: str, req: _Common, messages: list[dict[str, Any]], tools: list[d
         max_tokens=max_tokens,
         temperature=0.0 if opts.temperature is None else float(opts.temperature),
         top_p=1.0 if opts.top_p is None else float(opts.top_p),
-        seed=None if opts.seed is None else opts.seed % SEED_END,
-        stop=_stop(opts.stop),
+        top_k=opts.top_k or 0,
+        seed=shared.seed(opts.seed),
+        stop=shared.stop_strings(opts.stop, MAX_STOP_SEQUENCES, "options.stop"),
         stream=req.stream,
-        include_usage=False,
         grammar=grammar,
         json_schema=json_schema,
-        tool_schemas=tool_schemas,
+        tool_schemas=shared.tool_schemas(tools),
         model=req.model,
+        num_ctx=opts.num_ctx,
+        fill_context=fill,
     )
     ignored = sorted(name for name in IGNORED_OPTIONS if getattr(opts, name) is not None)
-    return OllamaPlan(kind, req.model, plan, req.stream, top_k=opts.top_k or 0, num_ctx=opts.num_ctx,
-                      fill_context=fill, ignored_options=ignored)
+    return OllamaPlan(kind, req.model, plan, req.stream, ignored_options=ignored)
 
 
 def _max_tokens(num_predict: int | None, settings: ServerSettings) -> tuple[int, bool]:
@@ -375,22 +352,7 @@ def _max_tokens(num_predict: int | None, settings: ServerSettings) -> tuple[int,
         return settings.default_max_tokens, False
     if num_predict < 0:
         return settings.max_tokens_limit, True
-    if num_predict > settings.max_tokens_limit:
-        raise OpenAIError(400, f"options.num_predict={num_predict} is above this server's limit of "
-                          f"{settings.max_tokens_limit} (serve --max-tokens-limit raises it)",
-                          param="options.num_predict", code="max_tokens_too_large")
-    return num_predict, False
-
-
-def _stop(stop: list[str] | None) -> list[str] | None:
-    if not stop:
-        return None
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise OpenAIError(400, f"options.stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
-                          param="options.stop")
-    if any(not s for s in stop):
-        raise OpenAIError(400, "options.stop sequences must be non-empty strings", param="options.stop")
-    return list(stop)
+    return shared.max_tokens(num_predict, "options.num_predict", settings), False
 
 
 def _format(fmt: Format, calls: bool) -> tuple[str | None, dict[str, Any] | None]:
@@ -399,15 +361,10 @@ def _format(fmt: Format, calls: bool) -> tuple[str | None, dict[str, Any] | None
         return None, None
     if calls:
         # One grammar constrains one answer: JSON text, or tool calls, not both.
-        raise OpenAIError(400, "format cannot be combined with tools: the grammar enforces either the tool calls "
+        raise APIError(400, "format cannot be combined with tools: the grammar enforces either the tool calls "
                           "or the JSON format; send one of them (or serve --tool-choice none)", param="format")
-    from ..grammars import schema_grammar
-
     schema = {"type": "object"} if fmt == "json" else fmt
-    try:
-        return schema_grammar(schema), (fmt if isinstance(fmt, dict) else None)
-    except SchemaError as exc:
-        raise OpenAIError(400, f"Invalid format schema: {exc}", param="format", code="invalid_schema") from None
+    return shared.json_format(schema, "format"), (fmt if isinstance(fmt, dict) else None)
 
 
 def chat_messages(messages: list[MessageIn]) -> list[dict[str, Any]]:
@@ -421,10 +378,10 @@ def chat_messages(messages: list[MessageIn]) -> list[dict[str, Any]]:
     last_calls: list[str] = []
     for i, m in enumerate(messages):
         if m.images:
-            raise OpenAIError(400, f"messages[{i}].images: this server's model reads text only; send the message "
+            raise APIError(400, f"messages[{i}].images: this server's model reads text only; send the message "
                               "without images", param=f"messages[{i}].images")
         if m.tool_calls and m.role != "assistant":
-            raise OpenAIError(400, f"messages[{i}]: only assistant messages carry tool_calls, not {m.role} messages",
+            raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls, not {m.role} messages",
                               param=f"messages[{i}].tool_calls")
         item: dict[str, Any] = {"role": m.role, "content": m.content or ""}
         if m.role == "assistant":
@@ -436,8 +393,7 @@ def chat_messages(messages: list[MessageIn]) -> list[dict[str, Any]]:
                     names_by_id[call_id] = call.function.name
                     last_calls.append(call.function.name)
                     item["tool_calls"].append({"id": call_id, "type": "function", "function": {
-                        "name": call.function.name, "arguments": json.dumps(call.function.arguments,
-                                                                            ensure_ascii=False)}})
+                        "name": call.function.name, "arguments": call.function.arguments}})
         elif m.role == "tool":
             name = m.tool_name or names_by_id.get(m.tool_call_id or "") or (
                 last_calls[0] if len(set(last_calls)) == 1 else None)
@@ -446,7 +402,7 @@ def chat_messages(messages: list[MessageIn]) -> list[dict[str, Any]]:
             if m.tool_call_id:
                 item["tool_call_id"] = m.tool_call_id
         out.append(item)
-    check_turn_order(out)
+    shared.check_turn_order(out)
     return out
 
 
@@ -468,7 +424,7 @@ def raw_prompt_messages(prompt: str) -> list[dict[str, Any]]:
     while (turn := _TURN.match(text, pos)) is not None:
         messages.append({"role": "user" if turn[1] == "user" else "assistant", "content": turn[2]})
         pos = turn.end()
-    wrong = OpenAIError(400, "raw prompts must be Gemma 3 turns as this server renders them: "
+    wrong = APIError(400, "raw prompts must be Gemma 3 turns as this server renders them: "
                         "'<start_of_turn>user\\n...<end_of_turn>\\n' (alternating with model turns) and then "
                         "'<start_of_turn>model\\n'; other raw text cannot be served. Send raw: false to have "
                         "the prompt rendered as a user turn.", param="prompt")
@@ -551,58 +507,40 @@ def load_body(plan: OllamaPlan) -> dict[str, Any]:
 
 
 class OllamaStream:
-    """The runtime's deltas and final result as Ollama's NDJSON objects.
+    """Renders the runtime's events as Ollama's NDJSON objects: text as it comes, each call whole in one
+    object (as Ollama sends them), then the final object with the counts and durations."""
 
-    It rides on the OpenAI side's ``ChunkStream``, which already decides when text may go out and
-    when a call is complete (and reconciles both with the final result), so a streamed answer holds
-    exactly the calls and text of the unstreamed one. Each complete call goes out whole, in one
-    object, as Ollama sends them.
-    """
+    media_type = "application/x-ndjson"
 
-    def __init__(self, plan: OllamaPlan, syntax: str) -> None:
-        chat = plan.chat
-        assert chat is not None
+    def __init__(self, plan: OllamaPlan, arrived: float, load_s: float) -> None:
         self.plan = plan
-        self._chunks = ChunkStream(
-            completion_id="", model=plan.model, tools=chat.tools, syntax=syntax,
-            text_only=chat.grammar is not None or chat.tool_choice == "none",
-            strip_text=bool(chat.tools) and chat.grammar is None,
-        )
-        self._pending: dict[int, dict[str, Any]] = {}
-        self._sent_calls = 0
+        self.arrived = arrived  # time.monotonic() when the request came in
+        self.load_s = load_s
 
-    def feed(self, delta: str) -> list[dict[str, Any]]:
-        return self._translate(self._chunks.feed(delta))
+    def start(self) -> list[dict[str, Any]]:
+        return []
 
-    def finish(self, result: Any, total_s: float, load_s: float) -> list[dict[str, Any]]:
-        out = self._translate(self._chunks.finish(result))
-        out.append(final_body(self.plan, result, total_s, load_s, streamed=True))
-        return out
+    def render(self, event: Any) -> list[dict[str, Any]]:
+        """The objects for one event (none for the model's raw text: its calls and text come as their own events)."""
+        if isinstance(event, TextDelta):
+            return [self._object(event.text)]
+        if isinstance(event, CallDone):
+            return [self._object("", [tool_call_body(event.index, event.call.name, event.call.arguments)])]
+        if isinstance(event, Final):
+            total_s = time.monotonic() - self.arrived
+            return [final_body(self.plan, event.result, total_s, self.load_s, streamed=True)]
+        return []
 
-    def _translate(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for chunk in chunks:
-            if not chunk.get("choices"):
-                continue
-            delta = chunk["choices"][0]["delta"]
-            if delta.get("content"):
-                out.append(self._object(delta["content"]))
-            for tc in delta.get("tool_calls") or []:
-                slot = self._pending.setdefault(tc["index"], {"id": None, "name": "", "arguments": ""})
-                slot["id"] = tc.get("id") or slot["id"]
-                slot["name"] += tc.get("function", {}).get("name") or ""
-                slot["arguments"] += tc.get("function", {}).get("arguments") or ""
-        for index in sorted(self._pending):
-            slot = self._pending[index]
-            try:
-                arguments = json.loads(slot["arguments"]) if slot["arguments"] else None
-            except ValueError:
-                continue  # more fragments to come
-            if arguments is None:
-                continue
-            del self._pending[index]
-            out.append(self._object("", [tool_call_body(index, slot["name"], arguments, slot["id"])]))
-        return out
+    def error(self, err: APIError) -> dict[str, Any]:
+        # Headers are gone already: the error travels as a line, as Ollama does.
+        return err.ollama_body()
+
+    @staticmethod
+    def line(obj: dict[str, Any]) -> str:
+        return ndjson(obj)
+
+    def end(self) -> list[str]:
+        return []
 
     def _object(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.plan.model, "created_at": created_at()}
@@ -684,30 +622,29 @@ def parameters_text(settings: ServerSettings, n_ctx: int | None) -> str:
     return "\n".join(f"{k:<30} {v}" for k, v in lines)
 
 
-def model_entry(names: ModelNames, runtime: Any) -> dict[str, Any]:
-    """The served model as one entry of /api/tags."""
-    info = getattr(runtime, "info", None)
-    size, modified, digest = model_file_facts(getattr(runtime, "model_path", None) if info is not None else None)
+def model_entry(names: ModelNames, described: Any) -> dict[str, Any]:
+    """The served model as one entry of /api/tags (``described``: the engine's ``describe()``)."""
+    info = described.gguf
+    size, modified, digest = model_file_facts(described.model_path if info is not None else None)
     return {"name": names.served, "model": names.served, "modified_at": modified, "size": size,
             "digest": digest, "details": model_details(info)}
 
 
-def running_entry(names: ModelNames, runtime: Any) -> dict[str, Any]:
+def running_entry(names: ModelNames, described: Any) -> dict[str, Any]:
     """The served model as one entry of /api/ps: loaded until the server stops."""
-    entry = model_entry(names, runtime)
+    entry = model_entry(names, described)
     del entry["modified_at"]
-    gpu = int(getattr(runtime, "n_gpu_layers", 0) or 0) > 0
+    gpu = int(described.n_gpu_layers or 0) > 0
     entry.update({"expires_at": "9999-12-31T23:59:59Z", "size_vram": entry["size"] if gpu else 0,
-                  "context_length": int(getattr(runtime, "n_ctx", 0) or 0)})
+                  "context_length": int(described.n_ctx or 0)})
     return entry
 
 
-def show_body(names: ModelNames, runtime: Any, settings: ServerSettings) -> dict[str, Any]:
+def show_body(names: ModelNames, described: Any, settings: ServerSettings) -> dict[str, Any]:
     """/api/show: details, model_info and capabilities of the loaded GGUF."""
-    info = getattr(runtime, "info", None)
-    path = getattr(runtime, "model_path", None)
+    info, path = described.gguf, described.model_path
     size, modified, _ = model_file_facts(path if info is not None else None)
-    n_ctx = int(getattr(runtime, "n_ctx", 0) or 0) or None
+    n_ctx = int(described.n_ctx or 0) or None
     template = info.metadata.get("tokenizer.chat_template", "") if info is not None else ""
     return {
         "modelfile": f"# Served by toolgrad-edge from one local file; there is no Modelfile.\nFROM {path}\n",
@@ -738,7 +675,7 @@ REFUSED = {
 REFUSED_STATUS = 501  # Not Implemented: the request is well formed, this server does not do it
 
 
-def refusal(path: str) -> OpenAIError:
+def refusal(path: str) -> APIError:
     _, why = REFUSED[path]
     shown = path.replace("/{digest}", "")
-    return OpenAIError(REFUSED_STATUS, f"{shown} is not supported: toolgrad-edge {why}", code="not_supported")
+    return APIError(REFUSED_STATUS, f"{shown} is not supported: toolgrad-edge {why}", code="not_supported")

@@ -11,7 +11,11 @@ job's output back to the loop through the job's ``asyncio.Queue``.
 A full queue refuses new work at once (the server answers 429 with a
 ``Retry-After`` estimated from recent service times). A job whose client has
 gone is dropped if it is still waiting, or stopped at its next token through
-the runtime's ``should_stop`` hook if it is running.
+the runtime's ``should_stop`` hook if it is running. A stopped job's last
+output (the runtime's final record, with finish reason ``cancelled``) still
+comes back, so a stream cut by a shutdown ends properly. ``close()`` (on
+SIGTERM) refuses new jobs, stops the running ones and ends the waiting ones
+without waiting for anything; ``stop()`` also joins the workers.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ log = logging.getLogger("toolgrad_edge.server")
 Work = Callable[[Any, Callable[[], bool]], Iterable[Any]]
 
 ITEM, ERROR, DONE = "item", "error", "done"
+# After a stop, how many more outputs a job's work may give before its final record (a runtime
+# checks should_stop at every token, then hands back the rest of that token's events and its final
+# record; one that ignores should_stop is cut off after this many).
+FINAL_RECORD_ITEMS = 64
+
+
+class QueueStopped(Exception):
+    """The queue is closing: it takes no more jobs."""
 
 
 class QueueFull(Exception):
@@ -58,6 +70,9 @@ class Job:
     def should_stop(self) -> bool:
         """Polled by the runtime at every token."""
         return self._cancelled.is_set()
+
+    def _cancel(self) -> None:
+        self._cancelled.set()
 
     def _emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -95,17 +110,22 @@ class RequestQueue:
         self._threads.append(thread)
         thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def close(self) -> None:
+        """Take no more jobs, stop the running ones at their next token and end the waiting ones; no waiting."""
         with self._cond:
             self._stopping = True
             pending = list(self._waiting)
             self._waiting.clear()
             for job in self._running:
-                job._cancelled.set()
+                job._cancel()
             self._cond.notify_all()
         for job in pending:
-            job._cancelled.set()
+            job._cancel()
             job._emit(DONE)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """close(), then wait up to ``timeout`` for the workers to end (the runtime is closed then, if owned)."""
+        self.close()
         deadline = time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -116,7 +136,7 @@ class RequestQueue:
         """Queue a job at the back, or raise QueueFull."""
         with self._cond:
             if self._stopping:
-                raise QueueFull(len(self._waiting), 5)
+                raise QueueStopped()
             if len(self._waiting) >= self.max_queue:
                 self.counts["rejected"] += 1
                 raise QueueFull(len(self._waiting), self._retry_after())
@@ -128,7 +148,7 @@ class RequestQueue:
         with self._cond:
             if job.cancelled or job.finished:
                 return
-            job._cancelled.set()
+            job._cancel()
             try:
                 self._waiting.remove(job)
             except ValueError:
@@ -197,11 +217,19 @@ class RequestQueue:
         outcome, last = "served", (DONE, None)
         try:
             outputs = iter(job.work(self.runtime, job.should_stop))
+            held = None  # once stopped, only the last output (the final record) goes back
+            after_stop = 0
             try:
                 for item in outputs:
-                    job._emit(ITEM, item)
-                    if job.cancelled:
+                    if not job.cancelled:
+                        job._emit(ITEM, item)
+                        continue
+                    held = (item,)
+                    after_stop += 1
+                    if after_stop > FINAL_RECORD_ITEMS:
                         break  # a runtime that ignores should_stop still stops here
+                if held is not None:
+                    job._emit(ITEM, held[0])
             finally:
                 close = getattr(outputs, "close", None)
                 if close is not None:

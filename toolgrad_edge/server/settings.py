@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from ..errors import ToolgradEdgeError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-TOOL_CHOICES = ("auto", "required", "none")  # what serve --tool-choice may make the default
+# What serve --tool-choice may make the default. required-first: required when the last message is the
+# user's, auto after tool results (a client's tool loop can end in text).
+TOOL_CHOICES = ("auto", "required", "required-first", "none")
 
 
 @dataclass(frozen=True)
