@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 
+from ..errors import GenerationError
 from .base import Engine, EngineRequest, Generation, StopStrings
 
 
 def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_model=None, grammar_engine=None,
-                **local_options) -> Engine:
+                parallel: int | str = 1, **local_options) -> Engine:
     """The engine for ``ToolRuntime(model, engine=...)``.
 
     ``engine``: an Engine object (used as it is), "http://HOST:PORT" or a
@@ -34,7 +35,16 @@ def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_mo
     remote = remote_engine(engine, model)
     if remote is not None:
         remote.refuse_local_options(draft_model=draft_model, grammar_engine=grammar_engine)
+        if parallel not in (1, "auto"):
+            remote.close()
+            raise GenerationError(f"parallel={parallel} sets how many requests the in-process engine decodes at "
+                                  "once; a llama-server batches with its own slots (its --parallel/-np).")
         return remote
+    if parallel != 1:
+        from .batched import open_batched
+
+        return open_batched(model, parallel, draft_model=draft_model, grammar_engine=grammar_engine,
+                            **local_options)
     from .local import InProcessEngine
 
     return InProcessEngine(model, draft_model=draft_model, grammar_engine=grammar_engine, **local_options)

@@ -72,7 +72,8 @@ class InProcessEngine:
         # Threads, context length and KV cache type chosen from this machine (each with its reason).
         self.hardware = plan_defaults(model_shape(self.info), n_threads=n_threads, n_ctx=n_ctx or "auto",
                                       kv_type=kv_type, swa_full=swa_full,
-                                      n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=self.n_gpu_layers)
+                                      n_outputs=self.output_rows, cap=self.context_cap,
+                                      n_gpu_layers=self.n_gpu_layers)
         self.n_threads = self.hardware.threads
         self.n_ctx = self.hardware.context.n_ctx
         self.kv_type = self.hardware.context.kv_type
@@ -86,10 +87,11 @@ class InProcessEngine:
         self.speculative = speculative
         self.grammar_engine = resolve_engine(grammar_engine)
         self.grammar_format = "lark" if self.grammar_engine == "llguidance" else "gbnf"
-        self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                                     n_gpu_layers=self.n_gpu_layers, verbose=verbose,
-                                     output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
-                                     kv_type=self.kv_type, swa_full=self.swa_full, n_outputs_max=OUTPUT_ROWS)
+        self._session = self._open_session(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                           n_gpu_layers=self.n_gpu_layers, verbose=verbose,
+                                           output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
+                                           kv_type=self.kv_type, swa_full=self.swa_full,
+                                           n_outputs_max=self.output_rows)
         self.n_vocab = self._session.n_vocab
         self._bos = self._session.bos
         self._control = {
@@ -121,6 +123,13 @@ class InProcessEngine:
                              else PrefixCache(None, ram_entries=0))
         self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(self.swa_full)};kv={self.kv_type};"
                                 f"llama_cpp={llama_cpp.__version__}")
+
+    # What a subclass (engines/batched.py) plans and opens differently: logits rows, context cap, session.
+    output_rows = OUTPUT_ROWS
+    context_cap = DEFAULT_CTX
+
+    def _open_session(self, model_path, **options) -> LlamaSession:
+        return LlamaSession(model_path, **options)
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
