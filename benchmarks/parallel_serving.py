@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,35 +35,22 @@ import httpx
 import jsonschema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_load import QUESTION, SCHEMAS, TOOLS  # noqa: E402  (the same workload)
+from server_load import QUESTION, SCHEMAS, TOOLS, serve_in_thread  # noqa: E402  (the same workload)
 
 
 def start(model, n_ctx: int, parallel: int, threads: int | None):
     """The server on a free loopback port with --parallel; returns (url, stop, runtime)."""
-    import uvicorn
-
     from toolgrad_edge.runtime import ToolRuntime
     from toolgrad_edge.server import ServerSettings, create_app
 
     runtime = ToolRuntime(model, n_ctx=n_ctx, parallel=parallel, n_threads=threads)
-    app = create_app(runtime, ServerSettings(max_queue=64))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 180
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not server.started:
-        raise SystemExit("the server did not start within 180 s")
+    url, stop_server = serve_in_thread(create_app(runtime, ServerSettings(max_queue=64)), timeout_s=180)
 
     def stop() -> None:
-        server.should_exit = True
-        thread.join(30)
+        stop_server()
         runtime.close()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop, runtime
+    return url, stop, runtime
 
 
 def one(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int) -> dict:
