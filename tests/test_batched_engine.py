@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -243,3 +245,60 @@ def test_refuses_one_sequence_and_a_draft_model(gemma_270m_gguf):
         BatchedEngine(gemma_270m_gguf, parallel=1)
     with pytest.raises(ModelLoadError, match="draft model"):
         BatchedEngine(gemma_270m_gguf, parallel=2, draft_model=gemma_270m_gguf)
+
+
+def test_through_the_server_each_client_gets_its_own_tool_and_a_gone_client_frees_its_sequence(batched):
+    """The real server over the batched engine: clients forcing different tools at once (half streamed) each
+    get a valid call of their own tool; a streaming client that leaves after its first chunk frees its sequence."""
+    import httpx
+
+    from test_server_e2e import SCHEMAS, TOOLS, serving
+    from toolgrad_edge.server import ServerSettings, create_app
+
+    names = list(SCHEMAS)
+    engine = batched.engine
+
+    def body(name, stream, max_tokens=48):
+        return {"model": "local", "messages": [{"role": "user", "content": "Weather in Paris, time in Tokyo?"}],
+                "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": name}},
+                "parallel_tool_calls": False, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+    def one(k, url):
+        name = names[k % len(names)]
+        with httpx.Client(timeout=600) as http:
+            if k % 2 == 0:
+                message = http.post(url + "/v1/chat/completions", json=body(name, False)).json()
+                calls = [(c["function"]["name"], c["function"]["arguments"])
+                         for c in message["choices"][0]["message"]["tool_calls"]]
+            else:
+                calls = {}
+                with http.stream("POST", url + "/v1/chat/completions", json=body(name, True)) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            for choice in json.loads(line[6:])["choices"]:
+                                for tc in (choice.get("delta") or {}).get("tool_calls") or []:
+                                    slot = calls.setdefault(tc["index"], ["", ""])
+                                    slot[0] += tc.get("function", {}).get("name") or ""
+                                    slot[1] += tc.get("function", {}).get("arguments") or ""
+                calls = [tuple(v) for _, v in sorted(calls.items())]
+        return name, calls
+
+    def leaver(url):
+        with httpx.Client(timeout=600) as http:
+            with http.stream("POST", url + "/v1/chat/completions",
+                             json={**body(names[0], True, 200), "tool_choice": "none"}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        return True  # leave after the first chunk: the connection closes
+        return False
+
+    with serving(create_app(batched, ServerSettings(max_queue=16))) as url:
+        results = concurrently([lambda k=k: one(k, url) for k in range(PARALLEL - 1)] + [lambda: leaver(url)])
+        deadline = time.monotonic() + 120
+        while (len(engine._free) < PARALLEL or engine._reserved) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    for name, calls in results[:-1]:
+        assert len(calls) == 1 and calls[0][0] == name, calls
+        jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[name])
+    assert results[-1] is True
+    assert sorted(engine._free) == list(range(PARALLEL)) and engine._reserved == 0
