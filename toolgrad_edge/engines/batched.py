@@ -41,10 +41,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..decoding import MAX_DRAFT, PromptLookupDrafter, StepDecoder, TokenChooser
-from ..errors import ContextLengthError, GenerationError, ModelLoadError
+from ..errors import GenerationError, ModelLoadError
 from ..prefix_cache import prefix_key
 from ..results import Timings, Usage
-from .base import EngineRequest, Generation, check_gbnf_tools
+from .base import EngineRequest, Generation
 from .local import OUTPUT_ROWS, InProcessEngine
 from .multi_session import MultiSession
 from .scheduler import Submission, check_fits, plan_pass
@@ -132,6 +132,7 @@ class BatchedEngine(InProcessEngine):
         super().__init__(model, n_ctx=asked * self.parallel if asked else None, **options)
         self.kv_cells = self.n_ctx  # the unified cache, all sequences together
         self.n_ctx = asked or max(64, self.kv_cells // self.parallel)
+        self.context_note = f" per request ({self.parallel} requests share {self.kv_cells})"
         self._cache_settings += f";unified;seqs={self.parallel + 1}"
         self._pending: list[_Ticket] = []
         self._order = itertools.count()
@@ -332,21 +333,11 @@ class BatchedEngine(InProcessEngine):
 
     # -- one request --------------------------------------------------------------------
     def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
-        if request.grammar and self.grammar_engine == "llama":
-            check_gbnf_tools(request.n_tools, "the llama grammar engine",
-                             "use the llguidance grammar engine, which has no tool limit")
         self._require_open()
-        max_tokens = request.max_tokens
-        should_stop = request.should_stop
+        max_tokens, should_stop = request.max_tokens, request.should_stop
         speculative = self.speculative if request.speculative is None else request.speculative
         t0 = time.perf_counter()
-        prefix = self.tokenize_segments(request.prompt.prefix)
-        prompt = prefix + self.tokenize_segments(request.prompt.rest)
-        if len(prompt) + max_tokens > self.n_ctx:
-            raise ContextLengthError(
-                f"the prompt is {len(prompt)} tokens and max_tokens is {max_tokens}, which exceeds the context "
-                f"of {self.n_ctx} tokens per request ({self.parallel} requests share {self.kv_cells}); shorten "
-                "the request, lower max_tokens, or raise n_ctx.")
+        prefix, prompt = self._request_tokens(request)
         need = len(prompt) + max_tokens + MAX_DRAFT + 1
         try:
             seq = self._admit(need, should_stop)

@@ -229,23 +229,30 @@ class InProcessEngine:
         return LlamaGrammarMatcher(session.vocab, grammar, self.n_vocab, tokenize=session.tokenize,
                                    piece=session.piece, forced_text=forced_text)
 
-    def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
+    context_note = ""  # how the context is shared, for the error below (engines/batched.py)
+
+    def _request_tokens(self, request: EngineRequest) -> tuple[list[int], list[int]]:
+        """The request's tool prefix and whole prompt as tokens, once checked against the engine's limits."""
         if request.grammar and self.grammar_engine == "llama":
             check_gbnf_tools(request.n_tools, "the llama grammar engine",
                              "use the llguidance grammar engine (the default once installed: "
                              "pip install 'toolgrad-edge[llguidance]'), which has no tool limit")
+        prefix = self.tokenize_segments(request.prompt.prefix)
+        prompt = prefix + self.tokenize_segments(request.prompt.rest)
+        if len(prompt) + request.max_tokens > self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens and max_tokens is {request.max_tokens}, "
+                f"which exceeds the context of {self.n_ctx} tokens{self.context_note}; shorten the request, "
+                "lower max_tokens, or raise n_ctx."
+            )
+        return prefix, prompt
+
+    def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
         max_tokens = request.max_tokens
         should_stop = request.should_stop
         speculative = self.speculative if request.speculative is None else request.speculative
         t0 = time.perf_counter()
-        prefix = self.tokenize_segments(request.prompt.prefix)
-        prompt = prefix + self.tokenize_segments(request.prompt.rest)
-        if len(prompt) + max_tokens > self.n_ctx:
-            raise ContextLengthError(
-                f"the prompt is {len(prompt)} tokens and max_tokens is {max_tokens}, "
-                f"which exceeds the context of {self.n_ctx} tokens; shorten the request, "
-                "lower max_tokens, or raise n_ctx."
-            )
+        prefix, prompt = self._request_tokens(request)
         me = object()
         gate = None
         with self._lock:
