@@ -81,33 +81,42 @@ def direct_latencies(runtime, max_tokens: int, rounds: int = 2) -> list[float]:
 
 def start_server(model: str | None, n_ctx: int, max_tokens: int, tool_choice: str = "auto"):
     """The server in a thread on a free loopback port; returns (url, stop, model name, baseline latencies)."""
-    import uvicorn
-
     from toolgrad_edge.runtime import ToolRuntime
     from toolgrad_edge.server import ServerSettings, create_app
 
     runtime = ToolRuntime(model, n_ctx=n_ctx)
     direct_latencies(runtime, max_tokens, rounds=1)  # warm-up: evaluates the tool prefix
     baseline = direct_latencies(runtime, max_tokens)  # again after the load run: the machine may be shared
-    app = create_app(runtime, ServerSettings(max_queue=64, tool_choice=tool_choice))
+    url, stop_server = serve_in_thread(create_app(runtime, ServerSettings(max_queue=64, tool_choice=tool_choice)))
+
+    def stop() -> None:
+        stop_server()
+        baseline.extend(direct_latencies(runtime, max_tokens))
+        runtime.close()
+
+    return url, stop, runtime.model_path.name, baseline
+
+
+def serve_in_thread(app, timeout_s: float = 120):
+    """uvicorn serving ``app`` on a free loopback port in a thread; returns (url, stop)."""
+    import uvicorn
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     if not server.started:
-        raise SystemExit("the server did not start within 120 s")
+        raise SystemExit(f"the server did not start within {timeout_s:.0f} s")
 
     def stop() -> None:
         server.should_exit = True
         thread.join(30)
-        baseline.extend(direct_latencies(runtime, max_tokens))
-        runtime.close()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop, runtime.model_path.name, baseline
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
 def sse_calls(lines) -> list[tuple[str, str]]:

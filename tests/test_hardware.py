@@ -279,3 +279,18 @@ def test_context_planned_against_the_gpu():
                                               r".*2\.00 GiB free in GPU memory.*offload fewer layers"):
         hardware.plan_defaults(GEMMA_4B, EPYC_PLAN, n_threads=2, ram=(32 * GiB, 30 * GiB), n_gpu_layers=-1,
                                devices=[tiny])
+
+
+
+def test_choose_parallel_by_threads_and_ram():
+    from toolgrad_edge.hardware import choose_context, choose_parallel, kv_cache_bytes
+
+    context = choose_context(GEMMA_270M, 16 * GiB, n_ctx=4096, kv_type="f16", swa_full=True)
+    n, why = choose_parallel(GEMMA_270M, 2, context, 16 * GiB)
+    assert n == 8 and "8 for 2 threads" in why
+    assert choose_parallel(GEMMA_270M, 1, context, 16 * GiB)[0] == 4  # 4 per thread
+    per_seq = kv_cache_bytes(GEMMA_270M, 4096, "f16", True)
+    tight = GEMMA_270M.weights_bytes + context.compute_bytes + 200 * MiB + 3 * per_seq + 1
+    n, why = choose_parallel(GEMMA_270M, 2, context, tight)
+    assert n == 3 and "3 sequences of 4096 tokens" in why
+    assert choose_parallel(GEMMA_270M, 2, context, None)[0] == 8  # RAM unknown: threads decide

@@ -137,3 +137,23 @@ def test_serve_starts_answers_and_stops(gemma_270m_gguf):
             out, _ = proc.communicate()
     assert f"http://127.0.0.1:{port}/v1" in out and "loopback" in out
     assert proc.returncode == 0, out
+
+
+def test_parallel_reaches_the_runtime(started, monkeypatch):
+    import toolgrad_edge.runtime as runtime_module
+
+    seen = []
+
+    class Recording(_FakeRuntime):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            seen.append(kwargs)
+
+    monkeypatch.setattr(runtime_module, "ToolRuntime", Recording)
+    assert CliRunner().invoke(main, ["serve"]).exit_code == 0
+    assert seen[-1]["parallel"] == "auto"  # chosen from the machine when the model loads
+    assert CliRunner().invoke(main, ["serve", "--parallel", "8"]).exit_code == 0
+    assert seen[-1]["parallel"] == 8
+    for bad in ("0", "many"):
+        result = CliRunner().invoke(main, ["serve", "--parallel", bad])
+        assert result.exit_code != 0 and "--parallel" in result.output and "Traceback" not in result.output

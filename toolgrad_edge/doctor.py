@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import hardware
+from . import gguf_info, hardware
 from .engines import kernel_guard
 from .errors import ToolgradEdgeError
 
@@ -296,6 +296,9 @@ def run_doctor(model=None, n_threads=None, n_ctx="auto", kv_type="auto", swa_ful
                 hw = described.plan
                 report["threads"] = {"n": hw.threads, "reason": hw.threads_reason}
                 report["context"] = {**hw.context.to_dict(), "planned_against": hw.budget.reason}
+                n, why = hardware.choose_parallel(gguf_info.model_shape(info), hw.threads, hw.context,
+                                                  hw.ram_available)
+                report["parallel"] = {"n": n, "reason": why}  # serve's default --parallel
                 checks.append(Check("model loads", True, f"{time.perf_counter() - start:.1f} s"))
                 try:
                     checks += self_test(rt)
@@ -340,6 +343,8 @@ def format_report(report: dict) -> str:
         rows.append(("context", f"{c['reason']}; {hardware.swa_label(c['swa_full'])}"))
         if gpus and c.get("planned_against"):
             rows.append(("memory plan", c["planned_against"]))
+    if "parallel" in report:
+        rows.append(("serve --parallel", report["parallel"]["reason"]))
     g = report["grammar_engine"]
     rows.append(("grammar engine", g["default"] + (f" (llguidance {g['llguidance']})" if g["default"] == "llguidance"
                                                    and g["llguidance"] else "")))

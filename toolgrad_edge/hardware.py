@@ -852,3 +852,22 @@ def cmake_cpu_args(flags: set[str], avoid_amx: bool = True) -> tuple[list[str], 
 def cmake_feature_args(flags: set[str]) -> list[str]:
     """A build for exactly these CPU features (AMX never among them): native off, each feature named."""
     return ["-DGGML_NATIVE=OFF"] + [f"-D{option}=ON" for flag, option in CPU_FLAG_OPTIONS if flag in flags]
+
+
+# -- requests decoded at once (serve --parallel) ------------------------------------------------------------------
+
+PARALLEL_MAX = 8  # sequences in one context by default; a pass of 8 rows costs 2.6x one row on 2 cores (270M)
+
+
+def choose_parallel(shape: ModelShape, threads: int, context: ContextPlan, available: int | None,
+                    cap: int = PARALLEL_MAX) -> tuple[int, str]:
+    """How many requests to decode at once by default, and why: up to ``cap``, 4 per thread, and as many
+    sequences' KV caches at the planned context as the RAM left after the weights holds."""
+    by_threads = 4 * threads
+    per_seq = kv_cache_bytes(shape, context.n_ctx, context.kv_type, context.swa_full)
+    spare = (available - shape.weights_bytes - context.compute_bytes - OVERHEAD_BYTES) if available else None
+    by_ram = max(1, spare // per_seq) if spare is not None and per_seq else cap
+    n = max(1, min(cap, by_threads, by_ram))
+    ram = (f"{by_ram} sequences of {context.n_ctx} tokens ({per_seq / MiB:.0f} MiB of KV each) fit the "
+           f"{available / GiB:.1f} GiB available" if spare is not None else "RAM unknown")
+    return n, f"{n} (of at most {cap}; {by_threads} for {threads} threads; {ram})"

@@ -52,11 +52,14 @@ class ToolRuntime:
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False,
                  prefix_cache: bool = True, fast_forward: bool = True, speculative: bool = True,
                  grammar_engine: str | None = None, draft_model: str | os.PathLike | None = None,
-                 engine: str | Engine | None = None, kv_type: str = "auto", swa_full: bool | str | None = "auto"):
+                 engine: str | Engine | None = None, kv_type: str = "auto", swa_full: bool | str | None = "auto",
+                 parallel: int | str = 1):
+        # parallel: requests decoded at once in one context (engines/batched.py); "auto" chooses from this machine.
         self.engine: Engine = open_engine(
             engine, model, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx, cache_dir=cache_dir,
             verbose=verbose, prefix_cache=prefix_cache, fast_forward=fast_forward, speculative=speculative,
-            grammar_engine=grammar_engine, draft_model=draft_model, kv_type=kv_type, swa_full=swa_full)
+            grammar_engine=grammar_engine, draft_model=draft_model, kv_type=kv_type, swa_full=swa_full,
+            parallel=parallel)
 
     # -- the engine's facts ------------------------------------------------------
     @property

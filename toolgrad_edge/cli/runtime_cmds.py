@@ -187,6 +187,10 @@ def info(model_file, as_json):
         if hw is not None:
             report.update({"threads": hw.threads, "threads_reason": hw.threads_reason, "kernels": hw.kernels.reason})
         report["context"] = context
+        if hw is not None:  # serve's default --parallel, and why
+            from ..hardware import choose_parallel
+
+            report["parallel"] = choose_parallel(model_shape(meta), hw.threads, hw.context, hw.ram_available)[1]
     if as_json:
         click.echo(json.dumps(report))
         return

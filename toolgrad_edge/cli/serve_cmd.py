@@ -48,24 +48,30 @@ def _default(name: str):
 @click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help=threads_help)
 @click.option("--n-gpu-layers", default="auto", show_default=True,
               help="Layers to offload when llama.cpp has a GPU back-end: 'auto' (all) or a number.")
+@click.option("--parallel", "parallel", default="auto", show_default=True, metavar="auto|N",
+              help="Requests decoded at once in one context (continuous batching; each keeps its own grammar). "
+                   "'auto' chooses from the threads and the RAM for N sequences' KV cache (doctor says why); "
+                   "1 decodes one request at a time, as before. A llama-server engine uses its own slots.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_tokens_limit,
           default_max_tokens, tool_choice, syntax, n_ctx, kv_type, swa_full, n_threads, n_gpu_layers,
-          log_level, engine=None) -> None:
+          parallel, log_level, engine=None) -> None:
     """Serve OpenAI's chat-completions API and Ollama's API for the model, on this machine.
 
     POST /v1/chat/completions (tools, tool_choice, streaming, response_format),
     GET /v1/models and GET /health; Ollama's /api/chat, /api/generate,
     /api/tags, /api/show, /api/ps and /api/version on the same port
-    (docs/ollama.md). Requests run one at a time in arrival order; the
-    tool-prefix cache is shared by all of them.
+    (docs/ollama.md). Up to --parallel requests decode at once in one
+    context, the others wait in arrival order; the tool prefix is shared by
+    all of them.
 
     \b
     Examples:
       toolgrad-edge serve
       toolgrad-edge serve --model toolgrad-4b-Q4_K_M.gguf --port 8000
       toolgrad-edge serve --api-key secret --max-queue 4
+      toolgrad-edge serve --parallel 8          # 8 clients at once
       toolgrad-edge serve --tool-choice required --port 11434   # for Ollama apps
       OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=secret python my_agent.py
     """
@@ -85,12 +91,16 @@ def serve(model, host, port, api_key, max_queue, max_body_bytes, max_tools, max_
         syntax=syntax, tool_choice=tool_choice,
     )
     gpu_layers = n_gpu_layers if n_gpu_layers == "auto" else _int_option("--n-gpu-layers", n_gpu_layers)
+    parallel = parallel if parallel == "auto" else _parallel_option(parallel)
     with ToolRuntime(model=model, n_gpu_layers=gpu_layers, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type,
-                     swa_full=swa_full, engine=engine) as runtime:
+                     swa_full=swa_full, engine=engine, parallel=parallel) as runtime:
         app = create_app(runtime, settings)
         shown_host = f"[{host}]" if ":" in host else host
         click.echo(f"toolgrad-edge: serving {runtime.model_path} at http://{shown_host}:{port}/v1 "
                    f"(OpenAI) and http://{shown_host}:{port}/api (Ollama)")
+        reason = getattr(runtime, "parallel_reason", None)
+        if reason is not None:
+            click.echo(f"Decoding up to {runtime.concurrency} requests at once: {reason}.")
         if settings.is_loopback:
             click.echo(f"Bound to {host} (loopback): only this machine can connect. "
                        "Use --host 0.0.0.0 to accept other machines.")
@@ -141,3 +151,10 @@ def _int_option(name: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ToolgradEdgeError(f"{name} must be 'auto' or a whole number, got {value!r}") from None
+
+
+def _parallel_option(value: str) -> int:
+    n = _int_option("--parallel", value)
+    if n < 1:
+        raise ToolgradEdgeError(f"--parallel must be 'auto' or at least 1, got {value!r}")
+    return n

@@ -4,7 +4,8 @@
 ``EngineRequest`` in, text pieces and a ``Generation`` out) and what the
 decode loop needs from a model session (``DecodeSession``). ``inprocess`` is the
 in-process engine (a GGUF on llama.cpp: ``LlamaSession`` in ``llama_session``,
-the decode loop, the prefix cache, a draft model); ``llama_server`` decodes
+the decode loop, the prefix cache, a draft model), and ``batched`` the same for
+several requests at once in one context; ``llama_server`` decodes
 on a llama-server. A new back-end is a new file with an ``Engine`` class:
 pass an instance as ``ToolRuntime(engine=...)``, or give it a spelling in
 ``open_engine``.
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import os
 
+from ..errors import GenerationError
 from .base import CompiledTools, Engine, EngineDescription, EngineRequest, Generation, StopStrings
 
 
 def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_model=None, grammar_engine=None,
-                **local_options) -> Engine:
+                parallel: int | str = 1, **local_options) -> Engine:
     """The engine for ``ToolRuntime(model, engine=...)``.
 
     ``engine``: an Engine object (used as it is), "http://HOST:PORT" or a
@@ -34,7 +36,16 @@ def open_engine(engine=None, model: str | os.PathLike | None = None, *, draft_mo
     remote = remote_engine(engine, model)
     if remote is not None:
         remote.refuse_local_options(draft_model=draft_model, grammar_engine=grammar_engine)
+        if parallel not in (1, "auto"):
+            remote.close()
+            raise GenerationError(f"parallel={parallel} sets how many requests the in-process engine decodes at "
+                                  "once; a llama-server batches with its own slots (its --parallel/-np).")
         return remote
+    if parallel != 1:
+        from .batched import open_batched
+
+        return open_batched(model, parallel, draft_model=draft_model, grammar_engine=grammar_engine,
+                            **local_options)
     from .inprocess import InProcessEngine
 
     return InProcessEngine(model, draft_model=draft_model, grammar_engine=grammar_engine, **local_options)

@@ -75,7 +75,8 @@ class InProcessEngine:
             raise ModelLoadError(f"n_ctx must be at least 64, got {n_ctx}.")
         # Threads, context length and KV cache type chosen from this machine (each with its reason).
         self.hardware = self.plan(self.info, n_gpu_layers=self.n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx,
-                                  kv_type=kv_type, swa_full=swa_full)
+                                  kv_type=kv_type, swa_full=swa_full, n_outputs=self.output_rows,
+                                  cap=self.context_cap)
         self.n_threads = self.hardware.threads
         self.n_ctx = self.hardware.context.n_ctx
         self.kv_type = self.hardware.context.kv_type
@@ -89,10 +90,11 @@ class InProcessEngine:
         self.speculative = speculative
         self.grammar_engine = resolve_engine(grammar_engine)
         self.grammar_format = "lark" if self.grammar_engine == "llguidance" else "gbnf"
-        self._session = LlamaSession(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                                     n_gpu_layers=self.n_gpu_layers, verbose=verbose,
-                                     output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
-                                     kv_type=self.kv_type, swa_full=self.swa_full, n_outputs_max=OUTPUT_ROWS)
+        self._session = self._open_session(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                           n_gpu_layers=self.n_gpu_layers, verbose=verbose,
+                                           output_head=OutputHead.from_gguf(self.model_path, self.info.tensors),
+                                           kv_type=self.kv_type, swa_full=self.swa_full,
+                                           n_outputs_max=self.output_rows)
         self.n_vocab = self._session.n_vocab
         self._bos = self._session.bos
         self._control = {
@@ -125,13 +127,24 @@ class InProcessEngine:
         self._cache_settings = (f"ctx={self.n_ctx};swa_full={int(self.swa_full)};kv={self.kv_type};"
                                 f"llama_cpp={llama_cpp.__version__}")
 
-    @staticmethod
-    def plan(info, n_gpu_layers: int = 0, n_threads: int | None = None, n_ctx: int | str | None = None,
-             kv_type: str = "auto", swa_full: bool | str | None = "auto"):
+    # What a subclass (engines/batched.py) plans and opens differently: logits rows, context cap, session.
+    output_rows = OUTPUT_ROWS
+    context_cap = DEFAULT_CTX
+
+    def _open_session(self, model_path, **options) -> LlamaSession:
+        return LlamaSession(model_path, **options)
+
+    @classmethod
+    def plan(cls, info, n_gpu_layers: int = 0, n_threads: int | None = None, n_ctx: int | str | None = None,
+             kv_type: str = "auto", swa_full: bool | str | None = "auto", n_outputs: int | None = None,
+             cap: int | None = None):
         """The threads, context and KV cache this engine chooses for a GGUF on this machine (``info`` shows it
-        without loading the model)."""
-        return plan_defaults(model_shape(info), kernel_guard.detect_kernel_plan(), n_threads=n_threads, n_ctx=n_ctx or "auto", kv_type=kv_type,
-                             swa_full=swa_full, n_outputs=OUTPUT_ROWS, cap=DEFAULT_CTX, n_gpu_layers=n_gpu_layers)
+        without loading the model). n_outputs, cap: the logits rows and context cap, where an engine's own
+        differ from the class's (the batched engine's grow with its sequences)."""
+        return plan_defaults(model_shape(info), kernel_guard.detect_kernel_plan(), n_threads=n_threads,
+                             n_ctx=n_ctx or "auto", kv_type=kv_type, swa_full=swa_full,
+                             n_outputs=n_outputs or cls.output_rows, cap=cap or cls.context_cap,
+                             n_gpu_layers=n_gpu_layers)
 
     def describe(self) -> EngineDescription:
         return EngineDescription(
@@ -243,19 +256,26 @@ class InProcessEngine:
         return LlamaGrammarMatcher(session.vocab, grammar, self.n_vocab, tokenize=session.tokenize,
                                    piece=session.piece, forced_text=forced_text)
 
+    context_note = ""  # how the context is shared, for the error below (engines/batched.py)
+
+    def _request_tokens(self, request: EngineRequest) -> tuple[list[int], list[int]]:
+        """The request's tool prefix and whole prompt as tokens, once checked against the engine's limits."""
+        prefix = self.tokenize_segments(request.prompt.prefix)
+        prompt = prefix + self.tokenize_segments(request.prompt.rest)
+        if len(prompt) + request.max_tokens > self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens and max_tokens is {request.max_tokens}, "
+                f"which exceeds the context of {self.n_ctx} tokens{self.context_note}; shorten the request, "
+                "lower max_tokens, or raise n_ctx."
+            )
+        return prefix, prompt
+
     def execute(self, request: EngineRequest) -> Iterator[str | Generation]:
         max_tokens = request.max_tokens
         should_stop = request.should_stop
         speculative = self.speculative if request.speculative is None else request.speculative
         t0 = time.perf_counter()
-        prefix = self.tokenize_segments(request.prompt.prefix)
-        prompt = prefix + self.tokenize_segments(request.prompt.rest)
-        if len(prompt) + max_tokens > self.n_ctx:
-            raise ContextLengthError(
-                f"the prompt is {len(prompt)} tokens and max_tokens is {max_tokens}, "
-                f"which exceeds the context of {self.n_ctx} tokens; shorten the request, "
-                "lower max_tokens, or raise n_ctx."
-            )
+        prefix, prompt = self._request_tokens(request)
         me = object()
         gate = None
         with self._lock:

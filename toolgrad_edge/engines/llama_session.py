@@ -83,7 +83,8 @@ class LlamaSession:
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
                  n_batch: int = 512, verbose: bool = False, output_head=None, kv_type: str = "f16",
-                 swa_full: bool = True, n_outputs_max: int | None = None):
+                 swa_full: bool = True, n_outputs_max: int | None = None, n_seq_max: int = 1,
+                 kv_unified: bool = False):
         import llama_cpp
 
         self._llama = llama_cpp
@@ -127,7 +128,9 @@ class LlamaSession:
             cparams.n_ctx = n_ctx
             cparams.n_batch = n_batch
             cparams.n_ubatch = n_batch
-            cparams.n_seq_max = 1
+            cparams.n_seq_max = n_seq_max  # several only for the batched engine (engines/multi_session.py)
+            if kv_unified:
+                cparams.kv_unified = True  # one cache for all sequences, so they can share a prefix's cells
             cparams.n_threads = n_threads
             cparams.n_threads_batch = n_threads
             # The full-size sliding-window cache keeps every position, so the cache can be rewound to any
