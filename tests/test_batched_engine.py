@@ -13,6 +13,8 @@ import pytest
 from toolgrad_edge import ToolRuntime, load_tools
 from toolgrad_edge.engines.batched import BatchedEngine
 from toolgrad_edge.errors import ModelLoadError
+from toolgrad_edge.prompt import render_prompt
+from toolgrad_edge.results import Decoded, Final
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +63,11 @@ def ask(runtime, tools, i, stream=False, **extra):
     if not stream:
         return runtime.call(query, tool_subset(tools, i), seed=0, **spec)
     pieces, result = [], None
-    for item in runtime.stream(query, tool_subset(tools, i), seed=0, **spec):
-        if isinstance(item, str):
-            pieces.append(item)
-        else:
-            result = item
+    for event in runtime.stream(query, tool_subset(tools, i), seed=0, **spec):
+        if isinstance(event, Decoded):  # the raw text as it is decoded
+            pieces.append(event.text)
+        elif isinstance(event, Final):
+            result = event.result
     return pieces, result
 
 
@@ -131,8 +133,7 @@ def divergence(alone, tools, i, alone_ids, batched_ids):
     if k is None:
         return None if len(alone_ids) == len(batched_ids) else (min(len(alone_ids), len(batched_ids)), 0.0)
     spec = REQUESTS[i % len(REQUESTS)]
-    _, parts, _ = alone._prepare(spec["query"], tool_subset(tools, i), spec["tool_choice"], True,
-                                 spec.get("syntax", "python"), True, None)
+    parts = render_prompt(spec["query"], load_tools(tool_subset(tools, i)), spec.get("syntax", "python"))
     tokens = alone.tokenize_segments(parts.prefix) + alone.tokenize_segments(parts.rest) + alone_ids[:k]
     session = alone.session
     session.sync(tokens[:-1])
@@ -182,7 +183,7 @@ def test_a_request_joining_others_gets_its_answer_alone(batched, alone, tools):
 def test_shared_prefix_is_evaluated_once(gemma_270m_gguf, tools, tmp_path):
     engine = BatchedEngine(gemma_270m_gguf, parallel=PARALLEL, n_threads=2, n_ctx=2048, cache_dir=tmp_path)
     with ToolRuntime(engine=engine) as rt:
-        prefix_len = len(rt.tokenize_segments(rt._prepare("x", tools, "auto", True, "python", True, None)[1].prefix))
+        prefix_len = len(rt.tokenize_segments(render_prompt("x", load_tools(tools), "python").prefix))
         results = concurrently([lambda i=i: rt.call(f"What time is it in city number {i}?", tools,
                                                     tool_choice="required", max_tokens=24)
                                 for i in range(PARALLEL)])
