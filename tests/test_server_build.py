@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import stat
 
 import pytest
@@ -55,7 +56,15 @@ def test_missing_compiler_is_one_clear_error(monkeypatch):
     assert not server_binary().parent.exists()
 
 
-def test_a_truncated_sdist_is_removed_with_nothing_left_behind():
+@pytest.fixture
+def build_tools(monkeypatch):
+    """cmake and a compiler 'on PATH': these tests never run them, so they pass where neither is installed."""
+    which = shutil.which
+    monkeypatch.setattr(server_build.shutil, "which",
+                        lambda tool: "/usr/bin/" + tool if tool in ("cmake", "c++") else which(tool))
+
+
+def test_a_truncated_sdist_is_removed_with_nothing_left_behind(build_tools):
     root = cache_root() / "llama-server" / VERSION
     root.mkdir(parents=True)
     sdist = root / f"llama_cpp_python-{VERSION}.tar.gz"
@@ -65,7 +74,7 @@ def test_a_truncated_sdist_is_removed_with_nothing_left_behind():
     assert os.listdir(root) == []  # neither the bad file nor a half-unpacked tree
 
 
-def test_a_binary_that_does_not_run_is_removed(monkeypatch, tmp_path):
+def test_a_binary_that_does_not_run_is_removed(monkeypatch, tmp_path, build_tools):
     # The build "succeeds" but leaves a binary that fails: it is not kept as a finished build.
     binary = server_binary()
     source = cache_root() / "llama-server" / VERSION / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
