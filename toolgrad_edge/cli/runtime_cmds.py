@@ -156,7 +156,7 @@ def info(model_file, as_json):
     from ..doctor import missing_parts, missing_parts_line
     from ..errors import ModelLoadError
     from ..engines.inprocess import InProcessEngine
-    from ..gguf_info import SUPPORTED_ARCHITECTURES, read_gguf_info
+    from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
     from ..hardware import CpuDescription, detect_cpu_description, swa_label
     from ..model_resolution import backend_name, resolve_gpu_layers
 
