@@ -41,7 +41,9 @@ def _free_port() -> int:
 def _serve(gguf):
     port = _free_port()
     cmd = [sys.executable, "-c", "from toolgrad_edge.cli import main; main()", "serve", "--model", str(gguf),
-           "--port", str(port), "--n-ctx", "2048", "--max-tokens-limit", str(MAX_TOKENS), "--log-level", "warning"]
+           "--port", str(port), "--n-ctx", "2048",
+           # One request decodes at a time, so the second one waits in the queue.
+           "--parallel", "1", "--max-tokens-limit", str(MAX_TOKENS), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
