@@ -286,21 +286,31 @@ def test_chat_history_carries_over_and_reset_clears_it():
 
 
 def test_ctrl_c_while_a_tool_runs_abandons_the_call():
+    quick_done = threading.Event()
+
+    @tool(read_only=True)
+    def quick_weather(city: str) -> str:
+        """Current weather, at once."""
+        quick_done.set()
+        return f"Sunny, 21 C in {city}."
+
     @tool(read_only=True)
     def press_ctrl_c() -> str:
-        """Interrupts the process, then hangs."""
-        time.sleep(0.5)  # the other call finishes first
+        """Interrupts the process once the other call has finished, then hangs."""
+        quick_done.wait(60)  # the other call has run, however loaded the machine...
+        time.sleep(0.5)  # ...and its return has been handed back
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(30)
         return "never"
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach only the main thread")
-    model, assistant = make([("press_ctrl_c", {}), ("get_weather", {"city": "A"})], tools=[press_ctrl_c, get_weather])
+    model, assistant = make([("press_ctrl_c", {}), ("quick_weather", {"city": "A"})],
+                            tools=[press_ctrl_c, quick_weather])
     with assistant:
         t0 = time.perf_counter()
         transcript = assistant.ask("?")
-        assert time.perf_counter() - t0 < 10
+        assert time.perf_counter() - t0 < 25  # not the hung tool's 30 s
         assert transcript.stopped == "interrupted" and transcript.answer is None
         hung, quick = transcript.rounds[0].tool_calls
         assert hung.result == "Abandoned: the user interrupted the call (Ctrl-C)." and hung.is_error
