@@ -289,18 +289,20 @@ def test_ctrl_c_while_a_tool_runs_abandons_the_call():
     quick_done = threading.Event()
 
     @tool(read_only=True)
-    def quick_weather(city: str) -> str:
+    async def quick_weather(city: str) -> str:
         """Current weather, at once."""
         quick_done.set()
         return f"Sunny, 21 C in {city}."
 
     @tool(read_only=True)
-    def press_ctrl_c() -> str:
+    async def press_ctrl_c() -> str:
         """Interrupts the process once the other call has finished, then hangs."""
-        quick_done.wait(60)  # the other call has run, however loaded the machine...
-        time.sleep(0.5)  # ...and its return has been handed back
+        while not quick_done.is_set():
+            await asyncio.sleep(0.01)
+        for _ in range(10):  # the other call's completion callbacks run on this loop first, however loaded
+            await asyncio.sleep(0)
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(30)
+        await asyncio.sleep(30)
         return "never"
 
     if threading.current_thread() is not threading.main_thread():

@@ -100,7 +100,10 @@ def test_bad_uses_say_what_to_do(laid_out):
     assert result.exit_code == 2 and "--dry-run goes with --clean" in result.output
 
 
-def test_an_empty_cache():
+def test_an_empty_cache(monkeypatch):
+    # CI points these at its built llama-server and BFCL checker env, which `cache` lists too.
+    monkeypatch.delenv("TOOLGRAD_EDGE_BFCL_ENV", raising=False)
+    monkeypatch.delenv("TOOLGRAD_EDGE_LLAMA_SERVER", raising=False)
     result = CliRunner().invoke(main, ["cache", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["items"] == []
     result = CliRunner().invoke(main, ["cache"])
