@@ -107,11 +107,14 @@ def test_concurrent_requests_each_valid_for_their_own_schema(batched, tools):
         assert "".join(pieces) == result.raw_text  # streamed text is the final text
         assert_valid(result, tool_subset(tools, i))
         if choice == "required":
-            assert result.tool_calls, result.raw_text
+            # A call list, complete or cut by max_tokens (the base model may write a long string argument).
+            assert result.raw_text.startswith("[") and (result.tool_calls or result.finish_reason == "length"), \
+                result.raw_text
         elif choice == "none":
             assert result.tool_calls == [] and result.content
         elif choice == "get_time":
-            assert result.tool_calls and {c.name for c in result.tool_calls} == {"get_time"}
+            assert result.raw_text.startswith("[get_time(") and {c.name for c in result.tool_calls} <= {"get_time"}
+            assert result.tool_calls or result.finish_reason == "length", result.raw_text
         assert result.stats["parallel"] == PARALLEL
 
 
