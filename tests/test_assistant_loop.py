@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -285,6 +286,14 @@ def test_chat_history_carries_over_and_reset_clears_it():
         assert assistant.history == []
 
 
+@contextlib.contextmanager
+def _restored_sigint(handler):
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def test_ctrl_c_while_a_tool_runs_abandons_the_call():
     quick_done = threading.Event()
 
@@ -307,9 +316,12 @@ def test_ctrl_c_while_a_tool_runs_abandons_the_call():
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach only the main thread")
+    # A process started in the background by a non-interactive shell (CI's `cmd &`) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: give it the one a terminal user has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     model, assistant = make([("press_ctrl_c", {}), ("quick_weather", {"city": "A"})],
                             tools=[press_ctrl_c, quick_weather])
-    with assistant:
+    with assistant, _restored_sigint(previous):
         t0 = time.perf_counter()
         transcript = assistant.ask("?")
         assert time.perf_counter() - t0 < 25  # not the hung tool's 30 s
