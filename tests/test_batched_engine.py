@@ -306,3 +306,80 @@ def test_through_the_server_each_client_gets_its_own_tool_and_a_gone_client_free
         jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[name])
     assert results[-1] is True
     assert sorted(engine._free) == list(range(PARALLEL)) and engine._reserved == 0
+
+
+def test_narrow_rows_match_the_output_layer_and_skip_it_when_every_row_is_narrow(batched):
+    """A pass whose logits rows all ask for a few tokens stops after the final norm; the head's values for
+    those tokens equal llama.cpp's logits (the first such pass runs whole and checks every row)."""
+    import numpy as np
+
+    from toolgrad_edge.engines.scheduler import Slice, Submission
+
+    engine = batched.engine
+    session = engine._session
+    if not session.narrow:
+        pytest.skip("the output head is off on this kernel path (doctor's 'narrow head' line says why)")
+    prompt = session.tokenize("The weather in Paris is")
+    ids = [np.array(session.tokenize(w)[:1] + [236761, 236764], dtype=np.int64) for w in (" sunny", " cold", " wet")]
+
+    def one_pass(narrow):
+        with engine._ctx_lock:
+            for seq in range(3):
+                session.remove(seq)
+            plan = [Slice(Submission(seq, prompt[: len(prompt) - seq], 0, [len(prompt) - seq - 1]), 0,
+                          len(prompt) - seq, (len(prompt) - seq - 1,)) for seq in range(3)]
+            out = session.run(plan, {k: ids[k] for k in range(3)} if narrow else None)
+            for seq in range(3):
+                session.remove(seq)
+        return out
+
+    full = one_pass(narrow=False)
+    hidden_before = session.hidden_passes
+    session._verify_head = True  # check the head again on this pass's three rows (earlier tests checked one)
+    first, second = one_pass(narrow=True), one_pass(narrow=True)  # the first is checked against a whole pass
+    assert session.head_check is not None and session.head_check["ok"], session.head_check
+    assert session.head_check["sequences"] == 3
+    assert session.hidden_passes == hidden_before + 1  # the second skipped the output layer
+    for k in range(3):
+        assert first[k].shape == second[k].shape == (len(ids[k]),)
+        np.testing.assert_allclose(second[k], full[k][0][ids[k]], atol=1e-3)
+        np.testing.assert_allclose(first[k], full[k][0][ids[k]], atol=1e-6)  # read from llama.cpp's logits
+
+
+def test_a_pass_with_one_full_row_reads_the_narrow_rows_from_the_whole_logits(batched):
+    import numpy as np
+
+    from toolgrad_edge.engines.scheduler import Slice, Submission
+
+    engine = batched.engine
+    session = engine._session
+    prompt = session.tokenize("Book a table for two")
+    few = np.array([236761, 236764, 107], dtype=np.int64)
+
+    def one_pass(narrow):
+        with engine._ctx_lock:
+            for seq in range(2):
+                session.remove(seq)
+            plan = [Slice(Submission(seq, prompt, 0, [len(prompt) - 1]), 0, len(prompt), (len(prompt) - 1,))
+                    for seq in range(2)]
+            out = session.run(plan, narrow)
+            for seq in range(2):
+                session.remove(seq)
+        return out
+
+    whole = one_pass(None)
+    hidden_before = session.hidden_passes
+    out = one_pass({1: few})
+    assert session.hidden_passes == hidden_before  # a full row: the output layer ran for the pass
+    assert out[0].shape == (1, session.n_vocab) and out[1].shape == (len(few),)
+    np.testing.assert_array_equal(out[0], whole[0])
+    np.testing.assert_array_equal(out[1], whole[1][0][few])  # the same pass, read at the few ids
+
+
+def test_requests_use_hidden_only_passes_where_their_grammar_allows_few_tokens(batched, tools):
+    before = batched.engine.stats["hidden_passes"]
+    result = ask(batched, tools, 1)  # get_time forced: its arguments leave few tokens at most steps
+    assert_valid(result, tool_subset(tools, 1))
+    if batched.engine._session.narrow:
+        assert result.stats["narrow_passes"] > 0
+        assert batched.engine.stats["hidden_passes"] > before

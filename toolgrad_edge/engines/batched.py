@@ -14,7 +14,9 @@ engine would run a forward pass, the request's sequence hands its tokens to
 one scheduler thread and waits: the scheduler gathers what every active
 sequence asks for, fills one pass (engines/scheduler.py: decode rows first,
 prompts in chunks, logits only where read), runs it and hands each sequence
-its logits rows. Requests join and leave between passes.
+its logits rows. Requests join and leave between passes. Where a request's
+grammar allows few tokens, it asks for their logits only; a pass in which
+every sequence does so skips the output layer (MultiSession's narrow rows).
 
 The tool prefix is evaluated once into its own sequence (or restored from the
 prefix cache on disk) and each request's sequence starts as a copy of it
@@ -66,14 +68,13 @@ class _Ticket(Submission):
     """A submission and the request thread waiting for its logits."""
 
     should_stop: Callable[[], bool] | None = None
+    narrow_ids: np.ndarray | None = field(default=None, repr=False)  # only these tokens' logits are read
     event: threading.Event = field(default_factory=threading.Event, repr=False)
     error: BaseException | None = None
 
 
 class _SequenceView:
     """One request's sequence, as StepDecoder's session: each decode is a submission to the scheduler."""
-
-    narrow = False
 
     def __init__(self, engine: "BatchedEngine", seq: int, n_tokens: int, should_stop):
         self.engine = engine
@@ -90,6 +91,21 @@ class _SequenceView:
         logits = self.engine._submit(self.seq, tokens, self.n_tokens, [int(r) for r in rows], self.should_stop)
         self.n_tokens += len(tokens)
         return logits
+
+    @property
+    def narrow(self) -> bool:
+        """Whether a step may ask for a few tokens' logits only (the session's output head is on)."""
+        session = self.engine._session
+        return session is not None and session.narrow
+
+    def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """The logits of tokens ``ids`` after ``tokens``: from a pass that skips the output layer when every
+        sequence in it asks for few tokens, else from the pass's whole logits."""
+        tokens = [int(t) for t in tokens]
+        values = self.engine._submit(self.seq, tokens, self.n_tokens, [len(tokens) - 1], self.should_stop,
+                                     narrow_ids=np.asarray(ids, dtype=np.int64))
+        self.n_tokens += len(tokens)
+        return values
 
     def rewind(self, n_keep: int) -> None:
         if n_keep < self.n_tokens:
@@ -126,7 +142,6 @@ class BatchedEngine(InProcessEngine):
         asked = None if n_ctx in (None, "auto") else int(n_ctx)
         self._cond = threading.Condition()
         self._ctx_lock = threading.Lock()
-        self._piece_lock = threading.Lock()
         self._thread = None
         self._closing = False
         super().__init__(model, n_ctx=asked * self.parallel if asked else None, **options)
@@ -147,23 +162,7 @@ class BatchedEngine(InProcessEngine):
         self._thread.start()
 
     def _open_session(self, model_path, **options) -> MultiSession:
-        session = MultiSession(model_path, n_seq_max=self.parallel + 1, **options)
-        # Pieces and tokens are read by every request's thread; llama-cpp calls release the GIL.
-        piece, tokenize = session.piece, session.tokenize
-
-        def locked_piece(token: int) -> bytes:
-            cached = session._pieces.get(token)
-            if cached is not None:
-                return cached
-            with self._piece_lock:
-                return piece(token)
-
-        def locked_tokenize(text, special: bool = False) -> list[int]:
-            with self._piece_lock:
-                return tokenize(text, special)
-
-        session.piece, session.tokenize = locked_piece, locked_tokenize
-        return session
+        return MultiSession(model_path, n_seq_max=self.parallel + 1, **options)
 
     # -- the engine's facts ------------------------------------------------------------
     @property
@@ -181,6 +180,7 @@ class BatchedEngine(InProcessEngine):
         session = self._require_open()
         sizes = session.pass_sizes
         return {"evaluated_tokens": session.evaluated_tokens, "forward_passes": session.forward_passes,
+                "hidden_passes": session.hidden_passes, "head_check": session.head_check,
                 "mean_tokens_per_pass": (sum(sizes) / len(sizes)) if sizes else None,
                 "prefix_evaluations": self.prefix_evaluations, "prefix_copies": self.prefix_copies}
 
@@ -199,10 +199,12 @@ class BatchedEngine(InProcessEngine):
             super().close()
 
     # -- the scheduler thread --------------------------------------------------------------
-    def _submit(self, seq: int, tokens: list[int], pos0: int, rows: list[int], should_stop) -> np.ndarray:
-        """Have ``tokens`` evaluated on sequence ``seq`` at ``pos0``...; wait; return the logits at ``rows``."""
+    def _submit(self, seq: int, tokens: list[int], pos0: int, rows: list[int], should_stop,
+                narrow_ids: np.ndarray | None = None) -> np.ndarray:
+        """Have ``tokens`` evaluated on sequence ``seq`` at ``pos0``...; wait; return the logits at ``rows``
+        (with ``narrow_ids``: the logits of those tokens only, at the one row)."""
         ticket = _Ticket(seq=seq, tokens=tokens, pos0=pos0, rows=rows, order=next(self._order),
-                         should_stop=should_stop)
+                         should_stop=should_stop, narrow_ids=narrow_ids)
         try:
             check_fits(ticket, self._session.n_batch, self._session.n_outputs)
         except ValueError as e:
@@ -244,8 +246,10 @@ class BatchedEngine(InProcessEngine):
                 continue
             started = time.monotonic()
             try:
+                narrow = {k: part.submission.narrow_ids for k, part in enumerate(plan)
+                          if part.finishes and part.submission.narrow_ids is not None}
                 with self._ctx_lock:
-                    out = session.run(plan)
+                    out = session.run(plan, narrow)
                 last_pass_s = time.monotonic() - started
             except BaseException as e:  # noqa: BLE001 (handed to the requests in the pass)
                 with self._cond:
@@ -362,7 +366,8 @@ class BatchedEngine(InProcessEngine):
                 ttft = time.perf_counter() - t0
                 decoder = StepDecoder(view, TokenChooser(request.params), gate, logits, list(prompt),
                                       jump_forward=speculative and self.fast_forward,
-                                      drafter=PromptLookupDrafter(start=len(prefix)) if speculative else None)
+                                      drafter=PromptLookupDrafter(start=len(prefix)) if speculative else None,
+                                      narrow=speculative and view.narrow)
                 finish, text, generated = yield from self._decode(decoder, request, view)
             except _Cancelled:
                 finish = "cancelled"

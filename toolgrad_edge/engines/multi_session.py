@@ -11,13 +11,25 @@ id instead of evaluating or storing the prefix again.
 tokens at its sequence's positions, logits only at the rows someone reads,
 and returns copies of those rows. A pass that fails removes what it may
 have written from every sequence in it. It is not thread-safe: the batched
-engine calls it under its context lock.
+engine calls it under its context lock (``piece`` and ``tokenize``, which
+every request's thread calls, are: they take the session's own lock).
+
+Narrow rows: a slice may ask for the logits of a few token ids only (where
+its grammar allows few tokens). When every logits row of a pass is narrow,
+the pass stops after the final norm, as ``LlamaSession.decode_narrow`` does
+for one sequence, and the output head computes each row's few logits from
+its hidden state: the 262k-row output layer is skipped for the whole pass.
+A pass with any full row computes the output layer for all its rows (llama.cpp
+cannot compute it for some rows only), and its narrow rows read their ids
+from those logits. The first hidden-only pass runs whole and checks the head
+against llama.cpp's logits on every row; a head that does not match is off.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
+import threading
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -34,9 +46,28 @@ class MultiSession(LlamaSession):
         self.n_seq_max = n_seq_max
         self.evaluated_tokens = 0  # tokens run through llama_decode, all sequences together
         self.pass_sizes: list[int] = []  # tokens per pass, in order (measurements; trimmed to the last 10,000)
+        self.hidden_passes = 0  # passes that stopped after the final norm (every row narrow)
+        self._vocab_lock = threading.Lock()
 
-    def run(self, plan: Sequence[Slice]) -> dict[int, np.ndarray]:
-        """Evaluate one pass; return, per slice index with rows, the logits rows (copies, in row order)."""
+    # -- vocabulary, from every request's thread ---------------------------------------------
+    def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        with self._vocab_lock:  # one shared piece buffer
+            return super().piece(token)
+
+    def tokenize(self, text: str | bytes, special: bool = False) -> list[int]:
+        with self._vocab_lock:
+            return super().tokenize(text, special)
+
+    def run(self, plan: Sequence[Slice], narrow: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        """Evaluate one pass; return, per slice index with rows, the logits rows (copies, in row order).
+
+        ``narrow`` maps slice indices whose one logits row needs only some token ids to those ids; such a
+        slice gets a 1-D array of their logits instead. When every slice with rows is narrow and the head is
+        on, the output layer is skipped for the whole pass.
+        """
         if self._ctx is None:
             raise GenerationError("this model session is closed.")
         llama_cpp = self._llama
@@ -59,7 +90,14 @@ class MultiSession(LlamaSession):
                 n += 1
         if len(wanted) > self.n_outputs:
             raise GenerationError(f"a planned pass asks {len(wanted)} logits rows; at most {self.n_outputs}.")
+        narrow = narrow or {}
+        for k in narrow:
+            if len(plan[k].rows) != 1:
+                raise GenerationError(f"a narrow slice has one logits row, slice {k} has {len(plan[k].rows)}.")
+        hidden_only = bool(wanted) and self._head is not None and all(k in narrow for k, _ in wanted)
         batch.n_tokens = n
+        self._hidden = None
+        self._want_hidden = hidden_only
         try:
             rc = llama_cpp.llama_decode(self._ctx, batch)
             self._forward_passes += 1
@@ -70,14 +108,45 @@ class MultiSession(LlamaSession):
             for part in plan:  # a failed pass may have written part of its cells
                 self.remove(part.submission.seq, part.submission.pos0 + part.start)
             raise
+        finally:
+            self._want_hidden = False
         self.evaluated_tokens += n
         self.pass_sizes.append(n)
         del self.pass_sizes[:-10000]
+        hidden = self._hidden_rows(len(wanted)) if hidden_only else None
+        if hidden is not None and not self._verify_head:
+            self.hidden_passes += 1
+            return {k: self._head.logits(hidden[j], narrow[k]) for j, (k, _) in enumerate(wanted)}
         out: dict[int, list[np.ndarray]] = {}
         for k, i in wanted:
             ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
             out.setdefault(k, []).append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-        return {k: np.stack(rows) for k, rows in out.items()}
+        if hidden is not None:  # the first hidden-only pass ran whole: check the head on each row
+            self._check_rows(hidden, [out[k][0] for k, _ in wanted], [narrow[k] for k, _ in wanted])
+        return {k: (rows[0][narrow[k]] if k in narrow else np.stack(rows)) for k, rows in out.items()}
+
+    def _hidden_rows(self, n_rows: int) -> np.ndarray | None:
+        """The final norm's rows of the last pass (one per logits row, in batch order), or None."""
+        if self._hidden is None or self._head is None:
+            self._scan_names = self._head is not None  # the norm was not where expected: look it up by name
+            return None
+        if self._hidden.size != n_rows * self._head.n_embd:
+            return None  # not one row per logits row: use llama.cpp's logits (the pass ran whole)
+        return self._hidden.reshape(n_rows, self._head.n_embd)
+
+    def _check_rows(self, hidden: np.ndarray, full: list[np.ndarray], ids: list[np.ndarray]) -> None:
+        """Compare the head's logits with llama.cpp's on every row of a whole pass; keep the head only if exact."""
+        self._verify_head = False
+        worst, probed = 0.0, 0
+        for h, row, few in zip(hidden, full, ids):
+            probe = np.unique(np.concatenate([np.asarray(few, dtype=np.int64), np.argsort(row)[-32:]]))
+            worst = max(worst, float(np.max(np.abs(self._head.logits(h, probe) - row[probe]))))
+            probed += len(probe)
+        ok = worst <= self.HEAD_TOLERANCE
+        self.head_check = {"max_abs_difference": worst, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
+                           "weight_type": self._head.qtype.name, "rows": probed, "sequences": len(full)}
+        if not ok:
+            self._head = None  # every later pass computes the output layer
 
     # -- sequences ------------------------------------------------------------------
     def remove(self, seq: int, p0: int = 0) -> None:
