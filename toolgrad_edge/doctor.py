@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import gguf_info, hardware
+from . import hardware
 from .engines import kernel_guard
 from .errors import ToolgradEdgeError
 
@@ -296,8 +296,9 @@ def run_doctor(model=None, n_threads=None, n_ctx="auto", kv_type="auto", swa_ful
                 hw = described.plan
                 report["threads"] = {"n": hw.threads, "reason": hw.threads_reason}
                 report["context"] = {**hw.context.to_dict(), "planned_against": hw.budget.reason}
-                n, why = hardware.choose_parallel(gguf_info.model_shape(info), hw.threads, hw.context,
-                                                  hw.ram_available)
+                from .engines.batched import default_parallel
+
+                n, why = default_parallel(info, hw)
                 report["parallel"] = {"n": n, "reason": why}  # serve's default --parallel
                 checks.append(Check("model loads", True, f"{time.perf_counter() - start:.1f} s"))
                 try:

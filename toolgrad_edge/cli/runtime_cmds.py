@@ -156,7 +156,7 @@ def info(model_file, as_json):
     from ..doctor import missing_parts, missing_parts_line
     from ..errors import ModelLoadError
     from ..engines.inprocess import InProcessEngine
-    from ..gguf_info import SUPPORTED_ARCHITECTURES, model_shape, read_gguf_info
+    from ..gguf_info import SUPPORTED_ARCHITECTURES, read_gguf_info
     from ..hardware import CpuDescription, detect_cpu_description, swa_label
     from ..model_resolution import backend_name, resolve_gpu_layers
 
@@ -188,9 +188,9 @@ def info(model_file, as_json):
             report.update({"threads": hw.threads, "threads_reason": hw.threads_reason, "kernels": hw.kernels.reason})
         report["context"] = context
         if hw is not None:  # serve's default --parallel, and why
-            from ..hardware import choose_parallel
+            from ..engines.batched import default_parallel
 
-            report["parallel"] = choose_parallel(model_shape(meta), hw.threads, hw.context, hw.ram_available)[1]
+            report["parallel"] = default_parallel(meta, hw)[1]
     if as_json:
         click.echo(json.dumps(report))
         return

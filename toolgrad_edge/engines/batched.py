@@ -431,20 +431,28 @@ class BatchedEngine(InProcessEngine):
                           stats={"parallel": self.parallel})
 
 
+def default_parallel(info, plan) -> tuple[int, str]:
+    """serve's ``--parallel auto`` for a GGUF (``info``, gguf_info) under the one-request engine's plan
+    (``InProcessEngine.plan``: threads, context, RAM), and why. ``open_batched``, ``doctor`` and ``info``
+    all ask this one function."""
+    from ..gguf_info import model_shape
+    from ..hardware import choose_parallel
+
+    return choose_parallel(model_shape(info), plan.threads, plan.context, plan.ram_available)
+
+
 def open_batched(model=None, parallel: int | str = "auto", **options) -> InProcessEngine:
     """The in-process engine for ``parallel`` requests at once: "auto" chooses from this machine
-    (hardware.choose_parallel); 1 is the one-request engine, unchanged. ``engine.parallel_reason`` says why."""
+    (``default_parallel``); 1 is the one-request engine, unchanged. ``engine.parallel_reason`` says why."""
     if parallel == "auto":
-        from ..gguf_info import model_shape, read_gguf_info
-        from ..hardware import choose_parallel
+        from ..gguf_info import read_gguf_info
         from ..model_resolution import resolve_gpu_layers, resolve_model
 
         info = read_gguf_info(resolve_model(model))
-        shape = model_shape(info)
         plan = InProcessEngine.plan(info, n_gpu_layers=resolve_gpu_layers(options.get("n_gpu_layers", "auto")),
                                     n_threads=options.get("n_threads"), n_ctx=options.get("n_ctx"),
                                     kv_type=options.get("kv_type", "auto"), swa_full=options.get("swa_full", "auto"))
-        n, why = choose_parallel(shape, plan.threads, plan.context, plan.ram_available)
+        n, why = default_parallel(info, plan)
     else:
         try:
             n = int(parallel)
