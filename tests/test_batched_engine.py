@@ -343,10 +343,10 @@ def test_narrow_rows_match_the_output_layer_and_skip_it_when_every_row_is_narrow
     for k in range(3):
         assert first[k].shape == second[k].shape == (len(ids[k]),)
         np.testing.assert_allclose(second[k], full[k][0][ids[k]], atol=1e-3)
-        np.testing.assert_allclose(first[k], full[k][0][ids[k]], atol=1e-6)  # read from llama.cpp's logits
+        np.testing.assert_allclose(first[k], full[k][0][ids[k]], atol=1e-3)
 
 
-def test_a_pass_with_one_full_row_reads_the_narrow_rows_from_the_whole_logits(batched):
+def test_a_pass_with_one_full_row_still_gives_the_narrow_rows_the_heads_values(batched):
     import numpy as np
 
     from toolgrad_edge.engines.scheduler import Slice, Submission
@@ -373,7 +373,7 @@ def test_a_pass_with_one_full_row_reads_the_narrow_rows_from_the_whole_logits(ba
     assert session.hidden_passes == hidden_before  # a full row: the output layer ran for the pass
     assert out[0].shape == (1, session.n_vocab) and out[1].shape == (len(few),)
     np.testing.assert_array_equal(out[0], whole[0])
-    np.testing.assert_array_equal(out[1], whole[1][0][few])  # the same pass, read at the few ids
+    np.testing.assert_allclose(out[1], whole[1][0][few], atol=1e-3)  # the head's values, from the same pass
 
 
 def test_requests_use_hidden_only_passes_where_their_grammar_allows_few_tokens(batched, tools):
@@ -383,3 +383,4 @@ def test_requests_use_hidden_only_passes_where_their_grammar_allows_few_tokens(b
     if batched.engine._session.narrow:
         assert result.stats["narrow_passes"] > 0
         assert batched.engine.stats["hidden_passes"] > before
+

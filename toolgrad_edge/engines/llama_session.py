@@ -110,6 +110,8 @@ class LlamaSession:
                 self._head = None
         self._eval_cb = None
         self._want_hidden = False
+        self._keep_going = False  # copy the final norm's rows but compute the output layer too
+        self._hidden_rows_expected = 1  # rows the final norm holds in a pass that asks for them
         self._verify_head = self._head is not None  # the first narrow pass also runs whole, to check the head
         self.head_check: dict | None = None  # that check's figures (max_abs_difference, ok, ...)
         self._hidden: np.ndarray | None = None
@@ -333,12 +335,13 @@ class LlamaSession:
                 return False
             n = lib.ggml_nbytes(tensor)
             row = 4 * self._head.n_embd
-            if n < row or n % row:
-                raise GenerationError(f"result_norm holds {n} bytes, not rows of {row}")
+            if n != row * self._hidden_rows_expected:
+                raise GenerationError(f"result_norm holds {n} bytes, not {self._hidden_rows_expected} rows of {row}")
             hidden = np.empty(n // 4, dtype=np.float32)
             lib.ggml_backend_tensor_get(tensor, hidden.ctypes.data, 0, n)
             self._hidden = hidden
-            return self._verify_head  # stop here, unless this pass checks the head against the whole pass
+            # Stop here, unless this pass checks the head against the whole pass or others need their logits.
+            return self._verify_head or self._keep_going
         except Exception:
             self._hidden = None
             # Asked: claim nothing. Told: compute the rest, so llama.cpp's own logits are valid.

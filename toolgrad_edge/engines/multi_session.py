@@ -20,9 +20,11 @@ the pass stops after the final norm, as ``LlamaSession.decode_narrow`` does
 for one sequence, and the output head computes each row's few logits from
 its hidden state: the 262k-row output layer is skipped for the whole pass.
 A pass with any full row computes the output layer for all its rows (llama.cpp
-cannot compute it for some rows only), and its narrow rows read their ids
-from those logits. The first hidden-only pass runs whole and checks the head
-against llama.cpp's logits on every row; a head that does not match is off.
+cannot compute it for some rows only); its narrow rows still take the head's
+values, from the final norm's rows copied on the way, so what a narrow row
+gets does not depend on whether a neighbour needed the whole layer. The first
+pass with narrow rows runs whole and checks the head against llama.cpp's
+logits on each of them; a head that does not match is off from then on.
 """
 
 from __future__ import annotations
@@ -94,10 +96,11 @@ class MultiSession(LlamaSession):
         for k in narrow:
             if len(plan[k].rows) != 1:
                 raise GenerationError(f"a narrow slice has one logits row, slice {k} has {len(plan[k].rows)}.")
-        hidden_only = bool(wanted) and self._head is not None and all(k in narrow for k, _ in wanted)
+        want = bool(narrow) and self._head is not None  # narrow rows take the head's values, in every pass
+        hidden_only = want and all(k in narrow for k, _ in wanted) and not self._verify_head
         batch.n_tokens = n
         self._hidden = None
-        self._want_hidden = hidden_only
+        self._want_hidden, self._keep_going, self._hidden_rows_expected = want, not hidden_only, len(wanted)
         try:
             rc = llama_cpp.llama_decode(self._ctx, batch)
             self._forward_passes += 1
@@ -109,21 +112,30 @@ class MultiSession(LlamaSession):
                 self.remove(part.submission.seq, part.submission.pos0 + part.start)
             raise
         finally:
-            self._want_hidden = False
+            self._want_hidden, self._keep_going, self._hidden_rows_expected = False, False, 1
         self.evaluated_tokens += n
         self.pass_sizes.append(n)
         del self.pass_sizes[:-10000]
-        hidden = self._hidden_rows(len(wanted)) if hidden_only else None
-        if hidden is not None and not self._verify_head:
+        hidden = self._hidden_rows(len(wanted)) if want else None
+        if hidden_only and hidden is not None:
             self.hidden_passes += 1
             return {k: self._head.logits(hidden[j], narrow[k]) for j, (k, _) in enumerate(wanted)}
-        out: dict[int, list[np.ndarray]] = {}
-        for k, i in wanted:
+        # The pass ran whole (a full row, the head's check, or no hidden rows): llama.cpp's logits are valid.
+        out: dict[int, np.ndarray] = {}
+        for j, (k, i) in enumerate(wanted):
             ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
             out.setdefault(k, []).append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-        if hidden is not None:  # the first hidden-only pass ran whole: check the head on each row
-            self._check_rows(hidden, [out[k][0] for k, _ in wanted], [narrow[k] for k, _ in wanted])
-        return {k: (rows[0][narrow[k]] if k in narrow else np.stack(rows)) for k, rows in out.items()}
+        if hidden is not None and self._verify_head:
+            rows = [j for j, (k, _) in enumerate(wanted) if k in narrow]
+            self._check_rows(hidden[rows], [out[wanted[j][0]][0] for j in rows], [narrow[wanted[j][0]] for j in rows])
+        result = {}
+        for j, (k, _) in enumerate(wanted):
+            if k not in narrow:
+                continue
+            # The head's values wherever it is on, so a narrow row's values do not depend on its neighbours.
+            result[k] = self._head.logits(hidden[j], narrow[k]) if hidden is not None and self._head is not None \
+                else out[k][0][narrow[k]]
+        return {k: result[k] if k in narrow else np.stack(rows) for k, rows in out.items()}
 
     def _hidden_rows(self, n_rows: int) -> np.ndarray | None:
         """The final norm's rows of the last pass (one per logits row, in batch order), or None."""
