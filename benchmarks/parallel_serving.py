@@ -1,4 +1,4 @@
-"""serve --parallel 1 against --parallel N, in one run: calls/s, tokens/s, latency and TTFT at 1, 2, 4, 8 clients.
+"""serve --parallel 1 against --parallel N and llama-server -np N, in one run: calls/s, tokens/s, latency, TTFT.
 
 For each --parallel value the server starts in this process (uvicorn on a free
 loopback port, as benchmarks/server_load.py does), a warm-up request evaluates
@@ -7,13 +7,27 @@ one after another, all clients at once. Each request streams
 (``stream_options.include_usage``) and forces its own tool, as server_load.py's
 workload does; every call is validated against its tool's schema.
 
-Reported per (parallel, clients): calls/s, output tokens/s, p50 and p95
+For each --llama-server N, the same run then starts llama.cpp's llama-server
+(built by ``toolgrad-edge build-server``; --server-binary or
+$TOOLGRAD_EDGE_LLAMA_SERVER names another) on the same model file with
+``-np N -c N*n_ctx --threads T --swa-full`` on a free loopback port, T being
+the thread count the in-process rows use, and puts this project's OpenAI
+server in front of it (the llama-server engine, engines/llama_server.py: one
+queue worker per slot). The requests are the same, so each one reaches
+llama-server as a token-id prompt with the same tool's compiled GBNF grammar
+(tool_choice forced by name). One warm-up request per slot, all at once, puts
+the tool prefix in every slot's cache; then the rows are measured exactly like
+the others. llama-server is stopped when its rows are done and on every exit
+(an exception, Ctrl-C, SIGTERM; on Linux also when this process is killed).
+
+Reported per (server, clients): calls/s, output tokens/s, p50 and p95
 latency, median time to first streamed byte, errors and invalid calls; then
-the ratio of --parallel N to --parallel 1 at each client count. Optionally
-(--pass-cost) the cost of one pass carrying 1, 2, 4, 8 sequences of one
-token each, measured on the batched engine's own session.
+the ratio of every other server's calls/s to the first one's at each client
+count. Optionally (--pass-cost) the cost of one pass carrying 1, 2, 4, 8
+sequences of one token each, measured on the batched engine's own session.
 
     python benchmarks/parallel_serving.py                      # --parallel 1 and 8, 270M model
+    python benchmarks/parallel_serving.py --parallel 1 8 --llama-server 8   # the issue's three servers
     python benchmarks/parallel_serving.py --parallel 1 4 --clients 1 4 --requests 3 --json
     python benchmarks/parallel_serving.py --url http://127.0.0.1:8080 --label llama-server-np8
 
@@ -25,8 +39,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +70,98 @@ def start(model, n_ctx: int, parallel: int, threads: int | None):
         runtime.close()
 
     return url, stop, runtime
+
+
+def llama_server_binary(given: str | None) -> Path:
+    """The llama-server to run: --server-binary, $TOOLGRAD_EDGE_LLAMA_SERVER, or build-server's cached build."""
+    from toolgrad_edge.engines.server_build import ENV_BINARY, server_binary
+
+    path = Path(given or os.environ.get(ENV_BINARY) or server_binary()).expanduser()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise SystemExit(f"llama-server not found at {path}: run `toolgrad-edge build-server` first "
+                         f"(or name a binary with --server-binary or ${ENV_BINARY}).")
+    return path
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, SIGTERM when this benchmark dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def start_llama_server(binary: Path, model: Path, slots: int, n_ctx: int, threads: int):
+    """llama-server -np ``slots`` on a free loopback port, this project's server in front of it.
+
+    Returns (url of the front server, stop, facts about llama-server). ``stop`` ends both; so does an
+    exception here.
+    """
+    from toolgrad_edge.engines.llama_server import LlamaServerEngine
+    from toolgrad_edge.runtime import ToolRuntime
+    from toolgrad_edge.server import ServerSettings, create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # --swa-full: the whole sliding-window cache, as the in-process runtime keeps it (docs/engines.md).
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+           "--ctx-size", str(slots * n_ctx), "--threads", str(threads), "--swa-full", "--no-webui"]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    backend = f"http://127.0.0.1:{port}"
+    runtime = stop_front = None
+
+    def stop() -> None:
+        try:
+            if stop_front is not None:
+                stop_front()
+            if runtime is not None:
+                runtime.close()
+        finally:
+            stop_process(proc)
+            log.close()
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()][-1:]
+                raise SystemExit(f"llama-server exited with {proc.returncode} before it was ready"
+                                 f"{': ' + tail[0] if tail else ''} ({' '.join(cmd)})")
+            try:
+                if httpx.get(backend + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"llama-server at {backend} was not ready within 300 s ({' '.join(cmd)})")
+            time.sleep(0.25)
+        runtime = ToolRuntime(engine=LlamaServerEngine(backend, read_timeout=900))
+        info = runtime.engine.engine_info
+        if info.total_slots != slots:
+            raise SystemExit(f"llama-server at {backend} reports {info.total_slots} slots, not the {slots} asked.")
+        url, stop_front = serve_in_thread(create_app(runtime, ServerSettings(max_queue=64)), timeout_s=180)
+    except BaseException:
+        stop()
+        raise
+    facts = {"slots": info.total_slots, "slot_ctx": info.n_ctx, "build": info.build, "threads": threads,
+             "command": " ".join(cmd)}
+    return url, stop, facts
 
 
 def one(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int) -> dict:
@@ -145,31 +256,66 @@ def pass_cost(runtime, rounds: int = 5) -> dict:
     return out
 
 
+def name(label) -> str:
+    return f"--parallel {label}" if isinstance(label, int) else str(label)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--llama-server", type=int, nargs="+", action="extend", default=[], metavar="N",
+                    help="also measure llama-server -np N (this project's server in front, same grammar), "
+                         "after the --parallel rows")
+    ap.add_argument("--server-binary", default=None, help="llama-server to run (default: "
+                    "$TOOLGRAD_EDGE_LLAMA_SERVER, else `toolgrad-edge build-server`'s build)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--n-ctx", type=int, default=2048, help="context per request")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--url", default=None, help="measure a running server instead (e.g. llama-server -np 8 "
-                                                 "behind `toolgrad-edge serve --engine`)")
+    ap.add_argument("--n-ctx", type=int, default=2048, help="context per request (per slot for llama-server)")
+    ap.add_argument("--threads", type=int, default=None, help="default: the runtime's own choice for this machine")
+    ap.add_argument("--url", default=None, help="measure a running server instead of --parallel (e.g. "
+                                                 "`toolgrad-edge serve --engine URL` of a llama-server)")
     ap.add_argument("--label", default=None, help="the name of --url's row")
     ap.add_argument("--pass-cost", action="store_true", help="also time passes of 1, 2, 4, 8 sequences")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    for option, values in (("--parallel", args.parallel), ("--llama-server", args.llama_server),
+                           ("--clients", args.clients), ("--requests", [args.requests]),
+                           ("--n-ctx", [args.n_ctx]), ("--threads", [args.threads or 1])):
+        if any(v < 1 for v in values):
+            ap.error(f"{option} takes positive integers, got {' '.join(map(str, values))}")
 
-    rows, costs = [], {}
+    binary = model = None
+    threads = args.threads
+    if args.llama_server:
+        from toolgrad_edge.hardware import default_threads
+        from toolgrad_edge.model_resolution import resolve_model
+
+        binary = llama_server_binary(args.server_binary)  # before anything is measured: fail at once
+        model = resolve_model(args.model)  # the file ToolRuntime(args.model) loads
+        threads = threads or default_threads()[0]  # what the in-process runtime chooses when not told
+    # SIGTERM ends the run through the same clean-up as Ctrl-C (the finally blocks below).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    rows, costs, servers = [], {}, {}
     targets = [(args.label or args.url, args.url, None)] if args.url else [(p, None, p) for p in args.parallel]
+    targets += [(f"llama-server -np {n}", None, n) for n in args.llama_server]
     for label, url, parallel in targets:
         stop = runtime = None
-        if url is None:
-            url, stop, runtime = start(args.model, args.n_ctx, parallel, args.threads)
+        warm_requests = 1
+        if url is None and isinstance(label, int):
+            url, stop, runtime = start(args.model, args.n_ctx, parallel, threads)
+        elif url is None:
+            url, stop, servers[label] = start_llama_server(binary, model, parallel, args.n_ctx, threads)
+            warm_requests = parallel  # each slot keeps its own prompt cache
         try:
-            with httpx.Client(timeout=900) as warm:
-                one(warm, url, next(iter(SCHEMAS)), 0, args.max_tokens)  # warm-up: the tool prefix
+            def warm(i: int) -> None:  # warm-up: the tool prefix
+                with httpx.Client(timeout=900) as http:
+                    one(http, url, list(SCHEMAS)[i % len(SCHEMAS)], 0, args.max_tokens)
+
+            with ThreadPoolExecutor(warm_requests) as pool:
+                list(pool.map(warm, range(warm_requests)))
             for clients in args.clients:
                 rows.append({"parallel": label, **load(url, clients, args.requests, args.max_tokens)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
@@ -178,12 +324,13 @@ def main() -> int:
         finally:
             if stop is not None:
                 stop()
-    base = {r["clients"]: r for r in rows if r["parallel"] == targets[0][0]}
+    first = targets[0][0]
+    base = {r["clients"]: r for r in rows if r["parallel"] == first}
     ratios = [{"parallel": r["parallel"], "clients": r["clients"],
                "calls_per_s_ratio": round(r["calls_per_s"] / base[r["clients"]]["calls_per_s"], 2)
                if base.get(r["clients"]) and base[r["clients"]]["calls_per_s"] else None}
-              for r in rows if r["parallel"] != targets[0][0]]
-    report = {"rows": rows, "ratios_to_first": ratios, "pass_cost_ms": costs}
+              for r in rows if r["parallel"] != first]
+    report = {"rows": rows, "ratios_to_first": ratios, "pass_cost_ms": costs, "llama_server": servers}
     if args.json:
         print(json.dumps(report))
     else:
@@ -194,10 +341,13 @@ def main() -> int:
         for r in rows:
             print("| " + " | ".join(str(r[c]) for c in cols) + " |")
         for r in ratios:
-            print(f"--parallel {r['parallel']} / {targets[0][0]} at {r['clients']} clients: "
+            print(f"{name(r['parallel'])} / {name(first)} at {r['clients']} clients: "
                   f"{r['calls_per_s_ratio']}x calls/s")
         for p, c in costs.items():
             print(f"pass cost at --parallel {p} (ms by sequences in the pass): {c}")
+        for label, facts in servers.items():
+            print(f"{label}: {facts['command']} (build {facts['build']}, {facts['slots']} slots of "
+                  f"{facts['slot_ctx']} tokens)")
     return 0 if all(not r["errors"] and not r["invalid_calls"] for r in rows) else 1
 
 
