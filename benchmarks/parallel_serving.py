@@ -23,8 +23,11 @@ the others. llama-server is stopped when its rows are done and on every exit
 Reported per (server, clients): calls/s, output tokens/s, p50 and p95
 latency, median time to first streamed byte, errors and invalid calls; then
 the ratio of every other server's calls/s to the first one's at each client
-count. Optionally (--pass-cost) the cost of one pass carrying 1, 2, 4, 8
-sequences of one token each, measured on the batched engine's own session.
+count. Optionally (--pass-cost), on the batched engine's own session: the
+cost of one pass carrying 1, 2, 4, 8 sequences of one token each, with the
+output layer and without it (narrow rows), and the KV bytes the shared tool
+prefix saves at N sequences (llama.cpp's state writer, per sequence against
+all at once).
 
     python benchmarks/parallel_serving.py                      # --parallel 1 and 8, 270M model
     python benchmarks/parallel_serving.py --parallel 1 8 --llama-server 8   # the issue's three servers
@@ -226,31 +229,52 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "errors": len(outcomes) - len(ok), "invalid_calls": sum(1 for o in ok if not valid(o))}
 
 
-def pass_cost(runtime, rounds: int = 5) -> dict:
-    """Median ms of one pass carrying 1, 2, 4, 8 sequences (one token each, logits for each), after a prompt."""
+def pass_cost(runtime, rounds: int = 7) -> dict:
+    """What one pass costs with k = 1, 2, 4, 8 sequences in it, as in serving: each sequence a copy of the
+    warm-up's tool prefix (the prefix sequence) plus a 30-token question, then one token each.
+
+    Median ms of a pass with the output layer (``full``: every row's logits) and of one that stops after
+    the final norm (``narrow``: every row asks for a few tokens, so the head computes them); and the KV
+    bytes of those sequences, counted by llama.cpp's own state writer: each sequence on its own (what N
+    copies of the prefix would take) against all of them at once (shared cells written once).
+    """
+    import llama_cpp
     from toolgrad_edge.engines.scheduler import Slice, Submission
 
     engine = runtime.engine
     session = engine._session
+    prefix = list(engine._prefix_tokens or [])
     n = min(8, engine.parallel)
-    prompt = session.tokenize("The quick brown fox jumps over the lazy dog. " * 40)
+    question = session.tokenize(" What is the weather in Paris, and what time is it in Tokyo? Book a table.")[:30]
+    few = {k: [236761, 236764] for k in range(n)}
+
+    def part(seq, tokens, pos0):
+        return Slice(Submission(seq, tokens, pos0, [len(tokens) - 1]), 0, len(tokens), (len(tokens) - 1,))
+
+    out: dict = {"prefix_tokens": len(prefix), "full": {}, "narrow": {}}
     with engine._ctx_lock:
         for seq in range(n):
-            session.remove(seq)
-            session.run([Slice(Submission(seq, prompt, 0, [len(prompt) - 1]), 0, len(prompt), (len(prompt) - 1,))])
-        out = {}
+            session.copy_sequence(engine.prefix_seq, seq, len(prefix))
+            session.run([part(seq, question, len(prefix))])
+        pos = len(prefix) + len(question)
+        per_seq = sum(llama_cpp.llama_state_seq_get_size(session._ctx, seq) for seq in range(n))
+        together = llama_cpp.llama_state_seq_get_size(session._ctx, -1)  # every cell once, with its sequences
+        out["kv_bytes"] = {"sequences": n, "each_on_its_own": per_seq, "shared": together,
+                           "saved": per_seq - together}
+        session._verify_head = False  # measured passes only (the head was checked during the load runs)
         for k in (1, 2, 4, 8):
             if k > n:
                 break
-            times = []
-            for r in range(rounds):
-                plan = [Slice(Submission(seq, [prompt[r]], len(prompt) + r, [0]), 0, 1, (0,)) for seq in range(k)]
-                t0 = time.perf_counter()
-                session.run(plan)
-                times.append(time.perf_counter() - t0)
-            for seq in range(n):
-                session.remove(seq, len(prompt))
-            out[k] = round(1000 * statistics.median(times), 1)
+            for mode in ("full", "narrow"):
+                times = []
+                for r in range(rounds):
+                    plan = [part(seq, [question[r]], pos) for seq in range(k)]
+                    t0 = time.perf_counter()
+                    session.run(plan, {j: few[j] for j in range(k)} if mode == "narrow" else None)
+                    times.append(time.perf_counter() - t0)
+                    for seq in range(k):
+                        session.remove(seq, pos)
+                out[mode][k] = round(1000 * statistics.median(times), 1)
         for seq in range(n):
             session.remove(seq)
     return out
@@ -344,7 +368,12 @@ def main() -> int:
             print(f"{name(r['parallel'])} / {name(first)} at {r['clients']} clients: "
                   f"{r['calls_per_s_ratio']}x calls/s")
         for p, c in costs.items():
-            print(f"pass cost at --parallel {p} (ms by sequences in the pass): {c}")
+            print(f"pass cost at --parallel {p} after a {c['prefix_tokens']}-token tool prefix, ms by sequences in "
+                  f"the pass: with the output layer {c['full']}, narrow (stopped after the final norm) {c['narrow']}")
+            kv = c["kv_bytes"]
+            print(f"KV of {kv['sequences']} sequences: {kv['each_on_its_own'] / 2**20:.1f} MiB written one by one, "
+                  f"{kv['shared'] / 2**20:.1f} MiB with shared cells once; sharing saves "
+                  f"{kv['saved'] / 2**20:.1f} MiB")
         for label, facts in servers.items():
             print(f"{label}: {facts['command']} (build {facts['build']}, {facts['slots']} slots of "
                   f"{facts['slot_ctx']} tokens)")
