@@ -11,6 +11,15 @@ from toolgrad_edge.bench import agreement
 from toolgrad_edge.cli import main
 
 
+def test_a_call_list_cut_by_max_tokens_counts_by_its_complete_calls():
+    from types import SimpleNamespace as R
+
+    assert agreement._valid(R(tool_calls=[1], parse_error=None, finish_reason="tool_calls"))
+    assert agreement._valid(R(tool_calls=[1], parse_error="cut", finish_reason="length"))
+    assert not agreement._valid(R(tool_calls=[], parse_error="cut", finish_reason="length"))  # first call cut
+    assert not agreement._valid(R(tool_calls=[], parse_error="bad", finish_reason="stop"))
+
+
 def test_first_difference():
     assert agreement._first_difference([1, 2, 3], [1, 2, 3]) is None
     assert agreement._first_difference([1, 2, 3], [1, 5, 3]) == 1
@@ -34,6 +43,7 @@ def test_batch_agreement_needs_two_requests():
 
 def test_batch_agreement_report_formats():
     request = {"query": 0, "identical": False, "first_difference": 7, "alone_tokens": 20, "batched_tokens": 22,
+               "alone_finish": "tool_calls", "batched_finish": "length",
                "engine_alone_identical": True, "valid": True, "alone_text": "[a(x=1)]", "batched_text": "[a(x=2)]"}
     same = {"query": 1, "identical": True, "first_difference": None, "alone_tokens": 18, "batched_tokens": 18,
             "engine_alone_identical": True, "valid": True}
@@ -43,7 +53,7 @@ def test_batch_agreement_report_formats():
         "mean_tokens_per_pass": 1.9}]}
     text = agreement.format_table(report)
     assert "m: batch_agreement: 1 of 2 identical" in text
-    assert "query 0: differs from token 7 (alone 20 tokens, batched 22)" in text
+    assert "query 0: differs from token 7 (alone 20 tokens; batched 22 tokens, cut by max tokens)" in text
     assert "query 1: identical (18 tokens)" in text and "'[a(x=2)]'" in text
     assert "batch_agreement: 1 of 2 identical" in agreement.format_markdown(report)
 
@@ -57,8 +67,10 @@ def test_batch_agreement_on_the_demo_model(gemma_270m_gguf):
     (model,) = report["models"]
     assert [r["query"] for r in model["requests"]] == [0, 1]
     for r in model["requests"]:
-        # Every decode (alone, batched engine alone, at once) is a valid call list.
+        # Every decode (alone, batched engine alone, at once) is a valid call list (complete calls, each
+        # checked against its schema; one cut by max_tokens counts by the calls it completed).
         assert r["valid"] and "invalid" not in r
+        assert {r["alone_finish"], r["batched_finish"]} <= {"tool_calls", "length"}
         assert r["alone_tokens"] > 0 and r["batched_tokens"] > 0
         assert r["identical"] == (r["first_difference"] is None)
         if not r["identical"]:

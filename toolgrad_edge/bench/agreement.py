@@ -18,7 +18,9 @@ reference) tells a difference that comes from the engine itself (its unified
 KV cache, the copied tool prefix) from one that comes from the neighbours.
 A difference is expected only at greedy near-ties: llama.cpp's kernels round
 differently by batch size (docs/server.md). Every decode is also checked
-for a valid call list (at least one call, no parse error).
+for a valid call list: at least one complete call, each valid for its schema,
+and no parse error unless the list was cut by max_tokens (then the calls it
+completed count).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def _valid(result) -> bool:
-    return bool(result.tool_calls) and not result.parse_error
+    """At least one complete call, each checked against its schema by the runtime's parser; a list cut by
+    max_tokens (finish "length") counts by the calls it completed, the one cut in half is no answer."""
+    return bool(result.tool_calls) and (not result.parse_error or result.finish_reason == "length")
 
 
 def _decode(rt, query: int, max_tokens: int):
@@ -124,6 +128,7 @@ def measure_batch_agreement(model_path=None, parallel: int = 2, *, max_tokens: i
         first = _first_difference(a.token_ids, b.token_ids)
         row = {"query": i, "identical": first is None, "first_difference": first,
                "alone_tokens": len(a.token_ids), "batched_tokens": len(b.token_ids),
+               "alone_finish": a.finish_reason, "batched_finish": b.finish_reason,
                "engine_alone_identical": e.token_ids == a.token_ids,
                "valid": all(_valid(r) for r in (a, e, b))}
         if first is not None:
@@ -191,14 +196,19 @@ def _context_line(report: dict) -> str:
             f"each alone on the one-request engine; {report['machine']['cpu']}")
 
 
+def _tokens(n: int, finish: str | None) -> str:
+    return f"{n} tokens" + (", cut by max tokens" if finish == "length" else "")
+
+
 def _request_lines(model: dict) -> list[str]:
     out = [f"{model['model_name']}: {summary_line(model)}"]
     for r in model["requests"]:
         if r["identical"]:
-            what = f"identical ({r['alone_tokens']} tokens)"
+            what = f"identical ({_tokens(r['alone_tokens'], r.get('alone_finish'))})"
         else:
-            what = (f"differs from token {r['first_difference']} (alone {r['alone_tokens']} tokens, "
-                    f"batched {r['batched_tokens']})")
+            what = (f"differs from token {r['first_difference']} (alone "
+                    f"{_tokens(r['alone_tokens'], r.get('alone_finish'))}; batched "
+                    f"{_tokens(r['batched_tokens'], r.get('batched_finish'))})")
         if not r["engine_alone_identical"]:
             what += "; the batched engine alone differs too"
         out.append(f"  query {r['query']}: {what}")
