@@ -33,13 +33,17 @@ from .options import ENGINE_AND_MODEL, check_engine_url
               help="Measure toolgrad-edge over the llama-server at URL (its own model) instead of local files: "
                    "decode t/s of constrained calls, TTFT, p50 latency, valid calls. $TOOLGRAD_EDGE_ENGINE does the "
                    "same when no file is named.")
+@click.option("--batch-agreement", "batch_agreement", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Instead of the speed figures: decode the bench's first N requests greedily, each alone and then "
+                   "N at once on the batched engine, and report per request whether the token ids are identical "
+                   "(and where they first differ).")
 @click.option("--no-quality", is_flag=True, help="Skip the top-1 / KL comparison with the reference file.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also save a bar chart (needs the 'bench' extra: matplotlib).")
-def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, grammar_engine, engine, no_quality,
-          as_json, markdown, plot_file):
+def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, grammar_engine, engine, batch_agreement,
+          no_quality, as_json, markdown, plot_file):
     """Measure prefill/decode speed, TTFT, memory and quality of GGUF files.
 
     Each file: size, peak RSS, prefill tokens/s, decode tokens/s free (one
@@ -55,6 +59,12 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
     same tool-call queries through a llama-server, as this client sees them
     (see docs/engines.md).
 
+    With --batch-agreement N: whether batching changes answers. The bench's
+    first N requests are decoded greedily alone (one-request engine), then N
+    at once through the batched engine (serve --parallel N); per request,
+    whether the generated token ids are identical and the first position
+    where they differ ("batch_agreement: k of N identical").
+
     \b
     Examples:
       toolgrad-edge bench
@@ -63,6 +73,7 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
       toolgrad-edge bench -m a.gguf -m b.gguf --runs 3 --json --plot speed.png
       toolgrad-edge bench -m toolgrad-4b-Q4_K_M.gguf --draft-model gemma-3-270m-Q4_K_M.gguf --json
       toolgrad-edge bench --engine http://gpu-box:8080 --runs 10 --json
+      toolgrad-edge bench --batch-agreement 4 --json
     """
     if engine is None and not models and not source:
         # No file named: $TOOLGRAD_EDGE_ENGINE decides, as for call and serve.
@@ -71,6 +82,15 @@ def bench(models, quants, source, runs, n_threads, max_tokens, draft_model, gram
         engine = os.environ.get(ENV_ENGINE) or None
         if engine is not None and not is_engine_url(engine):
             raise click.UsageError(f"${ENV_ENGINE} is {engine!r}; expected http://HOST:PORT of a llama-server.")
+    if batch_agreement is not None:
+        local = [name for name, value in (("--engine", engine), ("--quant", quants), ("--from", source),
+                                          ("--draft-model", draft_model), ("--plot", plot_file)) if value]
+        if local:
+            names = " and ".join(local)
+            raise click.UsageError(f"--batch-agreement measures the in-process batched engine on model files "
+                                   f"(-m); drop {names} or --batch-agreement.")
+        _bench_batch_agreement(models, batch_agreement, n_threads, max_tokens, grammar_engine, as_json, markdown)
+        return
     if engine is not None:
         if models:
             raise click.UsageError(ENGINE_AND_MODEL)
@@ -129,6 +149,22 @@ def _bench_engine(url: str, runs: int, max_tokens: int, as_json: bool, markdown:
         report = remote.measure_engine(url, runs=runs, max_tokens=max_tokens,
                                        progress=lambda label: progress(label, 1))
     _echo_report(report, as_json, markdown, remote)
+
+
+def _bench_batch_agreement(models, parallel: int, n_threads, max_tokens: int, grammar_engine, as_json: bool,
+                           markdown: bool) -> None:
+    from ..bench import agreement
+    from ..errors import EvaluationError
+    from ..model_resolution import resolve_model
+
+    paths = [Path(m) for m in models] or [resolve_model(None)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EvaluationError(f"model file(s) not found: {', '.join(missing)}; pass existing GGUF paths.")
+    with _progress_bar(len(paths) * agreement.steps(parallel)) as progress:
+        report = agreement.measure_files(paths, parallel, max_tokens=max_tokens, n_threads=n_threads,
+                                         grammar_engine=grammar_engine, progress=progress)
+    _echo_report(report, as_json, markdown, agreement)
 
 
 @contextlib.contextmanager

@@ -52,11 +52,15 @@ def eval_group() -> None:
               "Default: $TOOLGRAD_EDGE_BFCL_ENV, ./benchmarks/bfcl/env, else <cache>/bfcl-env.")
 @click.option("--no-create-env", is_flag=True, help="Fail instead of creating a missing checker environment.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Entries run at once: N threads, decoded together by one batched in-process engine (on a "
+              "llama-server: in its slots). Result files are the serial run's, in the same order; a batched pass "
+              "can flip a greedy near-tie, so a few answers may differ from --parallel 1.")
 @n_ctx_option
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @json_option
 def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative, out_dir, data_dir, checker_env,
-         no_create_env, max_tokens, n_ctx, n_threads, as_json, engine=None):
+         no_create_env, max_tokens, parallel, n_ctx, n_threads, as_json, engine=None):
     """BFCL v1+v2 single-turn accuracy, scored by BFCL's official AST checker.
 
     Entries run through the runtime in the ToolGrad prompt format; raw outputs
@@ -70,6 +74,7 @@ def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative,
       toolgrad-edge eval bfcl --limit 10 --no-grammar --out runs/free --json
       toolgrad-edge eval bfcl --categories simple_python,multiple --limit 20 --tool-choice required
       toolgrad-edge eval bfcl --categories simple_python --limit 20 --tool-choice required --no-speculative
+      toolgrad-edge eval bfcl --categories simple_python --limit 40 --parallel 4
     """
     from ..evaluate import report
     from ..evaluate.bfcl import evaluate_bfcl
@@ -93,7 +98,8 @@ def bfcl(model, categories, limit, grammar, syntax, tool_choice, no_speculative,
             model, categories=categories, limit=limit, grammar=grammar, syntax=syntax,
             tool_choice=tool_choice, speculative=not no_speculative, out_dir=out_dir,
             data_dir=data_dir, checker_env_dir=checker_env, create_env=not no_create_env,
-            max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads, engine=engine, progress=progress, log=log,
+            max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads, engine=engine, parallel=parallel,
+            progress=progress, log=log,
         )
     finally:
         if bar is not None:

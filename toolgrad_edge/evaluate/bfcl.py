@@ -180,13 +180,19 @@ def _rewrite(path: Path, records: Iterable[dict]) -> None:
 
 
 def run_entry(runtime, entry: BfclEntry, *, constrained: bool, syntax: str, max_tokens: int,
-              tool_choice: str = "auto") -> dict:
-    """One entry through the runtime -> one result-file record."""
+              tool_choice: str = "auto", should_stop: Callable[[], bool] | None = None) -> dict:
+    """One entry through the runtime -> one result-file record.
+
+    should_stop (batched runs): polled by the engine before every step; a
+    record of a call it stopped is incomplete, and the caller drops it.
+    """
     start = time.perf_counter()
+    options = {} if should_stop is None else {"should_stop": should_stop}
     try:
         res = runtime.call(
             entry.messages, entry.functions, tool_choice=category_tool_choice(entry.category, tool_choice),
             parallel=True, syntax=syntax, max_tokens=max_tokens, temperature=0.0, constrained=constrained,
+            **options,
         )
     except (ContextLengthError, SchemaError, GenerationError) as exc:
         # BFCL's generation step records a failed inference as text and scores it as such.
@@ -222,11 +228,14 @@ def run_category(
     max_tokens: int,
     tool_choice: str = "auto",
     on_entry: Callable[[BfclEntry, dict], None] | None = None,
+    parallel: int = 1,
 ) -> list[dict]:
     """Run the entries not yet in the category's result file; return all records in entry order.
 
     Each record is appended and flushed as soon as it exists, so an
-    interrupted run resumes where it stopped.
+    interrupted run resumes where it stopped. parallel > 1: that many
+    entries at once, each on its own thread calling the runtime (which
+    decodes them together: ToolRuntime(parallel=N)); see _run_concurrently.
     """
     if not entries:
         return []
@@ -235,6 +244,13 @@ def run_category(
     wanted = {e.id for e in entries}
     # Drop torn lines and records of entries outside this run before appending.
     _rewrite(path, [done[e.id] for e in entries if e.id in done])
+    if parallel > 1:
+        _run_concurrently(runtime, [e for e in entries if e.id not in done], path, done, parallel,
+                          dict(constrained=constrained, syntax=syntax, max_tokens=max_tokens,
+                               tool_choice=tool_choice), on_entry, skipped=[e for e in entries if e.id in done])
+        # Completion order is the threads' race: rewrite in entry order, as a serial run leaves the file.
+        _rewrite(path, [done[e.id] for e in entries if e.id in done])
+        return [done[e.id] for e in entries if e.id in wanted]
     with open(path, "a", encoding="utf-8") as f:
         for entry in entries:
             if entry.id in done:
@@ -249,6 +265,55 @@ def run_category(
             if on_entry:
                 on_entry(entry, record)
     return [done[e.id] for e in entries if e.id in wanted]
+
+
+def _run_concurrently(runtime, todo: list[BfclEntry], path: Path, done: dict[str, dict], parallel: int,
+                      options: dict, on_entry, skipped: list[BfclEntry]) -> None:
+    """Run ``todo`` on ``parallel`` worker threads; append each record to ``path`` as it completes.
+
+    Only this (the calling) thread writes, whole lines, flushed, so the file
+    never holds a torn record. At most ``parallel`` entries are in flight.
+    On an interruption (Ctrl-C, an error) the calls in flight are cancelled
+    through should_stop and their records dropped (a cancelled call's output
+    is cut short), the rest never start, and the exception goes on once the
+    threads have stopped: the file holds only complete records, and a rerun
+    resumes from them.
+    """
+    import concurrent.futures as cf
+    import threading
+
+    if on_entry:
+        for entry in skipped:
+            on_entry(entry, done[entry.id])
+    stop = threading.Event()
+    pending = iter(todo)
+    with open(path, "a", encoding="utf-8") as f, \
+            cf.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="bfcl-entry") as pool:
+        in_flight: dict[cf.Future, BfclEntry] = {}
+
+        def submit_next() -> None:
+            entry = next(pending, None)
+            if entry is not None:
+                in_flight[pool.submit(run_entry, runtime, entry, should_stop=stop.is_set, **options)] = entry
+
+        try:
+            for _ in range(parallel):
+                submit_next()
+            while in_flight:
+                finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    entry = in_flight.pop(future)
+                    record = future.result()
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    done[entry.id] = record
+                    if on_entry:
+                        on_entry(entry, record)
+                    submit_next()
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # What makes two runs' outputs comparable: a folder's results are resumed only
@@ -362,6 +427,7 @@ def evaluate_bfcl(
     n_ctx: int | None = None,
     n_threads: int | None = None,
     engine: str | None = None,
+    parallel: int = 1,
     runtime_factory: Callable | None = None,
     progress: Callable[[int, int, BfclEntry], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -371,7 +437,12 @@ def evaluate_bfcl(
     tool_choice="required" forces a call list in every category but the
     relevance ones (see TOOL_CHOICES); speculative=False asks the runtime for
     one token per forward pass (no jump-forward or drafts); engine: a
-    llama-server's URL to decode on (ToolRuntime's ``engine``).
+    llama-server's URL to decode on (ToolRuntime's ``engine``). parallel:
+    entries run at once, each on its own thread; in process they decode
+    together in one batched engine (``ToolRuntime(parallel=N)``), on a
+    llama-server in its slots. Results are the serial run's files, in the same
+    order; a batched pass can flip a greedy near-tie, so answers may differ
+    from a serial run's (docs/evaluation.md).
 
     Returns the report: ``{"model", "grammar", "syntax", "tool_choice",
     "speculative", "limit", "out_dir", "bfcl_eval", "categories": {name:
@@ -391,6 +462,8 @@ def evaluate_bfcl(
         )
     if limit is not None and limit < 1:
         raise EvaluationError(f"--limit must be at least 1, got {limit}.")
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise EvaluationError(f"--parallel must be a whole number of entries >= 1, got {parallel!r}.")
     if model is not None and not Path(model).is_file():
         raise EvaluationError(f"Model file {model} does not exist; pass the path of a GGUF file.")
 
@@ -412,6 +485,8 @@ def evaluate_bfcl(
             options["speculative"] = False
         if engine is not None:
             options["engine"] = engine  # eval's --engine: decode on that llama-server
+        elif parallel > 1:
+            options["parallel"] = parallel  # one batched engine decodes the worker threads' entries together
 
         def runtime_factory():
             # Every BFCL entry has its own tools: saving each prefix state would
@@ -425,8 +500,12 @@ def evaluate_bfcl(
         check_manifest(out, {
             "model": model_path, "grammar": grammar, "syntax": syntax, "max_tokens": max_tokens,
             "tool_choice": tool_choice, "speculative": speculative,
-            "bfcl_eval": env.version, "data_dir": str(data),
+            "bfcl_eval": env.version, "data_dir": str(data), "parallel": parallel,
         })
+        slots = getattr(runtime, "concurrency", parallel)
+        if parallel > 1 and isinstance(slots, int) and slots < parallel and log:
+            log(f"note: the engine decodes {slots} request(s) at once; the other entries of --parallel "
+                f"{parallel} wait for it.")
         records: dict[str, list[dict]] = {}
         count = 0
 
@@ -440,7 +519,7 @@ def evaluate_bfcl(
         for c in cats:
             records[c] = run_category(
                 runtime, entries[c], out, constrained=grammar, syntax=syntax,
-                max_tokens=max_tokens, tool_choice=tool_choice, on_entry=tick,
+                max_tokens=max_tokens, tool_choice=tool_choice, on_entry=tick, parallel=parallel,
             )
         wall_s = time.perf_counter() - started
 
@@ -448,5 +527,5 @@ def evaluate_bfcl(
     return report.build_report(
         model=model_path, grammar=grammar, syntax=syntax, tool_choice=tool_choice, speculative=speculative,
         limit=limit, out_dir=str(out),
-        checker=scores, records=records, wall_s=wall_s,
+        checker=scores, records=records, wall_s=wall_s, parallel=parallel,
     )

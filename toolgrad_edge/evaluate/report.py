@@ -95,7 +95,7 @@ def decoding_figures(records: Iterable[dict]) -> dict:
 def build_report(
     *, model: str, grammar: bool, syntax: str, limit: int | None, out_dir: str,
     checker: dict, records: dict[str, list[dict]], wall_s: float | None = None,
-    tool_choice: str = "auto", speculative: bool = True,
+    tool_choice: str = "auto", speculative: bool = True, parallel: int = 1,
 ) -> dict:
     """Merge the checker's scores with the run's own records (latency, errors)."""
     categories = {}
@@ -123,6 +123,7 @@ def build_report(
         "syntax": syntax,
         "tool_choice": tool_choice,
         "speculative": speculative,
+        "parallel": parallel,
         "limit": limit,
         "out_dir": out_dir,
         "bfcl_eval": checker.get("bfcl_eval"),
@@ -154,7 +155,8 @@ def format_table(report: dict) -> str:
         f"BFCL v1+v2 (bfcl-eval {report.get('bfcl_eval') or '?'} ast_checker), model {report['model']}",
         f"grammar {'on' if report['grammar'] else 'off'}, syntax {report['syntax']}, "
         f"{_tool_choice_text(report.get('tool_choice', 'auto'))}"
-        f"{'' if report.get('speculative', True) else ', speculative decoding off'}, {limit}",
+        f"{'' if report.get('speculative', True) else ', speculative decoding off'}, {limit}"
+        + ("" if report.get("parallel", 1) == 1 else f", {report['parallel']} entries at once"),
         "",
         f"{'':10}" + "".join(f"{c:>10}" for c in COLUMNS),
     ]
