@@ -1,11 +1,12 @@
 """Memory and pass costs at ToolGrad 4B's size, from a Gemma 3 4B-shaped checkpoint with random weights.
 
 Random weights make the answers meaningless, not the memory or the pass
-costs: those depend on the shapes and the quantization only. Three steps:
+costs: those depend on the shapes and the quantization only. The steps:
 
     python benchmarks/profile_4b.py make     [--dir /work/artifacts/gemma3-4b-random]   # bf16 checkpoint
     python benchmarks/profile_4b.py convert  [--dir ...]   # toolgrad-edge's converter -> Q4_K_M, Q4_0 GGUFs
     python benchmarks/profile_4b.py measure  [--dir ...] [--threads N] [--json out.json]
+    python benchmarks/profile_4b.py sequences [--dir ...] [--threads N] [--runs 7] [--json out.json]
 
 ``measure`` reports, for each GGUF: peak RSS of a fresh process for n_ctx
 2k/4k/8k x KV f16/q8_0 x full-size SWA cache on/off (each process loads the
@@ -14,6 +15,13 @@ exits), next to the planner's estimate (toolgrad_edge.hardware); prefill
 tokens/s; and the median cost of one forward pass of k tokens with r logits
 rows for k, r in 1, 2, 4, 8, 16 after the prompt. docs/hardware.md is written
 from these figures.
+
+``sequences`` times the batched engine's passes on the Q4_K_M file: one pass
+carrying 1, 2, 4 and 8 sequences (one token each, a logits row each) through
+``MultiSession.run``, the sequences sharing a 256-token prefix by
+``copy_sequence``; each pass whole ("full") and stopped after the final norm
+("hidden": what a pass with a narrow output head costs). ``convert --quants
+Q4_K_M`` makes only the file it needs.
 """
 
 from __future__ import annotations
@@ -83,17 +91,17 @@ def make(dest: Path) -> Path:
     return dest
 
 
-def convert(folder: Path) -> list[Path]:
+def convert(folder: Path, quants: tuple[str, ...] = QUANTS) -> list[Path]:
     from toolgrad_edge.convert import convert_checkpoint
 
-    return convert_checkpoint(folder, outdir=folder.parent / "gguf", quants=QUANTS, progress=True)
+    return convert_checkpoint(folder, outdir=folder.parent / "gguf", quants=quants, progress=True)
 
 
-def gguf_files(folder: Path) -> list[Path]:
+def gguf_files(folder: Path, quants: tuple[str, ...] = QUANTS) -> list[Path]:
     out = folder.parent / "gguf"
-    files = sorted(p for p in out.glob("*.gguf") if any(q in p.name for q in QUANTS))
+    files = sorted(p for p in out.glob("*.gguf") if any(q in p.name for q in quants))
     if not files:
-        raise SystemExit(f"no GGUF under {out}: run `convert` first.")
+        raise SystemExit(f"no {'/'.join(quants)} GGUF under {out}: run `convert` first.")
     return files
 
 
@@ -191,12 +199,135 @@ def measure(folder: Path, threads: int, runs: int, what: str = "all") -> dict:
     return report
 
 
+# -- passes carrying several sequences (the batched engine's session) ---------------------------------------
+
+SEQUENCE_COUNTS = (1, 2, 4, 8)
+SEQUENCE_MODES = ("full", "hidden")
+
+
+def sequence_passes(path: Path, threads: int, runs: int, n_ctx: int = 4096) -> dict:
+    """Median ms of one MultiSession pass carrying k sequences, one token and one logits row each.
+
+    The prefix (PROMPT_TOKENS tokens) is evaluated once in sequence 8 and
+    copied to sequences 0-7 (``copy_sequence``: shared cells, as the batched
+    engine shares a tool prefix). Every timed pass puts its tokens at
+    position PROMPT_TOKENS and is removed again after it, so all passes see
+    the same cache. "full" passes compute the output layer; "hidden" passes
+    stop after ``result_norm`` (``_want_hidden``), which is what a pass with
+    a narrow output head costs. Rounds interleave every (k, mode) cell, so
+    load from other processes falls on all cells alike; round 0 is a warm-up.
+    """
+    from toolgrad_edge.engines.multi_session import MultiSession
+    from toolgrad_edge.engines.output_head import OutputHead
+    from toolgrad_edge.engines.scheduler import Slice, Submission
+    from toolgrad_edge.gguf_info import read_gguf_info
+
+    info = read_gguf_info(path)
+    head = OutputHead.from_gguf(path, info.tensors)
+    if head is None:
+        raise SystemExit(f"{path.name}: its output weight's type has no narrow head; hidden-only passes "
+                         "cannot be timed.")
+    n_seq = max(SEQUENCE_COUNTS)
+    prefix_seq = n_seq
+    s = MultiSession(path, n_seq_max=n_seq + 1, n_ctx=n_ctx, n_threads=threads, n_batch=512,
+                     output_head=head, n_outputs_max=max(16, 4 * n_seq))
+    if s._head is None:
+        raise SystemExit(f"{path.name}: the session turned the narrow head off (llama_cpp._ggml not loadable).")
+    try:
+        prompt = [2] + [(i * 7919) % 200000 + 1000 for i in range(PROMPT_TOKENS - 1)]
+        p = len(prompt)
+        t = time.perf_counter()
+        s.run([Slice(Submission(prefix_seq, prompt, 0, [p - 1]), 0, p, (p - 1,))])
+        prefill_s = time.perf_counter() - t
+        for seq in range(n_seq):
+            s.copy_sequence(prefix_seq, seq, p)
+        s._verify_head = False  # no pass of this run checks the head against a whole pass
+        times: dict[tuple[int, str], list[float]] = {(k, m): [] for k in SEQUENCE_COUNTS for m in SEQUENCE_MODES}
+        rescanned = 0
+        for rnd in range(runs + 1):
+            for k in SEQUENCE_COUNTS:
+                for mode in SEQUENCE_MODES:
+                    plan = [Slice(Submission(seq, [prompt[1 + (rnd * n_seq + seq) % (p - 1)]], p, [0]), 0, 1, (0,))
+                            for seq in range(k)]
+                    for attempt in range(3):
+                        s._want_hidden = mode == "hidden"
+                        s._hidden = None
+                        try:
+                            t = time.perf_counter()
+                            rows = s.run(plan)
+                            took = time.perf_counter() - t
+                        finally:
+                            s._want_hidden = False
+                            for seq in range(k):
+                                s.remove(seq, p)
+                        if len(rows) != k:
+                            raise SystemExit(f"a pass of {k} sequences returned {len(rows)} logits rows")
+                        if mode == "full":
+                            break
+                        if s._hidden is not None and s._hidden.size == k * head.n_embd:
+                            break
+                        # The callback did not find result_norm at a known address (a graph of a new
+                        # shape): that pass ran whole. Look the node up by name and pass again.
+                        s._scan_names = True
+                        rescanned += 1
+                    else:
+                        raise SystemExit(f"hidden-only pass of {k} sequences did not stop after result_norm")
+                    if rnd:
+                        times[(k, mode)].append(took)
+            for seq in range(n_seq):
+                if s.sequence_length(seq) != p:
+                    raise SystemExit(f"sequence {seq} holds {s.sequence_length(seq)} positions after a round, not {p}")
+        ms = {mode: {k: 1000 * statistics.median(times[(k, mode)]) for k in SEQUENCE_COUNTS}
+              for mode in SEQUENCE_MODES}
+        fastest = {mode: {k: 1000 * min(times[(k, mode)]) for k in SEQUENCE_COUNTS} for mode in SEQUENCE_MODES}
+        return {"file": path.name, "prefix_tokens": p, "prefix_prefill_s": prefill_s, "n_ctx": n_ctx,
+                "runs": runs, "hidden_rescans": rescanned, "pass_ms": ms, "min_ms": fastest,
+                "all_ms": {f"{k}/{m}": [round(1000 * x, 1) for x in v] for (k, m), v in times.items()},
+                "ratio_to_1": {m: {k: ms[m][k] / ms[m][1] for k in SEQUENCE_COUNTS} for m in SEQUENCE_MODES},
+                "calls_per_pass_time_8": {m: 8 * ms[m][1] / ms[m][8] for m in SEQUENCE_MODES}}
+    finally:
+        s.close()
+
+
+def sequences(folder: Path, threads: int, runs: int) -> dict:
+    import os
+
+    from toolgrad_edge.hardware import cpu_name
+
+    files = gguf_files(folder, ("Q4_K_M",))
+    if len(files) > 1:
+        raise SystemExit(f"several Q4_K_M files under {files[0].parent}: {', '.join(f.name for f in files)}")
+    path = files[0]
+    load = os.getloadavg()
+    report = {"cpu": cpu_name(), "threads": threads, "load_before": load[0],
+              **sequence_passes(path, threads, runs)}
+    report["load_after"] = os.getloadavg()[0]
+    return report
+
+
+def sequences_table(r: dict) -> str:
+    ms, ratio, low = r["pass_ms"], r["ratio_to_1"], r["min_ms"]
+    lines = [f"{r['file']}: {r['cpu']}, {r['threads']} threads, prefix {r['prefix_tokens']} tokens shared by "
+             f"copy_sequence, medians of {r['runs']} passes (ms; fastest pass in brackets)", "",
+             "| sequences in the pass | full | ratio to 1 | hidden only | ratio to 1 |", "|---|---|---|---|---|"]
+    for k in SEQUENCE_COUNTS:
+        lines.append(f"| {k} | {ms['full'][k]:.0f} ({low['full'][k]:.0f}) | {ratio['full'][k]:.2f} "
+                     f"| {ms['hidden'][k]:.0f} ({low['hidden'][k]:.0f}) | {ratio['hidden'][k]:.2f} |")
+    c = r["calls_per_pass_time_8"]
+    lines += ["", f"8 x cost(1) / cost(8): full {c['full']:.2f}, hidden only {c['hidden']:.2f}",
+              f"load average before / after: {r['load_before']:.2f} / {r['load_after']:.2f}"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["make", "convert", "measure"])
+    parser.add_argument("step", choices=["make", "convert", "measure", "sequences"])
     parser.add_argument("--dir", type=Path, default=Path("/work/artifacts/gemma3-4b-random"))
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=None,
+                        help="timed runs per figure (measure: 3; sequences: 7, at least 5)")
+    parser.add_argument("--quants", nargs="+", default=list(QUANTS), choices=QUANTS,
+                        help="convert: the GGUF types to write")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--what", choices=["all", "memory", "passes"], default="all",
                         help="measure: the memory matrix, the pass costs, or both")
@@ -204,12 +335,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "make":
         print(make(args.dir))
     elif args.step == "convert":
-        for p in convert(args.dir):
+        for p in convert(args.dir, tuple(args.quants)):
             print(p, f"{p.stat().st_size / 1e9:.2f} GB")
+    elif args.step == "sequences":
+        from toolgrad_edge.hardware import default_threads
+
+        runs = 7 if args.runs is None else args.runs
+        if runs < 5:
+            parser.error("sequences: --runs must be at least 5")
+        report = sequences(args.dir, args.threads or default_threads()[0], runs)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        print(sequences_table(report))
     else:
         from toolgrad_edge.hardware import default_threads
 
-        report = measure(args.dir, args.threads or default_threads()[0], args.runs, args.what)
+        report = measure(args.dir, args.threads or default_threads()[0], args.runs or 3, args.what)
         text = json.dumps(report, indent=2)
         if args.json:
             args.json.write_text(text)
