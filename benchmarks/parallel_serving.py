@@ -173,7 +173,7 @@ def one(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int) -> 
             "max_tokens": max_tokens, "temperature": 0, "seed": seed, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, calls, tokens = None, {}, 0
+    first, calls, tokens, finish = None, {}, 0, None
     with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return {"latency": time.perf_counter() - t0, "error": f"{r.status_code}: {r.read()[:200]!r}"}
@@ -185,6 +185,7 @@ def one(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int) -> 
                 tokens = chunk["usage"].get("completion_tokens", 0)
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
+                finish = choice.get("finish_reason") or finish
                 if first is None and (delta.get("content") or delta.get("tool_calls")):
                     first = time.perf_counter() - t0
                 for tc in delta.get("tool_calls") or []:
@@ -192,7 +193,12 @@ def one(http: httpx.Client, url: str, tool: str, seed: int, max_tokens: int) -> 
                     slot[0] += tc.get("function", {}).get("name") or ""
                     slot[1] += tc.get("function", {}).get("arguments") or ""
     return {"latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens, "tool": tool,
-            "calls": [tuple(v) for _, v in sorted(calls.items())]}
+            "calls": [tuple(v) for _, v in sorted(calls.items())], "finish": finish}
+
+
+def cut(outcome: dict) -> bool:
+    """No call because max_tokens ended the answer inside it (a long string argument): not an invalid call."""
+    return not outcome.get("calls") and outcome.get("finish") == "length"
 
 
 def valid(outcome: dict) -> bool:
@@ -226,7 +232,8 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "tokens_per_s": round(sum(o["tokens"] for o in ok) / wall, 2),
             "p50_s": round(statistics.median(lat), 3), "p95_s": round(p95, 3),
             "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
-            "errors": len(outcomes) - len(ok), "invalid_calls": sum(1 for o in ok if not valid(o))}
+            "errors": len(outcomes) - len(ok), "invalid_calls": sum(1 for o in ok if not valid(o) and not cut(o)),
+            "cut_by_max_tokens": sum(1 for o in ok if cut(o))}
 
 
 def pass_cost(runtime, rounds: int = 7) -> dict:
@@ -359,7 +366,7 @@ def main() -> int:
         print(json.dumps(report))
     else:
         cols = ["parallel", "clients", "calls_per_s", "tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "errors",
-                "invalid_calls"]
+                "invalid_calls", "cut_by_max_tokens"]
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         for r in rows:
