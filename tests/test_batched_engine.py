@@ -384,3 +384,39 @@ def test_requests_use_hidden_only_passes_where_their_grammar_allows_few_tokens(b
         assert result.stats["narrow_passes"] > 0
         assert batched.engine.stats["hidden_passes"] > before
 
+
+
+def test_a_head_that_does_not_match_llama_cpp_is_turned_off_and_narrow_rows_read_the_logits(gemma_270m_gguf, tmp_path):
+    """Where the head's check fails (another kernel path's rounding), every later pass computes the output
+    layer and narrow rows take llama.cpp's own logits at their ids."""
+    import numpy as np
+
+    from toolgrad_edge.engines.scheduler import Slice, Submission
+
+    engine = BatchedEngine(gemma_270m_gguf, parallel=2, n_threads=2, n_ctx=512, cache_dir=tmp_path)
+    try:
+        session = engine._session
+        if not session.narrow:
+            pytest.skip("the output head is off on this kernel path already")
+        session.HEAD_TOLERANCE = -1.0  # no head can pass: as if it rounded otherwise than the kernels
+        prompt = session.tokenize("The weather in Paris is")
+        few = np.array([236761, 236764, 107], dtype=np.int64)
+
+        def one_pass(narrow):
+            with engine._ctx_lock:
+                session.remove(0)
+                plan = [Slice(Submission(0, prompt, 0, [len(prompt) - 1]), 0, len(prompt), (len(prompt) - 1,))]
+                out = session.run(plan, narrow)
+                session.remove(0)
+            return out
+
+        whole = one_pass(None)[0][0]
+        checked = one_pass({0: few})[0]
+        assert session.head_check is not None and not session.head_check["ok"]
+        assert not session.narrow  # off from now on
+        after = one_pass({0: few})[0]
+        assert session.hidden_passes == 0
+        np.testing.assert_array_equal(after, whole[few])
+        np.testing.assert_array_equal(checked, whole[few])
+    finally:
+        engine.close()
