@@ -57,6 +57,7 @@ import httpx
 import jsonschema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engines import stop as stop_process  # noqa: E402  (terminate, then kill)
 from server_load import QUESTION, SCHEMAS, TOOLS, serve_in_thread  # noqa: E402  (the same workload)
 
 
@@ -94,16 +95,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
 
 
 def start_llama_server(binary: Path, model: Path, slots: int, n_ctx: int, threads: int):
