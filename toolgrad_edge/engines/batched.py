@@ -87,10 +87,7 @@ class _SequenceView:
         return self.decode_at(tokens, range(len(tokens) - n_logits, len(tokens)))
 
     def decode_at(self, tokens: Sequence[int], rows: Sequence[int]) -> np.ndarray:
-        tokens = [int(t) for t in tokens]
-        logits = self.engine._submit(self.seq, tokens, self.n_tokens, [int(r) for r in rows], self.should_stop)
-        self.n_tokens += len(tokens)
-        return logits
+        return self._evaluate(tokens, rows)
 
     @property
     def narrow(self) -> bool:
@@ -99,13 +96,17 @@ class _SequenceView:
         return session is not None and session.narrow
 
     def decode_narrow(self, tokens: Sequence[int], ids: np.ndarray) -> np.ndarray:
-        """The logits of tokens ``ids`` after ``tokens``: from a pass that skips the output layer when every
-        sequence in it asks for few tokens, else from the pass's whole logits."""
+        """The logits of tokens ``ids`` after ``tokens``, from the output head (MultiSession's narrow rows:
+        the pass skips the output layer when every sequence in it asks for few tokens)."""
+        return self._evaluate(tokens, [len(tokens) - 1], np.asarray(ids, dtype=np.int64))
+
+    def _evaluate(self, tokens: Sequence[int], rows: Sequence[int], narrow_ids: np.ndarray | None = None):
+        """Hand ``tokens`` to the scheduler, wait for their pass, and advance the sequence past them."""
         tokens = [int(t) for t in tokens]
-        values = self.engine._submit(self.seq, tokens, self.n_tokens, [len(tokens) - 1], self.should_stop,
-                                     narrow_ids=np.asarray(ids, dtype=np.int64))
+        logits = self.engine._submit(self.seq, tokens, self.n_tokens, [int(r) for r in rows], self.should_stop,
+                                     narrow_ids=narrow_ids)
         self.n_tokens += len(tokens)
-        return values
+        return logits
 
     def rewind(self, n_keep: int) -> None:
         if n_keep < self.n_tokens:

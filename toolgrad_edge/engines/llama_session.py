@@ -296,22 +296,29 @@ class LlamaSession:
     HEAD_TOLERANCE = 1e-3  # the head's logits against llama.cpp's: about 1e-5 where it rounds as the kernels do
 
     def _check_head(self, ids: np.ndarray, full: np.ndarray) -> np.ndarray:
-        """The first narrow pass ran whole: compare the head with llama.cpp's logits, and keep it only if exact.
+        """The first narrow pass ran whole: check the head on its row (_check_rows); return llama.cpp's values."""
+        self._check_rows(self._hidden[None, -self._head.n_embd:], [full], [ids])
+        return full[ids]
 
-        The head copies the CPU kernels' rounding of the activations for the output weight's type; another
-        kernel path (AMX, repacked weights, ARM's dot products) may round otherwise, and then the head is off.
+    def _check_rows(self, hidden: np.ndarray, full: Sequence[np.ndarray], ids: Sequence[np.ndarray]) -> None:
+        """A pass ran whole: compare the head with llama.cpp's logits on each row, and keep it only if exact.
+
+        Each row is probed at its asked ``ids`` and its 32 largest logits. The head copies the CPU kernels'
+        rounding of the activations for the output weight's type; another kernel path (AMX, repacked weights,
+        ARM's dot products) may round otherwise, and then the head is off.
         """
         self._verify_head = False
-        probe = np.unique(np.concatenate([ids, np.argsort(full)[-32:]]))
-        ours = self._head.logits(self._hidden[-self._head.n_embd:], probe)
-        diff = float(np.max(np.abs(ours - full[probe])))
-        ok = diff <= self.HEAD_TOLERANCE
-        self.head_check = {"max_abs_difference": diff, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
-                           "weight_type": self._head.qtype.name, "rows": int(len(probe))}
+        worst, probed = 0.0, 0
+        for h, row, few in zip(hidden, full, ids):
+            probe = np.unique(np.concatenate([np.asarray(few, dtype=np.int64), np.argsort(row)[-32:]]))
+            worst = max(worst, float(np.max(np.abs(self._head.logits(h, probe) - row[probe]))))
+            probed += len(probe)
+        ok = worst <= self.HEAD_TOLERANCE
+        self.head_check = {"max_abs_difference": worst, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
+                           "weight_type": self._head.qtype.name, "rows": probed, "sequences": len(full)}
         if not ok:
             # Not exact on this kernel path: every later pass computes the output layer (narrow passes off).
             self._head = None
-        return full[ids]
 
     def _on_tensor(self, tensor, ask, _user_data) -> bool:
         """llama.cpp's eval callback: stop the pass after "result_norm" when only its hidden state is wanted.

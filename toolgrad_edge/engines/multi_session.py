@@ -121,8 +121,8 @@ class MultiSession(LlamaSession):
             self.hidden_passes += 1
             return {k: self._head.logits(hidden[j], narrow[k]) for j, (k, _) in enumerate(wanted)}
         # The pass ran whole (a full row, the head's check, or no hidden rows): llama.cpp's logits are valid.
-        out: dict[int, np.ndarray] = {}
-        for j, (k, i) in enumerate(wanted):
+        out: dict[int, list[np.ndarray]] = {}
+        for k, i in wanted:
             ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
             out.setdefault(k, []).append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
         if hidden is not None and self._verify_head:
@@ -142,23 +142,7 @@ class MultiSession(LlamaSession):
         if self._hidden is None or self._head is None:
             self._scan_names = self._head is not None  # the norm was not where expected: look it up by name
             return None
-        if self._hidden.size != n_rows * self._head.n_embd:
-            return None  # not one row per logits row: use llama.cpp's logits (the pass ran whole)
-        return self._hidden.reshape(n_rows, self._head.n_embd)
-
-    def _check_rows(self, hidden: np.ndarray, full: list[np.ndarray], ids: list[np.ndarray]) -> None:
-        """Compare the head's logits with llama.cpp's on every row of a whole pass; keep the head only if exact."""
-        self._verify_head = False
-        worst, probed = 0.0, 0
-        for h, row, few in zip(hidden, full, ids):
-            probe = np.unique(np.concatenate([np.asarray(few, dtype=np.int64), np.argsort(row)[-32:]]))
-            worst = max(worst, float(np.max(np.abs(self._head.logits(h, probe) - row[probe]))))
-            probed += len(probe)
-        ok = worst <= self.HEAD_TOLERANCE
-        self.head_check = {"max_abs_difference": worst, "tolerance": self.HEAD_TOLERANCE, "ok": ok,
-                           "weight_type": self._head.qtype.name, "rows": probed, "sequences": len(full)}
-        if not ok:
-            self._head = None  # every later pass computes the output layer
+        return self._hidden.reshape(n_rows, self._head.n_embd)  # the callback took exactly n_rows rows
 
     # -- sequences ------------------------------------------------------------------
     def remove(self, seq: int, p0: int = 0) -> None:
