@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from toolgrad_edge import ToolRuntime, load_tools
+from toolgrad_edge.bench.agreement import run_together
 from toolgrad_edge.engines.batched import BatchedEngine
 from toolgrad_edge.errors import ModelLoadError
 from toolgrad_edge.prompt import render_prompt
@@ -73,24 +74,7 @@ def ask(runtime, tools, i, stream=False, **extra):
 
 def concurrently(fns):
     """Run the functions on threads at once; return their results in order (re-raising the first error)."""
-    results, errors = [None] * len(fns), []
-    start = threading.Barrier(len(fns))
-
-    def run(k):
-        try:
-            start.wait()
-            results[k] = fns[k]()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+    return run_together(fns, "batched-test")
 
 
 def assert_valid(result, tools):

@@ -380,14 +380,16 @@ class RecordingRuntime(FakeRuntime):
         return super().call(messages, tools, **kwargs)
 
 
-def _fake_checker(monkeypatch, tmp_path):
+def fake_checker(monkeypatch, tmp_path, n: int = 1, correct: int = 0):
+    """BFCL's checker environment and scores stood in for: every category scores ``correct`` of ``n``."""
     from toolgrad_edge.evaluate import checker_env
 
     env = SimpleNamespace(python=Path("python"), root=tmp_path / "env", data_dir=DATA, version="test")
     monkeypatch.setattr(checker_env, "ensure_checker_env", lambda *a, **k: env)
     monkeypatch.setattr(bfcl, "score_results", lambda env_, data_dir, out_dir, categories: {
         "bfcl_eval": "test", "categories": {
-            c: {"n": 1, "correct": 0, "accuracy": 0.0, "with_calls": 1, "valid_calls": 1} for c in categories}})
+            c: {"n": n, "correct": correct, "accuracy": correct / n, "with_calls": n, "valid_calls": n}
+            for c in categories}})
 
 
 def _tool_choices_per_category(monkeypatch, tmp_path, **kwargs):
@@ -405,7 +407,7 @@ def _tool_choices_per_category(monkeypatch, tmp_path, **kwargs):
 
 
 def test_required_reaches_the_runtime_in_ast_categories_only(tmp_path, monkeypatch):
-    _fake_checker(monkeypatch, tmp_path)
+    fake_checker(monkeypatch, tmp_path)
     seen, rep = _tool_choices_per_category(monkeypatch, tmp_path, tool_choice="required")
     assert set(seen) == set(CATEGORIES)
     relevance = {"irrelevance", "live_irrelevance", "live_relevance"}
@@ -416,14 +418,14 @@ def test_required_reaches_the_runtime_in_ast_categories_only(tmp_path, monkeypat
 
 
 def test_auto_is_the_default_everywhere(tmp_path, monkeypatch):
-    _fake_checker(monkeypatch, tmp_path)
+    fake_checker(monkeypatch, tmp_path)
     seen, rep = _tool_choices_per_category(monkeypatch, tmp_path)
     assert all(choices == {"auto"} for choices in seen.values()) and len(seen) == len(CATEGORIES)
     assert rep["tool_choice"] == "auto"
 
 
 def test_resume_key_separates_tool_choice_and_speculation(tmp_path, monkeypatch):
-    _fake_checker(monkeypatch, tmp_path)
+    fake_checker(monkeypatch, tmp_path)
     out = tmp_path / "out"
 
     def run(**kwargs):
@@ -465,7 +467,7 @@ def test_required_needs_the_grammar(tmp_path):
 def test_no_speculative_reaches_the_runtime_only_when_it_has_the_option(tmp_path, monkeypatch):
     import toolgrad_edge.runtime as runtime_module
 
-    _fake_checker(monkeypatch, tmp_path)
+    fake_checker(monkeypatch, tmp_path)
     made = []
 
     class SpeculativeRuntime(RecordingRuntime):

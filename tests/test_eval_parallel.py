@@ -17,6 +17,8 @@ from toolgrad_edge.errors import EvaluationError
 from toolgrad_edge.evaluate import bfcl, report
 from toolgrad_edge.evaluate.bfcl import load_entries, read_results, result_file, run_category
 
+from test_eval_bfcl import fake_checker  # noqa: E402  (BFCL's checker stood in for)
+
 DATA = Path(__file__).parent / "data" / "bfcl_eval_questions"
 OPTIONS = dict(constrained=True, syntax="python", max_tokens=64)
 
@@ -140,13 +142,7 @@ def test_an_interrupted_parallel_run_leaves_only_complete_records(tmp_path):
 
 
 def test_evaluate_bfcl_passes_parallel_and_reports_it(tmp_path, monkeypatch):
-    from toolgrad_edge.evaluate import checker_env
-
-    env = SimpleNamespace(python=Path("python"), root=tmp_path / "env", data_dir=DATA, version="test")
-    monkeypatch.setattr(checker_env, "ensure_checker_env", lambda *a, **k: env)
-    monkeypatch.setattr(bfcl, "score_results", lambda env_, data_dir, out_dir, categories: {
-        "bfcl_eval": "test", "categories": {
-            c: {"n": 3, "correct": 3, "accuracy": 1.0, "with_calls": 3, "valid_calls": 3} for c in categories}})
+    fake_checker(monkeypatch, tmp_path, n=3, correct=3)
     rt = ConcurrentRuntime(3)
     rep = bfcl.evaluate_bfcl(None, categories="simple_python", out_dir=tmp_path / "out", parallel=3,
                              runtime_factory=lambda: rt)

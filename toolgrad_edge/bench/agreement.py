@@ -63,20 +63,23 @@ def _decode(rt, query: int, max_tokens: int):
                    temperature=0.0)
 
 
-def _at_once(rt, parallel: int, max_tokens: int) -> list:
-    """Queries 0..parallel-1 on one thread each, released together; results in query order."""
-    results: list = [None] * parallel
+def run_together(fns: list[Callable[[], object]], name: str = "together") -> list:
+    """Run the functions on one thread each, released together by a barrier; their results in order.
+
+    The first error raised on a thread is raised again here, once every thread has ended.
+    """
+    results: list = [None] * len(fns)
     errors: list[BaseException] = []
-    start = threading.Barrier(parallel)
+    start = threading.Barrier(len(fns))
 
     def run(i: int) -> None:
         try:
             start.wait()
-            results[i] = _decode(rt, i, max_tokens)
+            results[i] = fns[i]()
         except BaseException as exc:  # noqa: BLE001 - re-raised below, on the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(i,), name=f"bench-agreement-{i}") for i in range(parallel)]
+    threads = [threading.Thread(target=run, args=(i,), name=f"{name}-{i}") for i in range(len(fns))]
     for t in threads:
         t.start()
     for t in threads:
@@ -84,6 +87,11 @@ def _at_once(rt, parallel: int, max_tokens: int) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+def _at_once(rt, parallel: int, max_tokens: int) -> list:
+    """Queries 0..parallel-1 on one thread each, released together; results in query order."""
+    return run_together([lambda i=i: _decode(rt, i, max_tokens) for i in range(parallel)], "bench-agreement")
 
 
 def measure_batch_agreement(model_path=None, parallel: int = 2, *, max_tokens: int = 64,
